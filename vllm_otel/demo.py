@@ -41,10 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (default: the tiny model, made if missing)")
     p.add_argument("--trace", help="trace file (default: Azure conversation trace from shared/data/traces)")
-    p.add_argument("--duration", type=float, default=45.0, help="seconds of trace to replay (default %(default)s)")
-    p.add_argument("--speed", type=float, default=3.0, help="trace speed-up (default %(default)s)")
-    p.add_argument("--kv-blocks", type=int, default=160,
-                   help="cap vLLM's KV cache at this many blocks so the load saturates it (default %(default)s)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of trace to replay (default %(default)s)")
+    p.add_argument("--speed", type=float, default=8.0, help="trace speed-up (default %(default)s)")
+    p.add_argument("--kv-blocks", type=int, default=24,
+                   help="cap vLLM's KV cache at this many blocks (128 tokens each on CPU) so the load saturates it (default %(default)s)")
     p.add_argument("--workdir", help="where configs and logs go (default: a temporary directory)")
     p.add_argument("--keep-running", action="store_true", help="leave the services up until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -93,7 +93,7 @@ def run_demo(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         step(f"Alertmanager {am.url} (clustering off) -> webhook")
         rules = [rules_with_short_for(r, workdir / r.name, hold="5s") for r in default_alert_rules()]
         step(f"starting vLLM on {model} with the vllm-otel plugins, KV cache capped at "
-             f"{args.kv_blocks} blocks (about 50 s on CPU)")
+             f"{args.kv_blocks} blocks (under a minute on CPU)")
         t0 = time.monotonic()
         vllm = stack.enter_context(VllmServer(model, workdir, num_gpu_blocks=args.kv_blocks,
                                               max_model_len=2048))
@@ -106,8 +106,8 @@ def run_demo(args: argparse.Namespace, console: Any) -> dict[str, Any]:
         requests = load_trace(trace)
         step(f"replaying {trace.name} for {args.duration:.0f} s of wall time at {args.speed}x")
         requests = [r for r in requests if r.offset_s / args.speed < args.duration]
-        summary = run_replay(requests, vllm.url, speed=args.speed, max_input_tokens=1536,
-                             max_output_tokens=64, progress=not args.json)
+        summary = run_replay(requests, vllm.url, speed=args.speed, max_input_tokens=1024,
+                             max_output_tokens=128, progress=not args.json)
         out["replay"] = summary.to_dict()
         time.sleep(3)  # two more scrapes so the last requests are in Prometheus
 
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     t.add_column("signal")
     t.add_column("value", justify="right")
     for k, v in result["prometheus"].items():
-        t.add_row(k, "-" if v is None else f"{v:.4g}")
+        t.add_row(k, "-" if v is None else (f"{v:,.0f}" if float(v).is_integer() else f"{v:.3g}"))
     console.print(t)
     if result["alerts_received"]:
         for name, status in result["alerts_received"]:

@@ -52,7 +52,7 @@ PRECURSORS: dict[str, tuple[str, ...]] = {
     "memory_steady_slope": ("memory_exhaustion",),
     "tokens_flat_while_running": ("engine_stall",),
 }
-SOURCES = ("none", "breach", "forecast", "state_graph")
+SOURCES = ("none", "breach", "forecast", "state_graph", "precursor")
 
 
 class DetectorConfig(BaseModel):
@@ -67,8 +67,8 @@ class DetectorConfig(BaseModel):
     min_refit_interval_s: float = Field(60.0, ge=0.0, description="between regime-change refits")
     max_refits_per_step: int = Field(8, ge=0)
     refit_time_budget_s: float | None = Field(None, gt=0.0, description="wall-clock cap per step")
-    regime_surprise: float = Field(2.5, gt=0.0, description="EWMA of |standardised error| that "
-                                                            "triggers a refit (about 0.8 when the model fits)")
+    regime_surprise: float = Field(2.0, gt=0.0, description="error surprise (see InnovationsBank."
+                                                            "surprise; about 1 when the model fits) that triggers a refit")
     max_gap_s: float = Field(60.0, gt=0.0, description="a longer gap restarts a series' state")
     forget_after_s: float = Field(600.0, gt=0.0, description="drop an instance unseen this long")
     sigma_halflife_steps: float = Field(60.0, gt=0.0)
@@ -98,7 +98,7 @@ class Prediction:
     time_to_failure: float | None          # seconds; 0 when already failing; None: not within horizon
     recommended_actions: tuple[str, ...]
     timestamp: float
-    source: str                            # breach | forecast | state_graph
+    source: str                            # breach | forecast | state_graph | precursor
     model: str | None = None               # the forecasting model behind a forecast
     precursors: tuple[str, ...] = ()
 
@@ -199,6 +199,8 @@ class PredictiveFailureDetector:
         self._prev_state = np.zeros(0, dtype=np.int64)
         self._t: float | None = None
         self.refits = 0
+        self._mem_prob: np.ndarray | None = None
+        self._mem_ttf: np.ndarray | None = None
         self._grow(16)
 
     # -- rows ------------------------------------------------------------------------------
@@ -327,28 +329,44 @@ class PredictiveFailureDetector:
                 "tokens_flat_while_running": sig["flat_seconds"] >= cfg.step_s,
                 "thermal_high": sig["gpu_temperature"] >= sig["gpu_temperature_limit"] - cfg.thermal_margin_c,
                 "ecc_corrected": sig["ecc_corrected_window"] > 0,
-                "memory_steady_slope": self._memory_slope(rows),
             }
+        out["memory_steady_slope"], self._mem_prob, self._mem_ttf = self._memory_trend(rows)
         return out
 
-    def _memory_slope(self, rows: np.ndarray) -> np.ndarray:
-        """A steady climb: OLS slope > 0 with R^2 above the bar over the recent memory points."""
+    def _memory_trend(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The "memory steady slope" precursor and what it implies.
+
+        A leak shows as a straight climb: least squares over the recent memory points with a
+        positive slope and R^2 above the bar. Where it holds, the regression's own prediction
+        interval at the horizon gives P(limit reached) and the crossing point a time to failure:
+        (active, probability, time to failure in seconds), NaN where not active.
+        """
+        n = len(rows)
         bank = self.banks.get("memory_fraction")
+        nan = np.full(n, np.nan)
         if bank is None:
-            return np.zeros(len(rows), dtype=bool)
-        cfg = self.config
+            return np.zeros(n, dtype=bool), nan, nan
+        cfg, H = self.config, self.horizon_steps
         age = (bank.hpos[rows, None] - 1 - np.arange(bank.history)[None, :]) % bank.history
         y = bank.hist[rows]
         use = (age < np.minimum(cfg.memory_slope_points, bank.hlen[rows])[:, None]) & np.isfinite(y)
-        x = -age.astype(float)
-        m = use.sum(axis=1)
+        x = -age.astype(float)  # steps relative to now
+        m = use.sum(axis=1).astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
             xm = np.where(use, x, 0).sum(axis=1) / m
             ym = np.where(use, y, 0).sum(axis=1) / m
             dx, dy = np.where(use, x - xm[:, None], 0), np.where(use, y - ym[:, None], 0)
             sxx, syy, sxy = (dx * dx).sum(axis=1), (dy * dy).sum(axis=1), (dx * dy).sum(axis=1)
+            slope = sxy / sxx
             r2 = sxy * sxy / (sxx * syy)
-            return (m >= 10) & (sxy > 0) & (r2 >= cfg.memory_slope_r2)
+            active = (m >= 10) & (sxy > 0) & (r2 >= cfg.memory_slope_r2)
+            s2 = np.maximum(syy - slope * sxy, 0.0) / np.maximum(m - 2, 1)
+            pred = ym + slope * (H - xm)
+            se = np.sqrt(s2 * (1 + 1 / m + (H - xm) ** 2 / sxx))
+            prob = ndtr((pred - 1.0) / np.maximum(se, 1e-12))  # memory_fraction's limit is 1
+            steps = np.ceil((1.0 - ym) / slope + xm)
+            ttf = np.where((steps >= 1) & (steps <= H), steps * cfg.step_s, np.nan)
+        return active, np.where(active, prob, np.nan), np.where(active, ttf, np.nan)
 
     def _predict(self, t: float, units: Sequence[str], rows: np.ndarray, sig: dict[str, np.ndarray],
                  breached: dict[str, np.ndarray], precursors: dict[str, np.ndarray],
@@ -397,6 +415,12 @@ class PredictiveFailureDetector:
                 prob[:, j] = np.where(better, gp, prob[:, j])
                 ttf[:, j] = np.where(better, g_steps[:, gi] * cfg.step_s, ttf[:, j])
                 source[:, j] = np.where(better, 3, source[:, j])
+            if f == "memory_exhaustion" and self._mem_prob is not None:
+                mp = np.where(enough, self._mem_prob, np.nan)
+                better = np.isfinite(mp) & ~(prob[:, j] >= mp)
+                prob[:, j] = np.where(better, mp, prob[:, j])
+                ttf[:, j] = np.where(better, self._mem_ttf, ttf[:, j])
+                source[:, j] = np.where(better, 4, source[:, j])
             hit = breached[f]
             prob[hit, j], ttf[hit, j], source[hit, j] = 1.0, 0.0, 1
         return StepResult(t=t, units=list(units), failure_types=fts, probability=prob,
@@ -419,11 +443,11 @@ class PredictiveFailureDetector:
             never = ~np.isfinite(fitted_at)
             grown = hlen >= 2 * self._fit_n[s][active]          # fit on 30, 60, 120... points
             old = t - fitted_at >= cfg.refit_every_s
-            shifted = (bank.surprise[active] >= cfg.regime_surprise) & (t - fitted_at >= cfg.min_refit_interval_s)
+            surprise = bank.surprise(active)
+            shifted = (surprise >= cfg.regime_surprise) & (t - fitted_at >= cfg.min_refit_interval_s)
             due = (bank.nobs[active] >= cfg.min_fit_points) & (never | grown | old | shifted)
-            for r in active[due]:
-                key = (0.0 if not np.isfinite(bank.fitted_at[r]) else 1.0,
-                       -float(bank.surprise[r]), float(bank.fitted_at[r]))
+            for r, sp in zip(active[due], surprise[due]):
+                key = (0.0 if not np.isfinite(bank.fitted_at[r]) else 1.0, -float(sp), float(bank.fitted_at[r]))
                 cands.append((key, s, int(r)))
         if not cands:
             return 0

@@ -30,6 +30,7 @@ from vllm_otel.forecast.statespace import Innovations, filter_series, forecast_m
 __all__ = [
     "Forecast", "ForecastModel", "ModelParams", "SESParams", "HoltParams", "DampedHoltParams",
     "ArimaParams", "MODELS", "register_model", "get_model", "select_model", "prepare_series",
+    "residual_autocorrelation",
 ]
 
 _BURN = 2  # errors before this index are left out of the AIC, so every model is scored on the same points
@@ -275,7 +276,9 @@ class Arima(ForecastModel):
         from statsmodels.tsa.statespace.sarimax import SARIMAX
 
         dy = pd.Series(np.diff(y))
-        r = SARIMAX(dy, order=(1, 0, 1), trend="c").fit(disp=False)
+        # concentrate_scale drops sigma2 from the optimiser's parameters; a capped iteration count
+        # bounds the cost (the estimate is refined at the next scheduled refit anyway).
+        r = SARIMAX(dy, order=(1, 0, 1), trend="c", concentrate_scale=True).fit(disp=False, maxiter=50)
         p = dict(zip(r.param_names, np.asarray(r.params)))
         ar = float(np.clip(p["ar.L1"], -0.99, 0.99))
         ma = float(np.clip(p["ma.L1"], -0.99, 0.99))
@@ -285,8 +288,29 @@ class Arima(ForecastModel):
         return params, float(y[0]), drift, 1
 
 
+def residual_autocorrelation(model: ForecastModel, y: np.ndarray) -> float:
+    """Lag-1 autocorrelation of a fitted model's one-step errors on ``y``."""
+    start_level, start_slope = _start_state(model, y)
+    _, _, e = filter_series(model.innovations(), y, start_level, start_slope)
+    e = e[np.isfinite(e)][10:]  # past the start-up transient of re-filtering from y[0]
+    if len(e) < 3 or not np.any(e):
+        return 0.0
+    e = e - e.mean()
+    den = float(np.dot(e, e))
+    return float(np.dot(e[1:], e[:-1]) / den) if den > 0 else 0.0
+
+
+def _start_state(model: ForecastModel, y: np.ndarray) -> tuple[float, float]:
+    # Re-filtering from the first point is enough to judge the error structure.
+    return float(y[0]), model.innovations().initial_slope()
+
+
 def select_model(y: Sequence[float] | np.ndarray, candidates: Sequence[str]) -> ForecastModel | None:
     """Fit each candidate on ``y`` and return the one with the lowest comparable AIC.
+
+    ARIMA is tried only where it can pay: when the best other candidate leaves autocorrelated
+    errors (lag-1 autocorrelation beyond 2/sqrt(n)), the structure exponential smoothing cannot
+    express. Its fit costs several times an ETS fit, so this keeps refits affordable.
 
     A constant series gets a simple-smoothing model with zero variance without any fitting (every
     optimiser struggles on it, and there is nothing to learn). None when nothing could be fit.
@@ -299,7 +323,11 @@ def select_model(y: Sequence[float] | np.ndarray, candidates: Sequence[str]) -> 
         m.level, m.sigma2, m.nobs, m.aic = float(arr[-1]), 0.0, len(arr), -math.inf
         return m
     best: ForecastModel | None = None
-    for name in candidates:
+    deferred = [c for c in candidates if c == "arima"]
+    for name in [c for c in candidates if c != "arima"] + deferred:
+        if name == "arima" and best is not None:
+            if abs(residual_autocorrelation(best, arr)) <= 2.0 / math.sqrt(len(arr)):
+                continue
         model = get_model(name)
         if len(arr) < model.min_points:
             continue

@@ -101,7 +101,8 @@ class InnovationsBank:
         self._spec = {
             "alpha": default.alpha, "beta": default.beta, "d": default.d, "phi": default.phi,
             "c": default.c, "level": np.nan, "slope": 0.0, "sigma2": np.nan, "nobs": 0,
-            "gap": 0, "fitted_at": -np.inf, "surprise": 0.0, "model": -1, "hpos": 0, "hlen": 0,
+            "gap": 0, "fitted_at": -np.inf, "sigma2_fit": np.nan, "zbias": 0.0, "zvar": 1.0,
+            "model": -1, "hpos": 0, "hlen": 0,
         }
         self.hist = np.full((0, self.history), np.nan)
         self.grow(capacity)
@@ -128,11 +129,11 @@ class InnovationsBank:
 
     def reset(self, rows: np.ndarray, keep_params: bool = True) -> None:
         """Forget state (a restart: the series starts over). Fitted parameters stay if asked."""
-        for k in ("level", "slope", "sigma2", "nobs", "gap", "surprise", "hpos", "hlen"):
+        for k in ("level", "slope", "sigma2", "nobs", "gap", "zbias", "zvar", "hpos", "hlen"):
             self._arrays[k][rows] = self._spec[k]
         self.hist[rows] = np.nan
         if not keep_params:
-            for k in ("alpha", "beta", "d", "phi", "c", "fitted_at", "model"):
+            for k in ("alpha", "beta", "d", "phi", "c", "fitted_at", "sigma2_fit", "model"):
                 self._arrays[k][rows] = self._spec[k]
 
     def set_model(self, row: int, p: Innovations, level: float, slope: float, sigma2: float,
@@ -141,7 +142,17 @@ class InnovationsBank:
         a["alpha"][row], a["beta"][row], a["d"][row], a["phi"][row], a["c"][row] = (
             p.alpha, p.beta, p.d, p.phi, p.c)
         a["level"][row], a["slope"][row], a["sigma2"][row] = level, slope, sigma2
-        a["model"][row], a["fitted_at"][row], a["surprise"][row] = model, fitted_at, 0.0
+        a["model"][row], a["fitted_at"][row], a["sigma2_fit"][row] = model, fitted_at, sigma2
+        a["zbias"][row], a["zvar"][row] = 0.0, 1.0
+
+    def surprise(self, rows: np.ndarray) -> np.ndarray:
+        """How badly recent errors fit the model: |mean z| or RMS z, whichever is larger.
+
+        z is the error over the sigma the model was fit with, so a slow drift (biased errors)
+        or a noisier regime shows even after the online sigma has adapted to it. About 1 when
+        the model still fits.
+        """
+        return np.maximum(3.0 * np.abs(self.zbias[rows]), np.sqrt(self.zvar[rows]))
 
     def params(self, row: int) -> Innovations:
         a = self._arrays
@@ -181,10 +192,13 @@ class InnovationsBank:
         w = np.where(n_err < 1.0 / self.lam, 1.0 / np.maximum(n_err, 1), self.lam)
         prev = np.where(np.isfinite(sigma2), sigma2, 0.0)
         new_sigma2 = np.where(learn, (1 - w) * prev + w * e * e, sigma2)
+        ref = a["sigma2_fit"][rows]
+        ref = np.where(np.isfinite(ref), ref, prev)  # before any fit: the running estimate
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(learn & (prev > 0), np.abs(e) / np.sqrt(prev), 0.0)
-        a["surprise"][rows] = np.where(learn, 0.9 * a["surprise"][rows] + 0.1 * np.minimum(z, 10.0),
-                                       a["surprise"][rows])
+            z = np.where(learn & (ref > 0), e / np.sqrt(ref), 0.0)
+        z = np.clip(z, -10.0, 10.0)
+        a["zbias"][rows] = np.where(learn, 0.9 * a["zbias"][rows] + 0.1 * z, a["zbias"][rows])
+        a["zvar"][rows] = np.where(learn, 0.9 * a["zvar"][rows] + 0.1 * z * z, a["zvar"][rows])
         a["sigma2"][rows] = new_sigma2
         a["nobs"][rows] = nobs + ok
         a["gap"][rows] = np.where(ok, 0, gap + 1)
