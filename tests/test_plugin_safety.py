@@ -53,8 +53,10 @@ def test_general_plugin_is_idempotent(monkeypatch):
 
 
 def test_general_plugin_swallows_its_own_failure(monkeypatch, caplog):
+    import vllm_otel.instrument.guard as guard
+
     monkeypatch.setattr(plugin, "_registered_pid", None)
-    monkeypatch.setenv("VLLM_OTEL_TEST_RAISE_IN_HOOKS", "1")
+    monkeypatch.setattr(guard, "_RAISE_IN", frozenset({"general_plugin.register"}))
     before = hook_errors["general_plugin.register"]
     with caplog.at_level(logging.WARNING, logger="vllm_otel"):
         assert plugin.register() is None  # no exception reaches the caller (vLLM)

@@ -65,6 +65,9 @@ class DetectorConfig(BaseModel):
     min_fit_points: int = Field(30, ge=10)
     refit_every_s: float = Field(900.0, gt=0.0)
     min_refit_interval_s: float = Field(60.0, ge=0.0, description="between regime-change refits")
+    regime_fit_points: int = Field(60, ge=10, description="a refit after a regime change uses only "
+                                                          "this many recent points: older ones describe "
+                                                          "the regime that ended")
     max_refits_per_step: int = Field(8, ge=0)
     refit_time_budget_s: float | None = Field(None, gt=0.0, description="wall-clock cap per step")
     regime_surprise: float = Field(2.0, gt=0.0, description="error surprise (see InnovationsBank."
@@ -78,6 +81,10 @@ class DetectorConfig(BaseModel):
     default_params: dict[str, float] = Field(default_factory=lambda: {"alpha": 0.3, "beta": 0.02,
                                                                        "phi": 0.95})
     candidates: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_CANDIDATES))
+    # Latencies grow multiplicatively and come from coarse buckets: modelled in log space, where
+    # growth is a trend and a bucket jump is a bounded step. Crossing probabilities are unchanged
+    # by a monotone transform, so thresholds are simply transformed too.
+    log_signals: list[str] = Field(default_factory=lambda: ["ttft_quantile"])
     use_state_graph: bool = True
     graph_prior: GraphPrior = Field(default_factory=GraphPrior)
     kv_high_fraction: float = Field(0.9, gt=0.0, le=1.0, description="of the KV threshold: precursor")
@@ -147,6 +154,7 @@ class StepResult:
     precursors: dict[str, np.ndarray]
     models: dict[str, list[str | None]]
     actions: dict[str, tuple[str, ...]]
+    forecast_probability: np.ndarray  # (n, F) the statistical forecast alone; NaN: none (no model/data)
 
     def predictions(self, min_probability: float = 0.0) -> list[Prediction]:
         out: list[Prediction] = []
@@ -279,7 +287,7 @@ class PredictiveFailureDetector:
                 b.reset(rows[restarted])
                 self._fit_n[s][rows[restarted]] = 0  # refit once the new run has enough points
         for s, b in self.banks.items():
-            b.update(rows, sig[s])
+            b.update(rows, self._transform(s, sig[s]))
         # Only steps with data count (a unit passed with NaN is in a gap, not alive).
         has = np.zeros(n, dtype=bool)
         for v in values.values():
@@ -317,6 +325,12 @@ class PredictiveFailureDetector:
         return res.predictions() if res is not None else []
 
     # -- pieces of the step ------------------------------------------------------------------
+    def _transform(self, signal: str, x: np.ndarray) -> np.ndarray:
+        if signal in self.config.log_signals:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.log(np.maximum(x, 1e-4))  # NaN stays NaN; 0.1 ms floor for empty buckets
+        return x
+
     def _precursors(self, rows: np.ndarray, sig: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg, cat = self.config, self.catalog
         with np.errstate(invalid="ignore"):
@@ -347,10 +361,14 @@ class PredictiveFailureDetector:
         if bank is None:
             return np.zeros(n, dtype=bool), nan, nan
         cfg, H = self.config, self.horizon_steps
-        age = (bank.hpos[rows, None] - 1 - np.arange(bank.history)[None, :]) % bank.history
-        y = bank.hist[rows]
-        use = (age < np.minimum(cfg.memory_slope_points, bank.hlen[rows])[:, None]) & np.isfinite(y)
-        x = -age.astype(float)  # steps relative to now
+        if not (bank.hlen[rows] > 0).any():
+            return np.zeros(n, dtype=bool), nan, nan  # no memory data at all (vLLM series only)
+        # Only the last N points of each ring: gather them rather than scanning the whole ring.
+        back = np.arange(min(cfg.memory_slope_points, bank.history))
+        idx = (bank.hpos[rows, None] - 1 - back[None, :]) % bank.history
+        y = bank.hist[rows[:, None], idx]
+        use = (back[None, :] < bank.hlen[rows][:, None]) & np.isfinite(y)
+        x = -np.broadcast_to(back, y.shape).astype(float)  # steps relative to now
         m = use.sum(axis=1).astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
             xm = np.where(use, x, 0).sum(axis=1) / m
@@ -376,6 +394,7 @@ class PredictiveFailureDetector:
         prob = np.full((n, len(fts)), np.nan)
         ttf = np.full((n, len(fts)), np.nan)
         source = np.zeros((n, len(fts)), dtype=np.int8)
+        forecast_p = np.full((n, len(fts)), np.nan)
         enough = self._n_steps[rows] >= cfg.min_points
         g_prob = g_steps = None
         if cfg.use_state_graph:
@@ -385,7 +404,7 @@ class PredictiveFailureDetector:
             s = FORECAST_SIGNAL.get(f)
             if s is not None and s in self.banks:
                 bank = self.banks[s]
-                thr = self.catalog.threshold(f, sig)
+                thr = self._transform(s, self.catalog.threshold(f, sig))
                 ok = (bank.nobs[rows] >= cfg.min_points) & (bank.gap[rows] <= 1) & np.isfinite(thr) & enough
                 if ok.any():
                     mean, std = bank.forecast(rows[ok], H)
@@ -403,6 +422,7 @@ class PredictiveFailureDetector:
                     ttf[ok, j] = np.where(crossed.any(axis=1), (np.argmax(crossed, axis=1) + 1) * cfg.step_s,
                                           np.nan)
                     source[ok, j] = 2
+                    forecast_p[ok, j] = prob[ok, j]
                 codes = bank.model[rows]
                 models[s] = [self._model_names[c] if c >= 0 else None for c in codes]
             if g_prob is not None and f in self.graph.failures:
@@ -427,7 +447,7 @@ class PredictiveFailureDetector:
                           time_to_failure=ttf, source=source,
                           breached=np.stack([breached[f] for f in fts], axis=1),
                           signals=sig, states=states, precursors=precursors, models=models,
-                          actions={f: self.catalog.actions(f) for f in fts})
+                          actions={f: self.catalog.actions(f) for f in fts}, forecast_probability=forecast_p)
 
     # -- scheduled refits -------------------------------------------------------------------
     def _refit(self, t: float) -> int:
@@ -436,7 +456,7 @@ class PredictiveFailureDetector:
         if cfg.max_refits_per_step <= 0 or not self._rows:
             return 0
         active = np.fromiter(self._rows.values(), dtype=np.int64)
-        cands: list[tuple[tuple[float, float, float], str, int]] = []
+        cands: list[tuple[tuple[float, float, float], str, int, bool]] = []
         for s, bank in self.banks.items():
             hlen = bank.hlen[active]
             fitted_at = bank.fitted_at[active]
@@ -446,26 +466,30 @@ class PredictiveFailureDetector:
             surprise = bank.surprise(active)
             shifted = (surprise >= cfg.regime_surprise) & (t - fitted_at >= cfg.min_refit_interval_s)
             due = (bank.nobs[active] >= cfg.min_fit_points) & (never | grown | old | shifted)
-            for r, sp in zip(active[due], surprise[due]):
+            regime = shifted & ~never & ~grown & ~old
+            for r, sp, rg in zip(active[due], surprise[due], regime[due]):
                 key = (0.0 if not np.isfinite(bank.fitted_at[r]) else 1.0, -float(sp), float(bank.fitted_at[r]))
-                cands.append((key, s, int(r)))
+                cands.append((key, s, int(r), bool(rg)))
         if not cands:
             return 0
         cands.sort(key=lambda c: c[0])
         deadline = time.perf_counter() + cfg.refit_time_budget_s if cfg.refit_time_budget_s else None
         done = 0
-        for _, s, r in cands[: cfg.max_refits_per_step]:
+        for _, s, r, regime in cands[: cfg.max_refits_per_step]:
             if deadline is not None and time.perf_counter() > deadline:
                 break
-            self._fit_row(s, r, t)
+            self._fit_row(s, r, t, recent_only=regime)
             done += 1
         self.refits += done
         return done
 
-    def _fit_row(self, s: str, row: int, t: float) -> None:
+    def _fit_row(self, s: str, row: int, t: float, recent_only: bool = False) -> None:
         bank = self.banks[s]
         y = bank.recent(row)
-        self._fit_n[s][row] = len(y)
+        if not recent_only:
+            self._fit_n[s][row] = len(y)
+        else:
+            y = y[-self.config.regime_fit_points:]
         model = select_model(y, self.config.candidates.get(s, ["damped_holt", "ses"]))
         if model is None:
             bank.fitted_at[row] = t  # nothing fits: wait for the regular schedule

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_otel.forecast.failures import FAILURE_TYPES
 
-__all__ = ["GraphPrior", "StateGraph", "BASE_STATES", "FAILURE_PRIORITY", "state_names", "classify"]
+__all__ = ["GraphPrior", "StateGraph", "BASE_STATES", "FAILURE_PRIORITY", "PRECURSOR_TARGETS", "state_names",
+           "classify"]
 
 BASE_STATES: tuple[str, ...] = (
     "no_data", "idle", "serving", "queueing", "kv_high", "kv_rising_with_preemptions",
@@ -34,6 +35,16 @@ FAILURE_PRIORITY: tuple[str, ...] = (
 )
 
 
+# precursor state -> the failures it is known to precede (domain knowledge, used as a prior only)
+PRECURSOR_TARGETS: dict[str, tuple[str, ...]] = {
+    "kv_high": ("kv_cache_exhaustion",),
+    "kv_rising_with_preemptions": ("kv_cache_exhaustion", "preemption_storm"),
+    "memory_steady_slope": ("memory_exhaustion",),
+    "thermal_high": ("gpu_thermal",),
+    "ecc_corrected": ("gpu_hardware",),
+}
+
+
 class GraphPrior(BaseModel):
     """Dirichlet pseudo-counts added to the observed transition counts."""
 
@@ -41,10 +52,14 @@ class GraphPrior(BaseModel):
 
     stay: float = Field(20.0, ge=0.0, description="on staying in the same state")
     move: float = Field(0.05, gt=0.0, description="on each other transition")
-    # A flat spell either goes on (one more flat step) or ends (back to serving). 6:1 means that,
-    # with no history, two flat scrapes in a row already point to a stall (0.86^2 > 0.7).
-    stall_continue: float = Field(6.0, ge=0.0)
+    # A flat spell either goes on (one more flat step) or ends (back to serving). 10:1 means that,
+    # with no history, two flat scrapes in a row point to a stall (about 0.77 within the horizon,
+    # counting the prior's slow leakage through other states) and a single one does not (0.66).
+    stall_continue: float = Field(10.0, ge=0.0)
     stall_break: float = Field(1.0, ge=0.0)
+    # A precursor pattern is, by definition, something that comes before its failure: one
+    # pseudo-count on that transition (against ``stay`` on persisting) until history speaks.
+    precursor: float = Field(1.0, ge=0.0)
 
 
 def state_names(stall_steps: int) -> tuple[str, ...]:
@@ -115,6 +130,11 @@ class StateGraph:
             m[i, nxt] += p.stall_continue
             if serving is not None:
                 m[i, serving] += p.stall_break
+        for pre, targets in PRECURSOR_TARGETS.items():
+            if pre in self.index:
+                for f in targets:
+                    if f in self.index:
+                        m[self.index[pre], self.index[f]] += p.precursor
         return m
 
     def observe(self, prev: np.ndarray, cur: np.ndarray) -> None:

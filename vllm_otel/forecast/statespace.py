@@ -195,8 +195,9 @@ class InnovationsBank:
         ref = a["sigma2_fit"][rows]
         ref = np.where(np.isfinite(ref), ref, prev)  # before any fit: the running estimate
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(learn & (ref > 0), e / np.sqrt(ref), 0.0)
-        z = np.clip(z, -10.0, 10.0)
+            # Against a zero-variance fit (a constant series) any error is as surprising as it gets.
+            z = np.where(ref > 0, e / np.sqrt(ref), np.sign(e) * 10.0)
+        z = np.where(learn, np.clip(z, -10.0, 10.0), 0.0)
         a["zbias"][rows] = np.where(learn, 0.9 * a["zbias"][rows] + 0.1 * z, a["zbias"][rows])
         a["zvar"][rows] = np.where(learn, 0.9 * a["zvar"][rows] + 0.1 * z * z, a["zvar"][rows])
         a["sigma2"][rows] = new_sigma2

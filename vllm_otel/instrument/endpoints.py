@@ -1,8 +1,12 @@
-"""The ``vllm.endpoint_plugins`` entry point: HTTP routes under ``/monitoring`` on vLLM's server.
+"""The ``vllm.endpoint_plugins`` entry point: ``/monitoring/*`` routes and request context.
 
 vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (``VLLM_PLUGINS=vllm_otel``),
-because they widen the server's network surface. Foundation stage: ``GET /monitoring/status``
-answers with what this process knows; the telemetry issue adds lifecycle state and history.
+because they widen the server's network surface. Ours adds read-only JSON routes:
+- ``GET /monitoring/status``: lifecycle state, active requests, stalls, OTLP export health,
+  recent predictions and mitigations (filled by the services as they land);
+- ``GET /monitoring/lifecycle``: the lifecycle history and checkpoints (secrets redacted);
+and the ASGI middleware that hands each request's ``traceparent`` and operation to the stat
+logger (see :mod:`vllm_otel.instrument.requests`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import os
 import time
 from argparse import Namespace
 from typing import Any
+
+from vllm_otel.instrument.guard import guarded, logger
 
 __all__ = ["MonitoringEndpoints", "register_endpoints"]
 
@@ -25,21 +31,46 @@ class MonitoringEndpoints:
         self._started = time.time()
         self._engine_client: Any = None
 
+    @guarded("endpoints.attach_router")
     def attach_router(self, app: Any) -> None:
         from fastapi.responses import JSONResponse
 
         from vllm_otel import __version__
+        from vllm_otel.instrument.requests import RequestContextMiddleware
+
+        app.add_middleware(RequestContextMiddleware)
+
+        def _monitor() -> Any:
+            from vllm_otel.instrument.monitor import get_monitor
+
+            return get_monitor()
 
         async def status() -> JSONResponse:
-            # Route handlers must not fail the request path with a 500 from our bugs: answer
-            # what we can.
             body: dict[str, Any] = {"vllm_otel_version": __version__, "pid": os.getpid(),
-                                    "uptime_s": round(time.time() - self._started, 3),
                                     "engine_attached": self._engine_client is not None}
+            try:
+                mon = _monitor()
+                if mon is not None:
+                    body.update(mon.get_engine_status())
+                else:
+                    body["note"] = "monitoring disabled or stat logger not loaded (async serving only)"
+            except Exception as e:  # noqa: BLE001 - answer what we can
+                logger.warning("vllm-otel: /monitoring/status failed: %s", e)
+                body["error"] = "status unavailable, see server log"
             return JSONResponse(body)
 
-        app.add_api_route("/monitoring/status", status, methods=["GET"], include_in_schema=True,
-                          tags=["vllm-otel"])
+        async def lifecycle() -> JSONResponse:
+            mon = _monitor()
+            if mon is None:
+                return JSONResponse({"error": "monitoring disabled"}, status_code=503)
+            try:
+                return JSONResponse({"engines": mon.get_lifecycle()})
+            except Exception as e:  # noqa: BLE001
+                logger.warning("vllm-otel: /monitoring/lifecycle failed: %s", e)
+                return JSONResponse({"error": "lifecycle unavailable, see server log"}, status_code=500)
+
+        app.add_api_route("/monitoring/status", status, methods=["GET"], tags=["vllm-otel"])
+        app.add_api_route("/monitoring/lifecycle", lifecycle, methods=["GET"], tags=["vllm-otel"])
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         self._engine_client = engine_client

@@ -65,6 +65,53 @@ def register() -> None:
         return
     role = process_role()
     logger.info("vllm-otel plugin registered in pid %d (%s)", os.getpid(), role)
-    # Test hook: prove a failing hook cannot take vLLM down (see tests/test_plugin_safety.py).
-    if os.environ.get("VLLM_OTEL_TEST_RAISE_IN_HOOKS") == "1":
-        raise RuntimeError("vllm-otel test: deliberate failure inside general plugin")
+    if role == "api_server":
+        _install_abort_hook()
+
+
+def _install_abort_hook() -> None:
+    """Count requests aborted in the front end (client disconnects).
+
+    vLLM's ``OutputProcessor.abort_requests`` drops such requests without passing them through
+    its stats, so ``vllm:request_success_total{finished_reason="abort"}`` misses them. We wrap the
+    method (once per process) and report the aborted ids to the monitor after vLLM is done; our
+    part is guarded, vLLM's result is returned unchanged.
+    """
+    try:
+        from vllm.v1.engine.output_processor import OutputProcessor
+    except Exception:  # noqa: BLE001 - another vLLM layout: skip, the rest still works
+        logger.info("vllm-otel: OutputProcessor not found; client aborts not counted")
+        return
+    original = OutputProcessor.abort_requests
+    if getattr(original, "_vllm_otel_wrapped", False):
+        return
+
+    def abort_requests(self, request_ids, internal, *args, **kwargs):  # noqa: ANN001, ANN202
+        external: list[str] = []
+        try:
+            states = self.request_states
+            for rid in list(request_ids):
+                st = states.get(rid) if internal else None
+                if st is not None:
+                    external.append(st.external_req_id)
+                elif not internal and rid in self.external_req_ids:
+                    external.append(rid)
+        except Exception:  # noqa: BLE001
+            external = []
+        result = original(self, request_ids, internal, *args, **kwargs)
+        if external:
+            _report_aborts(external)
+        return result
+
+    abort_requests._vllm_otel_wrapped = True  # type: ignore[attr-defined]
+    abort_requests.__wrapped__ = original  # type: ignore[attr-defined]
+    OutputProcessor.abort_requests = abort_requests
+
+
+@guarded("plugin.report_aborts")
+def _report_aborts(external_ids: list[str]) -> None:
+    from vllm_otel.instrument.monitor import get_monitor
+
+    mon = get_monitor()
+    if mon is not None:
+        mon.on_client_abort(external_ids)

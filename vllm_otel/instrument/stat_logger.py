@@ -4,9 +4,10 @@ Loaded by vLLM in the API-server process (async serving only) and instantiated o
 (``engine_index``). vLLM calls ``record()`` from its output-handler loop after every engine step,
 so the method must be cheap and must never raise: each method is guarded.
 
-Foundation stage: the logger announces itself with ``vllm_otel_build_info`` on vLLM's own
-``/metrics`` (the default prometheus_client registry, which vLLM serves in single-API-server mode)
-and counts the stats it receives. The telemetry issue turns the same hooks into OTel instruments.
+The logger announces itself with ``vllm_otel_build_info`` on vLLM's own ``/metrics`` (the default
+prometheus_client registry, which vLLM serves in single-API-server mode) and hands every step to
+the process's :class:`~vllm_otel.instrument.monitor.EngineMonitor`, which turns it into OTel
+metrics and spans, lifecycle states, stall detection and ``vllm_otel_`` series.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class OtelStatLogger(StatLoggerBase):
         info.labels(version=__version__, vllm_version=getattr(vllm, "__version__", "unknown"),
                     engine=str(self.engine_index)).set(1)
         self._steps_child = self._steps.labels(engine=str(self.engine_index))
+        from vllm_otel.instrument.monitor import ensure_monitor
+
+        self.monitor = ensure_monitor(vllm_config, cfg, registry=registry)
+        self.monitor.engine(self.engine_index)
         self.enabled = True
 
     @guarded("stat_logger.record")
@@ -73,8 +78,10 @@ class OtelStatLogger(StatLoggerBase):
         if not self.enabled:
             return
         self._steps_child.inc()
+        self.monitor.on_step(scheduler_stats, iteration_stats, self.engine_index)
 
     @guarded("stat_logger.log_engine_initialized")
     def log_engine_initialized(self) -> None:
         if self.enabled:
+            self.monitor.on_engine_initialized(self.engine_index)
             logger.info("vllm-otel stat logger active for engine %d", self.engine_index)

@@ -1,0 +1,156 @@
+"""query_range parsing, sharding, replay, scoring and the ``vllm-otel backtest`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vllm_otel.forecast import cli
+from vllm_otel.forecast.backtest import _runs, predict_linear
+from vllm_otel.forecast.promjson import InputError, in_shard, parse_query_range, parse_shard, shard_index
+from vllm_otel.forecast.synthetic import scenario, to_query_range
+
+T0 = 1_700_000_000.0
+
+
+def _matrix(*series: tuple[dict[str, str], list[tuple[float, str]]]) -> dict:
+    return {"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": m, "values": [[t, v] for t, v in pts]} for m, pts in series]}}
+
+
+def _backtest(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["backtest", *argv])
+    return args.func(args)
+
+
+def test_parse_matrix_units_gaps_and_engines() -> None:
+    kv = "vllm:kv_cache_usage_perc"
+    obj = _matrix(
+        ({"__name__": kv, "instance": "a:8000", "engine": "0", "model_name": "m"},
+         [(T0, "0.5"), (T0 + 10, "0.6")]),                                  # a gap at T0+5
+        ({"__name__": kv, "instance": "b:8000", "engine": "0"}, [(T0 + 5, "NaN"), (T0 + 10, "0.7")]),
+        ({"__name__": kv, "instance": "b:8000", "engine": "1"}, [(T0 + 5, "0.2"), (T0 + 10, "0.3")]),
+        ({"__name__": "vllm_otel_gpu_temperature_celsius", "instance": "b:8000", "gpu": "0"},
+         [(T0 + 10, "70")]),                                                  # no engine: shared
+        ({"__name__": "vllm:time_to_first_token_seconds_bucket", "instance": "a:8000", "le": "+Inf"},
+         [(T0, "1"), (T0 + 5, "2")]),
+        ({"__name__": "vllm:time_to_first_token_seconds_bucket", "instance": "a:8000", "le": "0.5"},
+         [(T0, "1"), (T0 + 5, "1")]),
+        ({"__name__": "vllm:something_else", "instance": "a:8000"}, [(T0, "1")]),
+    )
+    f = parse_query_range(obj)
+    assert f.step_s == 5.0 and list(f.t - T0) == [0, 5, 10]
+    assert f.units == ["a:8000", "b:8000/engine=0", "b:8000/engine=1"]
+    assert f.instances == ["a:8000", "b:8000", "b:8000"]
+    kvs = f.values["kv_usage"]
+    assert np.isnan(kvs[0, 1]) and kvs[0, 2] == 0.6 and np.isnan(kvs[1, 1]) and kvs[2, 1] == 0.2
+    assert f.values["gpu_temperature"][1, 2] == 70 and f.values["gpu_temperature"][2, 2] == 70
+    les, counts = f.histograms["ttft"]
+    assert list(les) == [0.5, np.inf] and counts[0, 1].tolist() == [1, 2]
+    resampled = parse_query_range(obj, step=10.0)
+    assert list(resampled.t - T0) == [0, 10] and resampled.values["kv_usage"][0, 1] == 0.6
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ([], "JSON object"),
+    ({"status": "error", "error": "bad query"}, "status 'error'"),
+    ({"data": {"resultType": "vector", "result": []}}, "resultType is 'vector'"),
+    ({"data": {"resultType": "matrix", "result": [{"metric": {"__name__": "vllm:num_requests_running"},
+                                                   "values": [[1, "x"]]}]}}, "pairs"),
+])
+def test_bad_input_is_a_clear_error(bad: object, msg: str) -> None:
+    with pytest.raises(InputError, match=msg):
+        parse_query_range(bad)
+
+
+def test_shards_are_stable_and_cover_everything() -> None:
+    names = [f"10.0.0.{i}:8000" for i in range(200)]
+    assert shard_index("10.0.0.7:8000", 4) == shard_index("10.0.0.7:8000", 4)  # no per-run salt
+    assert shard_index("10.0.0.7:8000", 4) == 2  # pinned: the same on every host and release
+    shards = [[n for n in names if in_shard(n, (k, 4))] for k in range(1, 5)]
+    assert sorted(sum(shards, [])) == sorted(names) and all(len(s) > 20 for s in shards)
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1/0"):
+        with pytest.raises(InputError):
+            parse_shard(bad)
+
+
+def test_predict_linear_and_runs() -> None:
+    t = np.arange(10) * 5.0
+    y = (2.0 + 0.5 * t)[None, :]
+    pl = predict_linear(y, t, window_s=20.0, horizon_s=10.0)
+    assert np.isnan(pl[0, 0]) and pl[0, 5] == pytest.approx(2.0 + 0.5 * (25 + 10))
+    y[0, 3] = np.nan
+    assert predict_linear(y, t, 20.0, 10.0)[0, 4] == pytest.approx(2.0 + 0.5 * 30)
+    assert _runs(np.array([0, 1, 1, 0, 0, 1, 0, 1], dtype=bool)) == [(1, 2), (5, 5), (7, 7)]
+    assert _runs(np.array([0, 1, 1, 0, 0, 1, 0, 1], dtype=bool), merge_gap=1) == [(1, 2), (5, 7)]
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small query_range dump: one KV ramp, one stall, one healthy instance; a gap, a restart."""
+    n = 150
+    ramp = scenario("kv_ramp", n, seed=1, onset=60)
+    stall = scenario("stall", n, seed=2, onset=110)
+    healthy = scenario("steady", n, seed=3)
+    healthy["kv_usage"][40:44] = np.nan                       # a scrape gap
+    healthy["generation_tokens"][100:] -= healthy["generation_tokens"][99]  # a restart
+    healthy["preemptions"][100:] = 0.0
+    path = tmp_path_factory.mktemp("bt") / "range.json"
+    path.write_text(json.dumps(to_query_range({"ramp:8000": ramp, "stall:8000": stall, "ok:8000": healthy},
+                                              t0=T0)))
+    return path
+
+
+def test_backtest_writes_jsonl(recording: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred.jsonl"
+    assert _backtest([str(recording), "--output", str(out), "--max-refits", "2"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert set(lines[0]) == {"t", "instance", "failure_type", "probability", "time_to_failure_seconds"}
+    assert {x["instance"] for x in lines} == {"ramp:8000", "stall:8000", "ok:8000"}
+    assert min(x["t"] for x in lines) >= T0 + 11 * 5  # too little data at the start: nothing
+    assert all(0.0 <= x["probability"] <= 1.0 for x in lines)
+    ramp_kv = [x for x in lines if x["instance"] == "ramp:8000" and x["failure_type"] == "kv_cache_exhaustion"]
+    first_alarm = next(x["t"] for x in ramp_kv if x["probability"] >= 0.7)
+    first_fail = next(x["t"] for x in ramp_kv if x["time_to_failure_seconds"] == 0.0)
+    assert first_fail - first_alarm >= 30
+    # one line per step, instance and failure type
+    keys = [(x["t"], x["instance"], x["failure_type"]) for x in lines]
+    assert len(keys) == len(set(keys))
+
+
+def test_backtest_score_table_and_json(recording: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _backtest([str(recording), "--score", "--max-refits", "2"]) == 0
+    table = capsys.readouterr().out
+    for word in ("kv_cache_exhaustion", "engine_stall", "detector", "predict_linear", "static", "recall"):
+        assert word in table
+    assert _backtest([str(recording), "--score", "--json", "--max-refits", "2", "--shard", "1/1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {(r["failure_type"], r["method"]): r for r in report["results"]}
+    assert {m for _, m in rows} == {"detector", "predict_linear", "static"}
+    kv = rows[("kv_cache_exhaustion", "detector")]
+    assert kv["events"] == 1 and kv["caught"] == 1 and kv["median_lead_s"] >= 30
+    stall = rows[("engine_stall", "detector")]
+    assert stall["events"] == 1 and stall["caught"] == 1 and stall["false_alarms"] == 0
+    assert rows[("engine_stall", "predict_linear")]["caught"] == 0
+    assert report["threshold"] == 0.7 and report["instances"] == 3
+
+
+def test_backtest_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert _backtest([str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vllm-otel backtest: error:") and "not valid JSON" in err and "\n" not in err
+    assert _backtest([str(tmp_path / "missing.json")]) == 2
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(_matrix()))
+    assert _backtest([str(empty)]) == 2
+    assert "no vLLM series" in capsys.readouterr().err
+    assert _backtest([str(empty), "--shard", "3/2"]) == 2

@@ -1,0 +1,208 @@
+"""PredictiveFailureDetector on deterministic synthetic series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_otel.forecast.backtest import predict_linear
+from vllm_otel.forecast.detector import (
+    Checkpoint, DetectorConfig, Prediction, PredictiveFailureDetector, StepResult,
+)
+from vllm_otel.forecast.stategraph import GraphPrior, StateGraph
+
+STEP = 5.0
+# Few candidates and refits keep these tests fast; selection itself is tested in test_forecast_models.
+FAST = {"step_s": STEP, "max_refits_per_step": 2,
+        "candidates": {"kv_usage": ["damped_holt", "ses"], "waiting": ["damped_holt", "ses"],
+                       "memory_fraction": ["holt", "ses"]}}
+
+
+def _run(det: PredictiveFailureDetector, series: dict[str, np.ndarray], unit: str = "a",
+         t0: float = 1000.0) -> list[StepResult]:
+    n = len(next(iter(series.values())))
+    out = []
+    for k in range(n):
+        res = det.step(t0 + STEP * k, [unit], {name: np.array([v[k]]) for name, v in series.items()})
+        assert res is not None
+        out.append(res)
+    return out
+
+
+def _p(results: list[StepResult], failure: str) -> np.ndarray:
+    j = results[0].failure_types.index(failure)
+    return np.array([r.probability[0, j] for r in results])
+
+
+def _healthy(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"kv_usage": np.clip(0.4 + rng.normal(0, 0.01, n), 0, 1), "running": np.full(n, 4.0),
+            "waiting": np.zeros(n), "generation_tokens": 100.0 * np.arange(n), "preemptions": np.zeros(n)}
+
+
+def test_kv_ramp_is_predicted_with_lead_time() -> None:
+    n = 170
+    rng = np.random.default_rng(1)
+    series = _healthy(n)
+    series["kv_usage"] = np.clip(0.3 + 0.005 * np.arange(n) + rng.normal(0, 0.004, n), 0, 1)
+    cross = int(np.argmax(series["kv_usage"] >= 0.95))
+    results = _run(PredictiveFailureDetector(FAST), series)
+    p = _p(results, "kv_cache_exhaustion")
+    first = int(np.argmax(p >= 0.7))
+    assert 0 < first < cross
+    lead = (cross - first) * STEP
+    assert lead >= 30.0
+    j = results[0].failure_types.index("kv_cache_exhaustion")
+    ttf = results[first].time_to_failure[0, j]
+    assert 0 < ttf <= 120.0 and abs(ttf - lead) <= 40.0  # the time to failure is about right
+    after = results[cross]
+    assert after.probability[0, j] == 1.0 and after.time_to_failure[0, j] == 0.0
+    assert not (p[: cross - 40] >= 0.7).any()  # no alarm long before
+
+
+def test_noisy_flat_series_rarely_alarms_while_predict_linear_does() -> None:
+    n = 400
+    rng = np.random.default_rng(3)
+    series = _healthy(n)
+    series["kv_usage"] = np.clip(0.85 + rng.normal(0, 0.025, n), 0, 1)
+    assert not (series["kv_usage"] >= 0.95).any()  # never actually fails
+    p = _p(_run(PredictiveFailureDetector(FAST), series), "kv_cache_exhaustion")
+    ours = int((p >= 0.7).sum())
+    t = STEP * np.arange(n)
+    linear = predict_linear(series["kv_usage"][None, :], t, window_s=60.0, horizon_s=120.0)[0]
+    theirs = int((linear >= 0.95).sum())
+    assert ours <= 2
+    assert theirs >= 10 and theirs > 3 * ours
+
+
+def test_counter_reset_on_restart_is_not_a_storm() -> None:
+    n = 80
+    series = _healthy(n)
+    series["preemptions"] = np.where(np.arange(n) < 50, 1000.0, 2.0)  # vLLM restarted at step 50
+    series["generation_tokens"] = np.where(np.arange(n) < 50, 1e6 + 100 * np.arange(n), 100.0 * (np.arange(n) - 50))
+    det = PredictiveFailureDetector(FAST)
+    results = _run(det, series)
+    assert [k for k, r in enumerate(results) if r.signals["restarted"][0]] == [50]
+    assert max(r.signals["preemptions_window"][0] for r in results[1:]) == 2.0  # not -998, not 1000
+    assert not (_p(results, "preemption_storm") >= 0.7).any()
+    # The models started over at the restart (the new run is all they have seen).
+    assert det.banks["kv_usage"].nobs[det._rows["a"]] == n - 50
+
+
+def test_too_little_data_then_gaps() -> None:
+    det = PredictiveFailureDetector(FAST)
+    series = _healthy(40)
+    series["kv_usage"][20:23] = np.nan     # a short gap
+    series["kv_usage"][26:40] = np.nan     # a long one (70 s > max_gap_s)
+    results = _run(det, series)
+    j = results[0].failure_types.index("kv_cache_exhaustion")
+    has = [bool(np.isfinite(r.forecast_probability[0, j])) for r in results]
+    assert all(np.isnan(r.probability).all() for r in results[:11])  # min_points: no prediction
+    assert has[15] and has[20] and not has[22] and has[24]  # one missing point is tolerated, two not
+    assert not has[30]  # not forecast from stale state
+    more = _run(det, _healthy(30, seed=5), t0=1000.0 + 40 * STEP)
+    fp = [bool(np.isfinite(r.forecast_probability[0, j])) for r in more]
+    assert not fp[5] and fp[20]  # after the long gap the state started over (min_points again)
+
+
+def test_engine_stall_detected_within_two_scrapes() -> None:
+    n = 60
+    series = _healthy(n)
+    onset = 40  # tokens stop growing from here while 4 requests run
+    series["generation_tokens"] = np.where(np.arange(n) < onset, 100.0 * np.arange(n), 100.0 * (onset - 1))
+    results = _run(PredictiveFailureDetector(FAST), series)
+    p = _p(results, "engine_stall")
+    first = int(np.argmax(p >= 0.7))
+    label = next(k for k, r in enumerate(results) if r.breached[0, r.failure_types.index("engine_stall")])
+    assert results[label].signals["flat_seconds"][0] == 20.0
+    assert first <= onset + 2 and first < label  # flat for at most two scrapes, before the 20 s mark
+    assert not (p[:onset] >= 0.7).any()
+    preds = results[first].predictions()
+    stall = next(x for x in preds if x.failure_type == "engine_stall")
+    assert "tokens_flat_while_running" in stall.precursors and stall.source == "state_graph"
+    assert stall.time_to_failure is not None and 0 < stall.time_to_failure <= 2 * STEP
+
+
+def test_memory_steady_slope_precursor() -> None:
+    n = 150
+    rng = np.random.default_rng(2)
+    series = _healthy(n)
+    used = 0.5 + 0.004 * np.arange(n) + rng.normal(0, 0.001, n)
+    series["gpu_memory_used"], series["gpu_memory_total"] = used * 80e9, np.full(n, 80e9)
+    results = _run(PredictiveFailureDetector(FAST), series)
+    frac = np.array([r.signals["memory_fraction"][0] for r in results])
+    cross = int(np.argmax(frac >= 1.0))
+    p = _p(results, "memory_exhaustion")
+    first = int(np.argmax(p >= 0.7))
+    assert 0 < first and (cross - first) * STEP >= 30
+    pred = next(x for x in results[first].predictions() if x.failure_type == "memory_exhaustion")
+    assert "memory_steady_slope" in pred.precursors
+
+
+def test_analyze_checkpoint_spec_api() -> None:
+    det = PredictiveFailureDetector({"step_s": STEP, "max_refits_per_step": 0})
+    preds: list[Prediction] = []
+    for k in range(20):
+        samples = [("vllm:kv_cache_usage_perc", {"engine": "0"}, 0.5 + 0.001 * k),
+                   ("vllm:num_requests_running", {}, 3.0), ("vllm:num_requests_waiting", {}, 0.0),
+                   ("vllm:generation_tokens_total", {}, 50.0 * k),
+                   ("vllm:time_to_first_token_seconds_bucket", {"le": "1.0"}, 2.0 * k),
+                   ("vllm:time_to_first_token_seconds_bucket", {"le": "+Inf"}, 2.0 * k)]
+        preds = det.analyze_checkpoint(Checkpoint.from_samples("host:8000", 100.0 + STEP * k, samples))
+        if k < 11:
+            assert preds == []  # too little data
+    assert preds and all(isinstance(p, Prediction) for p in preds)
+    kinds = {p.failure_type for p in preds}
+    assert {"kv_cache_exhaustion", "engine_stall", "ttft_slo_breach"} <= kinds
+    kv = next(p for p in preds if p.failure_type == "kv_cache_exhaustion")
+    assert kv.probability < 0.1 and kv.time_to_failure is None and kv.instance == "host:8000"
+    assert "limit_admission" in kv.recommended_actions
+    assert set(kv.to_dict()) >= {"failure_type", "probability", "time_to_failure_seconds", "recommended_actions"}
+    # A mapping works too (what a lifecycle tracker or a JSON message would hand over).
+    again = det.analyze_checkpoint({"instance": "host:8000", "timestamp": 100.0 + STEP * 20,
+                                    "values": {"kv_usage": 0.99, "running": 3, "waiting": 0}})
+    assert next(p for p in again if p.failure_type == "kv_cache_exhaustion").probability == 1.0
+
+
+def test_instances_appear_and_disappear() -> None:
+    det = PredictiveFailureDetector({**FAST, "forget_after_s": 30.0})
+    a, b = _healthy(10), _healthy(10, seed=1)
+    for k in range(10):
+        det.step(STEP * k, ["a", "b"], {n: np.array([a[n][k], b[n][k]]) for n in a})
+    assert set(det.instances) == {"a", "b"}
+    for k in range(10, 20):  # b is gone; c appears
+        det.step(STEP * k, ["a", "c"], {n: np.array([a[n][k % 10], b[n][k % 10]]) for n in a})
+    assert set(det.instances) == {"a", "c"}
+    assert len(det._rows) == 2 and len(set(det._rows.values())) == 2
+
+
+def test_deterministic() -> None:
+    series = _healthy(60, seed=4)
+    series["kv_usage"] = np.linspace(0.5, 0.99, 60)
+    p1 = _p(_run(PredictiveFailureDetector(FAST), series), "kv_cache_exhaustion")
+    p2 = _p(_run(PredictiveFailureDetector(FAST), series), "kv_cache_exhaustion")
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_state_graph_learns_transitions_and_reach() -> None:
+    names = ("no_data", "idle", "serving", "queueing", "kv_high", "kv_cache_exhaustion")
+    g = StateGraph(names, horizon_steps=3, prior=GraphPrior(stay=1.0, move=0.01, precursor=0.0))
+    before = g.transition_matrix()[2, 3]
+    s, q, k, f = (g.index[x] for x in ("serving", "queueing", "kv_high", "kv_cache_exhaustion"))
+    g.observe(np.array([s] * 50), np.array([q] * 50))
+    assert g.transition_matrix()[s, q] > 0.9 > before  # learned, not hard-coded
+    g.observe(np.array([k] * 30 + [k] * 10), np.array([f] * 30 + [s] * 10))
+    m = g.transition_matrix()
+    prob, steps = g.predict(np.array([k, g.index["idle"], -1]))
+    fi = g.failures.index("kv_cache_exhaustion")
+    # Hand computation of reaching F within 3 steps from kv_high, F absorbing.
+    qf = m.copy()
+    qf[f] = 0.0
+    qf[f, f] = 1.0
+    expected = np.linalg.matrix_power(qf, 3)[k, f]
+    assert prob[0, fi] == pytest.approx(expected) and prob[0, fi] > 0.7 and steps[0, fi] == 1
+    assert prob[1, fi] < 0.1 and np.isnan(prob[2, fi])
+    saved = g.to_dict()
+    g2 = StateGraph(names, horizon_steps=3, prior=GraphPrior(stay=1.0, move=0.01, precursor=0.0))
+    g2.load_dict(saved)
+    np.testing.assert_allclose(g2.transition_matrix(), m)

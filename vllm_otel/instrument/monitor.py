@@ -1,0 +1,438 @@
+"""The per-process monitor behind the stat logger and the status endpoints.
+
+One :class:`EngineMonitor` lives in vLLM's API-server process (created by the first stat logger,
+shared by every engine's logger and by the endpoint plugin). It owns:
+- per-engine progress state, lifecycle tracker and stall detection;
+- OTel instruments (GenAI server histograms, vLLM saturation) on a private MeterProvider, and
+  per-request spans on a private TracerProvider, both exporting over OTLP when configured;
+- the ``vllm_otel_`` series vLLM lacks, published on vLLM's own ``/metrics`` by a custom
+  collector that reads state at scrape time (nothing is computed on vLLM's step path);
+- the host/process and GPU collectors.
+
+Per engine step the stat logger only writes a few integers here; per finished request it
+records four histogram points and, with tracing on, one span tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+from vllm_otel.config import MonitorConfig
+from vllm_otel.instrument import semconv as sc
+from vllm_otel.instrument.guard import guarded, hook_errors, logger
+from vllm_otel.instrument.lifecycle import LifecycleState as S
+from vllm_otel.instrument.lifecycle import LifecycleTracker
+from vllm_otel.instrument.otel import (ExportStats, OtelSettings, build_meter_provider, build_resource,
+                                       build_tracer_provider)
+from vllm_otel.instrument.requests import registry as request_registry
+from vllm_otel.instrument.stall import ProgressState, StallDetector
+
+__all__ = ["EngineMonitor", "get_monitor", "ensure_monitor"]
+
+_lock = threading.Lock()
+_monitor: "EngineMonitor | None" = None
+
+
+def get_monitor() -> "EngineMonitor | None":
+    return _monitor
+
+
+def ensure_monitor(vllm_config: Any, cfg: MonitorConfig, registry: Any = None) -> "EngineMonitor":
+    global _monitor
+    with _lock:
+        if _monitor is None or _monitor.pid != os.getpid():
+            _monitor = EngineMonitor(vllm_config, cfg, registry=registry)
+        return _monitor
+
+
+def _server_address(argv: list[str]) -> tuple[str | None, int | None]:
+    """Host and port of vLLM's API server from its command line (what tells instances apart)."""
+    host, port = None, 8000
+    for i, a in enumerate(argv):
+        for flag in ("--host", "--port"):
+            val = None
+            if a == flag and i + 1 < len(argv):
+                val = argv[i + 1]
+            elif a.startswith(flag + "="):
+                val = a.split("=", 1)[1]
+            if val is not None:
+                if flag == "--host":
+                    host = val
+                else:
+                    try:
+                        port = int(val)
+                    except ValueError:
+                        pass
+    return host, port
+
+
+class _Engine:
+    def __init__(self, idx: int, tracker: LifecycleTracker) -> None:
+        self.idx = idx
+        self.tracker = tracker
+        self.progress = ProgressState()
+        self.kv_usage = 0.0
+        self.preemptions = 0
+        self.preemptions_seen = 0  # by the lifecycle tick
+        self.finished: Counter[str] = Counter()
+        self.aborted = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.steps = 0
+
+
+class EngineMonitor:
+    def __init__(self, vllm_config: Any, cfg: MonitorConfig, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY
+
+        self.pid = os.getpid()
+        self.cfg = cfg
+        self.registry = REGISTRY if registry is None else registry
+        self.started = time.time()
+        self.model_name = self._model_name(vllm_config)
+        host, port = _server_address(sys.argv)
+        self.server_address, self.server_port = host, port
+        self.instance = cfg.instance or f"{host or socket.gethostname()}:{port}"
+        cache = getattr(vllm_config, "cache_config", None)
+        self.block_size = getattr(cache, "block_size", None) or 16
+        self.num_blocks = getattr(cache, "num_gpu_blocks", None)
+        obs = getattr(vllm_config, "observability_config", None)
+        self.vllm_tracing = bool(getattr(obs, "otlp_traces_endpoint", None))
+        self.parallel = self._parallel(vllm_config)
+        self.engines: dict[int, _Engine] = {}
+        self.recent_stalls: deque[dict[str, Any]] = deque(maxlen=50)
+        self.export_stats = ExportStats()
+        self._closed = False
+        self._setup_otel()
+        self._setup_prometheus()
+        self.stall = StallDetector(lambda: {i: e.progress for i, e in self.engines.items()},
+                                   cfg.stall_timeout_s,
+                                   pending_since=lambda: request_registry.oldest_received(
+                                       max(10 * cfg.stall_timeout_s, 300.0)),
+                                   on_change=self._on_stall_change)
+        self._tick_stop = threading.Event()
+        self._tick = threading.Thread(target=self._lifecycle_loop, name="vllm-otel-lifecycle", daemon=True)
+        self.stall.start()
+        self._tick.start()
+        logger.info("vllm-otel monitor up in pid %d: model=%s instance=%s otlp traces=%s metrics=%s",
+                    self.pid, self.model_name, self.instance, self.settings.traces_enabled,
+                    self.settings.metrics_enabled)
+
+    # ---- set-up ------------------------------------------------------------------------------
+    @staticmethod
+    def _model_name(vllm_config: Any) -> str:
+        mc = getattr(vllm_config, "model_config", None)
+        name = getattr(mc, "served_model_name", None) or getattr(mc, "model", None) or "unknown"
+        return name[0] if isinstance(name, (list, tuple)) else str(name)
+
+    @staticmethod
+    def _parallel(vllm_config: Any) -> dict[str, int]:
+        pc = getattr(vllm_config, "parallel_config", None)
+        return {k: int(getattr(pc, k, 1) or 1) for k in
+                ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")}
+
+    def _setup_otel(self) -> None:
+        from vllm_otel import __version__
+
+        self.settings = OtelSettings.from_env()
+        self.resource = None
+        self.meter_provider = None
+        self.tracer_provider = None
+        self._span_processor = None
+        self.span_builder = None
+        self.tracer = None
+        if not (self.settings.metrics_enabled or self.settings.traces_enabled):
+            return
+        import vllm
+
+        self.resource = build_resource({
+            "service.instance.id": self.instance, "vllm.model.name": self.model_name,
+            "vllm.version": getattr(vllm, "__version__", "unknown"), "vllm_otel.version": __version__,
+            "vllm.tensor_parallel_size": self.parallel["tensor_parallel_size"],
+            "vllm.pipeline_parallel_size": self.parallel["pipeline_parallel_size"],
+            "vllm.data_parallel_size": self.parallel["data_parallel_size"],
+        })
+        mp = build_meter_provider(self.settings, self.resource, self.export_stats)
+        if mp is not None:
+            self.meter_provider = mp
+            m = mp.get_meter("vllm_otel", __version__)
+            self.h_duration = m.create_histogram(sc.REQUEST_DURATION, unit="s",
+                                                 description="Generative AI server request duration",
+                                                 explicit_bucket_boundaries_advisory=sc.REQUEST_DURATION_BUCKETS)
+            self.h_ttft = m.create_histogram(sc.TIME_TO_FIRST_TOKEN, unit="s",
+                                             description="Time to generate first token for successful responses",
+                                             explicit_bucket_boundaries_advisory=sc.TIME_TO_FIRST_TOKEN_BUCKETS)
+            self.h_tpot = m.create_histogram(sc.TIME_PER_OUTPUT_TOKEN, unit="s",
+                                             description="Time per output token generated after the first token",
+                                             explicit_bucket_boundaries_advisory=sc.TIME_PER_OUTPUT_TOKEN_BUCKETS)
+            self.h_tokens = m.create_histogram(sc.TOKEN_USAGE, unit="{token}",
+                                               description="Number of input and output tokens used",
+                                               explicit_bucket_boundaries_advisory=sc.TOKEN_USAGE_BUCKETS)
+            self.h_queue = m.create_histogram("vllm.request.queue.duration", unit="s",
+                                              description="Time a request waited in vLLM's scheduler queue",
+                                              explicit_bucket_boundaries_advisory=sc.TIME_TO_FIRST_TOKEN_BUCKETS)
+            self.c_preempt = m.create_counter("vllm.preemptions", unit="{preemption}",
+                                              description="Requests preempted by the scheduler")
+            self.c_aborted = m.create_counter("vllm.requests.aborted", unit="{request}",
+                                              description="Requests aborted (client disconnects included)")
+            self.c_prefix_q = m.create_counter("vllm.prefix_cache.queries", unit="{token}",
+                                               description="Prefix-cache lookups in tokens")
+            self.c_prefix_h = m.create_counter("vllm.prefix_cache.hits", unit="{token}",
+                                               description="Prefix-cache hits in tokens")
+            m.create_observable_gauge("vllm.kv_cache.usage", [self._obs_kv], unit="1",
+                                      description="KV-cache usage, 1 = full")
+            m.create_observable_gauge("vllm.requests.running", [self._obs_running], unit="{request}",
+                                      description="Requests in the running batch")
+            m.create_observable_gauge("vllm.requests.waiting", [self._obs_waiting], unit="{request}",
+                                      description="Requests waiting to be scheduled")
+            m.create_observable_gauge("vllm.engine.stalled", [self._obs_stalled], unit="1",
+                                      description="1 while the engine makes no forward progress")
+        tp = None if self.vllm_tracing else build_tracer_provider(self.settings, self.resource, self.export_stats)
+        if tp is not None:
+            from vllm_otel.instrument.tracing import RequestSpanBuilder
+
+            self.tracer_provider, self._span_processor = tp
+            tracer = self.tracer = self.tracer_provider.get_tracer("vllm_otel", __version__)
+            self.span_builder = RequestSpanBuilder(tracer, self.model_name, self.server_address, self.server_port)
+
+    def _setup_prometheus(self) -> None:
+        from vllm_otel.instrument.prom import MonitorCollector
+
+        self.collector = MonitorCollector(self)
+        self._register(self.collector)
+        self.gpu = self.host = None
+        try:
+            from vllm_otel.instrument.host import ProcessCollector
+
+            # instance="" lets Prometheus' own target label name the instance.
+            self.host = ProcessCollector(instance="", registry=None)
+            self._register(self.host)
+        except Exception:  # noqa: BLE001
+            logger.warning("vllm-otel: host collector unavailable", exc_info=True)
+        try:
+            from vllm_otel.instrument.gpu import GpuCollector
+
+            self.gpu = GpuCollector(instance="", engine="0", registry=None).start()
+            self._register(self.gpu)
+        except Exception:  # noqa: BLE001
+            logger.warning("vllm-otel: GPU collector unavailable", exc_info=True)
+
+    def _register(self, collector: Any) -> None:
+        try:
+            self.registry.register(collector)
+        except ValueError:
+            logger.debug("vllm-otel: collector %r already registered", collector)
+
+    # ---- engines -------------------------------------------------------------------------------
+    def engine(self, idx: int) -> _Engine:
+        eng = self.engines.get(idx)
+        if eng is None:
+            tracker = LifecycleTracker(instance="", engine_index=idx, registry=self.registry)
+            if self.tracer is not None:
+                from vllm_otel.instrument.lifecycle import span_event_listener
+
+                tracker.add_listener(span_event_listener(self.tracer))
+            for state, why in ((S.VALIDATING, "vLLM parsed its arguments"),
+                               (S.CONFIGURING, "engine config built"),
+                               (S.MODEL_LOADING, "engine core started"),
+                               (S.KV_CACHE_ALLOCATION, "engine core reported its KV cache")):
+                tracker.transition(state, reason=why)
+            tracker.track_startup(arguments={"argv": sys.argv[1:]}, environment=None, hardware_info=None)
+            eng = self.engines[idx] = _Engine(idx, tracker)
+        return eng
+
+    def on_engine_initialized(self, idx: int) -> None:
+        eng = self.engine(idx)
+        eng.tracker.transition(S.WARMING_UP, reason="engine initialized")
+        eng.tracker.transition(S.READY, reason="engine ready to serve")
+        eng.tracker.transition(S.IDLE, reason="no requests yet")
+        eng.progress.last_report = eng.progress.last_progress = time.time()
+
+    def on_step(self, scheduler_stats: Any, iteration_stats: Any, idx: int) -> None:
+        eng = self.engines.get(idx) or self.engine(idx)
+        now = time.time()
+        p = eng.progress
+        p.last_report = now
+        eng.steps += 1
+        if scheduler_stats is not None:
+            p.running = scheduler_stats.num_running_reqs
+            p.waiting = scheduler_stats.num_waiting_reqs
+            eng.kv_usage = scheduler_stats.kv_cache_usage
+            pcs = scheduler_stats.prefix_cache_stats
+            if pcs is not None and pcs.queries:
+                eng.prefix_queries += pcs.queries
+                eng.prefix_hits += pcs.hits
+                if self.meter_provider is not None:
+                    attrs = {sc.ENGINE: idx}
+                    self.c_prefix_q.add(pcs.queries, attrs)
+                    self.c_prefix_h.add(pcs.hits, attrs)
+        if iteration_stats is None:
+            return
+        if iteration_stats.num_generation_tokens:
+            p.last_progress = now
+        if iteration_stats.num_preempted_reqs:
+            eng.preemptions += iteration_stats.num_preempted_reqs
+            if self.meter_provider is not None:
+                self.c_preempt.add(iteration_stats.num_preempted_reqs, {sc.ENGINE: idx})
+        for fin in iteration_stats.finished_requests:
+            self._on_finished(eng, fin, iteration_stats.iteration_timestamp)
+
+    def _on_finished(self, eng: _Engine, fin: Any, end_s: float) -> None:
+        reason = str(getattr(fin.finish_reason, "name", fin.finish_reason)).lower()
+        eng.finished[reason] += 1
+        eng.progress.last_progress = time.time()
+        info = request_registry.pop(fin.request_id)
+        if reason == "abort":
+            eng.aborted += 1
+        root = None
+        if self.span_builder is not None:
+            root = self.span_builder.build(fin, end_s, eng.idx, info)
+        if self.meter_provider is None:
+            return
+        from opentelemetry import trace
+
+        ctx = trace.set_span_in_context(root) if root is not None else None
+        attrs = {sc.OPERATION_NAME: info.operation if info else sc.DEFAULT_OPERATION,
+                 sc.PROVIDER_NAME: sc.PROVIDER, sc.REQUEST_MODEL: self.model_name,
+                 sc.RESPONSE_MODEL: self.model_name, sc.ENGINE: eng.idx}
+        if reason in ("abort", "error"):
+            attrs[sc.ERROR_TYPE] = "aborted" if reason == "abort" else "error"
+            self.c_aborted.add(1, {sc.ENGINE: eng.idx})
+        self.h_duration.record(fin.e2e_latency, attrs, context=ctx)
+        self.h_queue.record(max(fin.queued_time, 0.0), {sc.ENGINE: eng.idx}, context=ctx)
+        if fin.num_generation_tokens > 0 and sc.ERROR_TYPE not in attrs:
+            self.h_ttft.record(max(fin.e2e_latency - fin.decode_time, 0.0), attrs, context=ctx)
+            if fin.num_generation_tokens > 1:
+                self.h_tpot.record(fin.mean_time_per_output_token, attrs, context=ctx)
+        self.h_tokens.record(fin.num_prompt_tokens, {**attrs, sc.TOKEN_TYPE: "input"}, context=ctx)
+        self.h_tokens.record(fin.num_generation_tokens, {**attrs, sc.TOKEN_TYPE: "output"}, context=ctx)
+
+    @guarded("monitor.on_client_abort")
+    def on_client_abort(self, external_ids: list[str], idx: int = 0) -> None:
+        """Requests aborted in the front end (client went away): vLLM's stats never see them."""
+        eng = self.engines.get(idx) or self.engine(idx)
+        eng.aborted += len(external_ids)
+        eng.finished["abort"] += len(external_ids)
+        for rid in external_ids:
+            request_registry.pop(rid)
+        if self.meter_provider is not None and external_ids:
+            self.c_aborted.add(len(external_ids), {sc.ENGINE: idx})
+
+    # ---- lifecycle and stall ---------------------------------------------------------------------
+    def _on_stall_change(self, idx: int, stalled: bool, why: str) -> None:
+        eng = self.engines.get(idx)
+        if eng is None:
+            return
+        if stalled:
+            logger.warning("vllm-otel: engine %d stalled: %s", idx, why)
+            self.recent_stalls.append({"engine": idx, "at": time.time(), "why": why})
+            eng.tracker.transition(S.STALLED, reason=why)
+        else:
+            logger.warning("vllm-otel: engine %d resumed: %s", idx, why)
+            eng.tracker.transition(self._serving_state(eng), reason=why)
+
+    def _serving_state(self, eng: _Engine) -> S:
+        p = eng.progress
+        if p.stalled:
+            return S.STALLED
+        if eng.preemptions > eng.preemptions_seen:
+            return S.PREEMPTING
+        if p.waiting > 0 and eng.kv_usage >= 0.9:
+            return S.SATURATED
+        if p.running + p.waiting > 0:
+            return S.SERVING
+        return S.IDLE
+
+    def _lifecycle_loop(self) -> None:
+        # Once a second, not per step: a state per step would flap and flood the history.
+        while not self._tick_stop.wait(1.0):
+            try:
+                for eng in list(self.engines.values()):
+                    if eng.tracker.state in (S.STALLED,) or eng.tracker.state not in _SERVING:
+                        continue
+                    eng.tracker.transition(self._serving_state(eng), reason="load changed")
+                    eng.preemptions_seen = eng.preemptions
+            except Exception:  # noqa: BLE001
+                hook_errors["monitor.lifecycle_loop"] += 1
+
+    # ---- OTel observable callbacks -----------------------------------------------------------------
+    def _observe(self, fn: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        return [Observation(fn(e), {sc.ENGINE: i}) for i, e in list(self.engines.items())]
+
+    def _obs_kv(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: e.kv_usage)
+
+    def _obs_running(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: e.progress.running)
+
+    def _obs_waiting(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: e.progress.waiting)
+
+    def _obs_stalled(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: int(e.progress.stalled))
+
+    # ---- status ------------------------------------------------------------------------------------
+    def get_engine_status(self) -> dict[str, Any]:
+        engines = {}
+        for i, e in list(self.engines.items()):
+            p = e.progress
+            engines[str(i)] = {
+                "lifecycle_state": e.tracker.state.value if e.tracker.state else None,
+                "running_requests": p.running, "waiting_requests": p.waiting,
+                "kv_cache_usage": e.kv_usage, "stalled": p.stalled, "stall_events": p.stall_events,
+                "seconds_since_progress": round(time.time() - p.last_progress, 3),
+                "preemptions": e.preemptions, "aborted_requests": e.aborted,
+                "finished_requests": dict(e.finished), "steps": e.steps,
+            }
+        active = sum(e.progress.running + e.progress.waiting for e in self.engines.values())
+        return {
+            "instance": self.instance, "model": self.model_name, "pid": self.pid,
+            "uptime_s": round(time.time() - self.started, 3), "active_requests": active,
+            "engines": engines, "parallel": self.parallel, "recent_stalls": list(self.recent_stalls),
+            "recent_predictions": [], "recent_mitigations": [],  # filled by the forecaster / receiver
+            "otlp": {"traces": self.settings.traces_enabled and not self.vllm_tracing,
+                     "metrics": self.settings.metrics_enabled, "vllm_native_tracing": self.vllm_tracing,
+                     "dropped": dict(self.export_stats.dropped), "failed": dict(self.export_stats.failed),
+                     "exported": dict(self.export_stats.exported)},
+            "hook_errors": dict(hook_errors),
+        }
+
+    def get_lifecycle(self) -> dict[str, Any]:
+        return {str(i): json.loads(e.tracker.to_json()) for i, e in list(self.engines.items())}
+
+    def export_data(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write status and lifecycle history as one JSON file; returns its path."""
+        out = Path(path) if path else Path(f"vllm_otel_export_{self.pid}_{int(time.time())}.json")
+        out.write_text(json.dumps({"status": self.get_engine_status(), "lifecycle": self.get_lifecycle(),
+                                   "exported_at": time.time()}, indent=2, default=str))
+        return out
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stall.stop()
+        self._tick_stop.set()
+        for e in self.engines.values():
+            e.tracker.transition(S.SHUTTING_DOWN, reason="vLLM shutting down")
+        if self.gpu is not None:
+            self.gpu.stop()
+        for p in (self.meter_provider, self.tracer_provider):
+            if p is not None:
+                try:
+                    p.shutdown()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+_SERVING = {S.IDLE, S.SERVING, S.SATURATED, S.PREEMPTING, S.READY}

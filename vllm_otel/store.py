@@ -1,0 +1,796 @@
+"""Durable state of the mitigation loop: alerts, the audit trail, outcomes, dedupe keys, leases.
+
+SQLAlchemy 2 ORM; SQLite by default (one receiver), PostgreSQL when several receiver replicas share
+the work. Two kinds of tables:
+
+* audit tables (webhooks, alerts, alert_resolutions, actions, action_events, outcomes,
+  kill_switch_events) are insert-only: this class offers no way to update or delete them. What
+  happens to an action later (approval, start, finish) is a new ``action_events`` row, unique per
+  (action, kind), so two replicas can never both start or both finish the same action;
+* coordination tables (jobs, locks, alert_activity) are mutable by nature: a work queue claimed
+  with a conditional UPDATE, named leases, and when an alert was last seen.
+
+Dedupe keys (fingerprint + startsAt) are unique-constrained, so the same alert delivered to two
+replicas at once creates one alert and one job. Secrets never reach a row: labels, annotations,
+params and free text are redacted here, at the one door into the database.
+
+Times are unix seconds (floats) everywhere: portable across both databases and easy to compare.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, delete, event, func, or_, select, update)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import StaticPool
+
+from vllm_otel.mitigate.models import (EXECUTED_OUTCOMES, FAILED_OUTCOMES, ActionRecord,
+                                       AlertmanagerAlert, AlertmanagerWebhook, AlertRecord,
+                                       JobRecord, JobState, KillSwitchState, Outcome,
+                                       OutcomeRecord, to_unix)
+from vllm_otel.redact import redact_mapping, redact_text
+
+__all__ = ["Store", "StoreError", "IngestResult", "DEFAULT_DB_URL", "normalize_db_url"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB_URL = "sqlite:///vllm-otel-receiver.sqlite3"
+# Free text (details, reasons) is bounded: an exception message can be a whole HTTP body.
+_MAX_TEXT = 4000
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def normalize_db_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (the only PostgreSQL driver we depend on)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def _text(s: Any) -> str:
+    t = redact_text("" if s is None else s)
+    return t if len(t) <= _MAX_TEXT else t[:_MAX_TEXT] + "...[truncated]"
+
+
+def _floats(d: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in (d or {}).items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+# --- schema ---------------------------------------------------------------------------------------
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class WebhookRow(Base):
+    """Every accepted notification (metadata only), for the audit trail."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    group_key: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    receiver: Mapped[str] = mapped_column(String(255))
+    n_alerts: Mapped[int] = mapped_column(Integer)
+    truncated_alerts: Mapped[int] = mapped_column(Integer)
+    replica: Mapped[str] = mapped_column(String(255))
+
+
+class AlertRow(Base):
+    __tablename__ = "alerts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)  # the dedupe key
+    fingerprint: Mapped[str] = mapped_column(String(128), index=True)
+    alertname: Mapped[str] = mapped_column(String(255), index=True)
+    instance: Mapped[str | None] = mapped_column(String(255), index=True)
+    failure_type: Mapped[str | None] = mapped_column(String(255))
+    severity: Mapped[str | None] = mapped_column(String(64))
+    starts_at: Mapped[float] = mapped_column(Float)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    annotations: Mapped[dict[str, Any]] = mapped_column(JSON)
+    generator_url: Mapped[str] = mapped_column(Text)
+    group_key: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[float] = mapped_column(Float, index=True)
+    replica: Mapped[str] = mapped_column(String(255))
+
+
+class AlertResolutionRow(Base):
+    __tablename__ = "alert_resolutions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id"), unique=True)
+    ends_at: Mapped[float | None] = mapped_column(Float)
+    received_at: Mapped[float] = mapped_column(Float)
+    time_to_resolve_s: Mapped[float | None] = mapped_column(Float)
+
+
+class AlertActivityRow(Base):
+    """When an alert was last delivered (coordination: blast radius counts alerts still alive)."""
+
+    __tablename__ = "alert_activity"
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id"), primary_key=True)
+    instance: Mapped[str | None] = mapped_column(String(255), index=True)
+    last_seen_at: Mapped[float] = mapped_column(Float, index=True)
+    resolved: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id"), unique=True)
+    target: Mapped[str | None] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    owner: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    action_id: Mapped[int | None] = mapped_column(Integer)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class ActionRow(Base):
+    __tablename__ = "actions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alert_id: Mapped[int | None] = mapped_column(ForeignKey("alerts.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    strategy: Mapped[str | None] = mapped_column(String(255), index=True)
+    target: Mapped[str | None] = mapped_column(String(255), index=True)
+    mode: Mapped[str] = mapped_column(String(32))
+    why: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    guards: Mapped[list[Any]] = mapped_column(JSON)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    errors: Mapped[list[Any]] = mapped_column(JSON)
+    metrics_before: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    replica: Mapped[str] = mapped_column(String(255))
+
+
+class ActionEventRow(Base):
+    """approved / started / finished: each at most once per action (the constraint is the lock)."""
+
+    __tablename__ = "action_events"
+    __table_args__ = (UniqueConstraint("action_id", "kind", name="uq_action_event_kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action_id: Mapped[int] = mapped_column(ForeignKey("actions.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    replica: Mapped[str] = mapped_column(String(255))
+
+
+class OutcomeRow(Base):
+    """Every outcome with its context: what the learner learns from."""
+
+    __tablename__ = "outcomes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action_id: Mapped[int | None] = mapped_column(ForeignKey("actions.id"), unique=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    alertname: Mapped[str | None] = mapped_column(String(255))
+    failure_type: Mapped[str | None] = mapped_column(String(255))
+    target: Mapped[str | None] = mapped_column(String(255), index=True)
+    strategy: Mapped[str | None] = mapped_column(String(255), index=True)
+    outcome: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    errors: Mapped[list[Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics_after: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class KillSwitchEventRow(Base):
+    __tablename__ = "kill_switch_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+    engaged: Mapped[bool] = mapped_column(Boolean)
+    by: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class LockRow(Base):
+    """Named leases: one action per target, one decision at a time across replicas."""
+
+    __tablename__ = "locks"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+# --- results --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IngestResult:
+    alert_id: int
+    new: bool                     # first time this dedupe key was seen
+    job_id: int | None = None     # work created (mapped firing alert)
+    resolved_now: bool = False    # this delivery recorded the resolution
+    cancelled_jobs: int = 0
+
+
+# --- the store ------------------------------------------------------------------------------------
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Driver-level autocommit so that our "begin" hook decides how transactions start.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    except Exception:  # noqa: BLE001 - in-memory databases have no WAL; harmless
+        pass
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that reads, then writes
+    # fails with "database is locked" instead of waiting when another connection wrote meanwhile.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Store:
+    """All database access of the receiver. Synchronous; call it from a thread in async code."""
+
+    def __init__(self, url: str = DEFAULT_DB_URL, *, replica_id: str | None = None,
+                 create_schema: bool = True, echo: bool = False) -> None:
+        self.url = normalize_db_url(url)
+        self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        u = make_url(self.url)
+        self.dialect = u.get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.dialect == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+            if u.database in (None, "", ":memory:"):
+                kwargs["poolclass"] = StaticPool  # one shared in-memory database
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        if create_schema:
+            self.create_schema()
+
+    def create_schema(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+        except IntegrityError:
+            # Two replicas creating the schema at once on PostgreSQL: the loser's CREATE TABLE
+            # collides in pg_type; the tables exist either way.
+            Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        with self.engine.connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        return True
+
+    def _session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # --- webhooks and alerts ----------------------------------------------------------------------
+
+    def record_webhook(self, hook: AlertmanagerWebhook, *, received_at: float | None = None) -> int:
+        row = WebhookRow(received_at=received_at or time.time(), group_key=_text(hook.group_key),
+                         status=hook.status.value, receiver=hook.receiver[:255],
+                         n_alerts=len(hook.alerts), truncated_alerts=hook.truncated_alerts,
+                         replica=self.replica_id)
+        with self._session() as s, s.begin():
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def _alert_row(self, alert: AlertmanagerAlert, *, group_key: str, received_at: float,
+                   target_label: str, failure_type_label: str) -> AlertRow:
+        labels = redact_mapping(alert.labels)
+        return AlertRow(
+            key=alert.dedupe_key, fingerprint=alert.fingerprint, alertname=alert.alertname[:255],
+            instance=(labels.get(target_label) or None), failure_type=labels.get(failure_type_label),
+            severity=labels.get("severity"), starts_at=to_unix(alert.starts_at), labels=labels,
+            annotations=redact_mapping(alert.annotations), generator_url=_text(alert.generator_url),
+            group_key=_text(group_key), received_at=received_at, replica=self.replica_id)
+
+    def add_firing_alert(self, alert: AlertmanagerAlert, *, group_key: str = "",
+                         received_at: float | None = None, create_job: bool = True,
+                         unmapped_reason: str | None = None, target_label: str = "instance",
+                         failure_type_label: str = "failure_type") -> IngestResult:
+        """Record a firing alert once per dedupe key; with it, its job or its ``unmapped`` record.
+
+        Everything for a new key is one transaction: a crash leaves either nothing (Alertmanager
+        retries) or the alert with its work.
+        """
+        now = received_at or time.time()
+        row = self._alert_row(alert, group_key=group_key, received_at=now, target_label=target_label,
+                              failure_type_label=failure_type_label)
+        try:
+            with self._session() as s, s.begin():
+                s.add(row)
+                s.flush()
+                s.add(AlertActivityRow(alert_id=row.id, instance=row.instance, last_seen_at=now,
+                                       resolved=False))
+                job_id = None
+                if unmapped_reason is not None:
+                    action = self._new_action(s, alert_id=row.id, job_id=None, strategy=None,
+                                              target=row.instance, mode="none", why=unmapped_reason,
+                                              confidence=None, params={}, guards=[], state={},
+                                              errors=[], metrics_before={}, at=now)
+                    self._finish(s, action, Outcome.UNMAPPED.value, detail=unmapped_reason, at=now,
+                                 alert=row)
+                elif create_job:
+                    job = JobRow(alert_id=row.id, target=row.instance, state=JobState.PENDING.value,
+                                 attempts=0, cancel_requested=False, created_at=now, updated_at=now)
+                    s.add(job)
+                    s.flush()
+                    job_id = job.id
+                return IngestResult(alert_id=row.id, new=True, job_id=job_id)
+        except IntegrityError:
+            # Seen before (a group resend, an HA peer, another replica): only note it is alive.
+            with self._session() as s, s.begin():
+                existing = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
+                if existing is None:  # pragma: no cover - the constraint that fired was another one
+                    raise
+                s.execute(update(AlertActivityRow).where(AlertActivityRow.alert_id == existing)
+                          .values(last_seen_at=now))
+                return IngestResult(alert_id=existing, new=False)
+
+    def add_resolution(self, alert: AlertmanagerAlert, *, group_key: str = "",
+                       received_at: float | None = None, target_label: str = "instance",
+                       failure_type_label: str = "failure_type") -> IngestResult:
+        """Record that an alert resolved (once), cancel its pending work, note time to resolve."""
+        now = received_at or time.time()
+        new = False
+        with self._session() as s, s.begin():
+            alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
+        if alert_id is None:
+            # Resolved before we ever saw it firing (receiver was down): keep it for the record.
+            try:
+                with self._session() as s, s.begin():
+                    row = self._alert_row(alert, group_key=group_key, received_at=now,
+                                          target_label=target_label,
+                                          failure_type_label=failure_type_label)
+                    s.add(row)
+                    s.flush()
+                    s.add(AlertActivityRow(alert_id=row.id, instance=row.instance,
+                                           last_seen_at=now, resolved=True))
+                    alert_id, new = row.id, True
+            except IntegrityError:
+                with self._session() as s, s.begin():
+                    alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
+        assert alert_id is not None
+        starts = to_unix(alert.starts_at)
+        ends = to_unix(alert.ends_at) if alert.ends_at is not None else None
+        resolved_now = False
+        try:
+            with self._session() as s, s.begin():
+                s.add(AlertResolutionRow(alert_id=alert_id, ends_at=ends, received_at=now,
+                                         time_to_resolve_s=max(0.0, (ends or now) - starts)))
+                s.flush()
+                resolved_now = True
+        except IntegrityError:
+            pass  # resent resolution
+        cancelled = 0
+        with self._session() as s, s.begin():
+            s.execute(update(AlertActivityRow).where(AlertActivityRow.alert_id == alert_id)
+                      .values(resolved=True, last_seen_at=now))
+            res = s.execute(update(JobRow).where(
+                JobRow.alert_id == alert_id,
+                JobRow.state.in_([JobState.PENDING.value, JobState.WAITING_APPROVAL.value]))
+                .values(state=JobState.CANCELLED.value, updated_at=now))
+            cancelled = res.rowcount or 0
+            # Work already running finishes its step; it checks this flag before acting.
+            s.execute(update(JobRow).where(JobRow.alert_id == alert_id,
+                                           JobRow.state == JobState.RUNNING.value)
+                      .values(cancel_requested=True, updated_at=now))
+            if cancelled:
+                # Awaiting-approval actions of cancelled jobs get their (final) outcome now.
+                for job in s.scalars(select(JobRow).where(JobRow.alert_id == alert_id,
+                                                          JobRow.action_id.is_not(None))):
+                    action = s.get(ActionRow, job.action_id)
+                    if action is not None and not self._has_event(s, action.id, "finished"):
+                        self._finish(s, action, Outcome.CANCELLED.value,
+                                     detail="alert resolved before the action ran", at=now)
+        return IngestResult(alert_id=alert_id, new=new, resolved_now=resolved_now,
+                            cancelled_jobs=cancelled)
+
+    def alert(self, alert_id: int) -> AlertRecord | None:
+        with self._session() as s:
+            row = s.get(AlertRow, alert_id)
+            if row is None:
+                return None
+            res = s.scalar(select(AlertResolutionRow).where(AlertResolutionRow.alert_id == alert_id))
+            return self._alert_record(row, res)
+
+    def alert_by_key(self, key: str) -> AlertRecord | None:
+        with self._session() as s:
+            aid = s.scalar(select(AlertRow.id).where(AlertRow.key == key))
+        return None if aid is None else self.alert(aid)
+
+    def alerts(self, limit: int = 100) -> list[AlertRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(AlertRow).order_by(AlertRow.id.desc()).limit(limit)).all()
+            res = {r.alert_id: r for r in s.scalars(select(AlertResolutionRow).where(
+                AlertResolutionRow.alert_id.in_([r.id for r in rows])))}
+            return [self._alert_record(r, res.get(r.id)) for r in rows]
+
+    @staticmethod
+    def _alert_record(row: AlertRow, res: AlertResolutionRow | None) -> AlertRecord:
+        return AlertRecord(
+            id=row.id, key=row.key, fingerprint=row.fingerprint, alertname=row.alertname,
+            instance=row.instance, failure_type=row.failure_type, severity=row.severity,
+            starts_at=row.starts_at, labels=row.labels or {}, annotations=row.annotations or {},
+            generator_url=row.generator_url, group_key=row.group_key, received_at=row.received_at,
+            resolved_at=None if res is None else (res.ends_at or res.received_at),
+            time_to_resolve_s=None if res is None else res.time_to_resolve_s)
+
+    def active_instances(self, since: float) -> set[str]:
+        """Instances with an unresolved alert delivered since ``since`` (the blast radius)."""
+        with self._session() as s:
+            rows = s.scalars(select(AlertActivityRow.instance).where(
+                AlertActivityRow.resolved.is_(False), AlertActivityRow.last_seen_at >= since,
+                AlertActivityRow.instance.is_not(None)).distinct())
+            return {r for r in rows if r}
+
+    # --- jobs ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _job_record(j: JobRow) -> JobRecord:
+        return JobRecord(id=j.id, alert_id=j.alert_id, target=j.target, state=JobState(j.state),
+                         owner=j.owner, lease_until=j.lease_until, attempts=j.attempts,
+                         action_id=j.action_id, cancel_requested=bool(j.cancel_requested))
+
+    def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> JobRecord | None:
+        """Take one pending job (or one whose runner's lease ran out) for ``owner``.
+
+        The conditional UPDATE is the whole protocol: on PostgreSQL the second of two racing
+        updates re-checks the WHERE clause after the first commits and matches nothing.
+        """
+        now = now or time.time()
+        claimable = or_(JobRow.state == JobState.PENDING.value,
+                        (JobRow.state == JobState.RUNNING.value) & (JobRow.lease_until < now))
+        with self._session() as s:
+            ids = list(s.scalars(select(JobRow.id).where(claimable).order_by(JobRow.id).limit(20)))
+        for job_id in ids:
+            with self._session() as s, s.begin():
+                res = s.execute(update(JobRow).where(JobRow.id == job_id, claimable).values(
+                    state=JobState.RUNNING.value, owner=owner, lease_until=now + lease_s,
+                    attempts=JobRow.attempts + 1, updated_at=now))
+                if res.rowcount == 1:
+                    return self._job_record(s.get(JobRow, job_id))  # type: ignore[arg-type]
+        return None
+
+    def job(self, job_id: int) -> JobRecord | None:
+        with self._session() as s:
+            j = s.get(JobRow, job_id)
+            return None if j is None else self._job_record(j)
+
+    def job_for_alert(self, alert_id: int) -> JobRecord | None:
+        with self._session() as s:
+            j = s.scalar(select(JobRow).where(JobRow.alert_id == alert_id))
+            return None if j is None else self._job_record(j)
+
+    def set_job_state(self, job_id: int, owner: str, state: JobState, *,
+                      action_id: int | None = None, now: float | None = None) -> bool:
+        """Move a job its owner holds; False when someone else owns it now (lease lost)."""
+        now = now or time.time()
+        values: dict[str, Any] = {"state": state.value, "updated_at": now}
+        if state is not JobState.RUNNING:
+            values.update(owner=None, lease_until=None)
+        if action_id is not None:
+            values["action_id"] = action_id
+        with self._session() as s, s.begin():
+            res = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
+                                                 JobRow.state == JobState.RUNNING.value)
+                            .values(**values))
+            return res.rowcount == 1
+
+    def job_counts(self) -> dict[str, int]:
+        with self._session() as s:
+            rows = s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
+        counts = {st.value: 0 for st in JobState}
+        counts.update({state: n for state, n in rows})
+        return counts
+
+    # --- actions ------------------------------------------------------------------------------------
+
+    def _new_action(self, s: Session, *, alert_id: int | None, job_id: int | None,
+                    strategy: str | None, target: str | None, mode: str, why: str,
+                    confidence: float | None, params: Mapping[str, Any], guards: Sequence[Any],
+                    state: Mapping[str, Any], errors: Sequence[str],
+                    metrics_before: Mapping[str, Any], at: float) -> ActionRow:
+        row = ActionRow(alert_id=alert_id, job_id=job_id, strategy=strategy, target=target,
+                        mode=mode, why=_text(why), confidence=confidence,
+                        params=redact_mapping(params),
+                        guards=[redact_mapping(g) for g in guards], state=redact_mapping(state),
+                        errors=[_text(e) for e in errors][:20], metrics_before=_floats(metrics_before),
+                        created_at=at, replica=self.replica_id)
+        s.add(row)
+        s.flush()
+        return row
+
+    def create_action(self, *, alert_id: int | None, job_id: int | None, strategy: str | None,
+                      target: str | None, mode: str, why: str, confidence: float | None = None,
+                      params: Mapping[str, Any] | None = None,
+                      guards: Sequence[Mapping[str, Any]] = (), state: Mapping[str, Any] | None = None,
+                      errors: Sequence[str] = (), metrics_before: Mapping[str, Any] | None = None,
+                      job_owner: str | None = None, now: float | None = None) -> int:
+        """Append a decision; with ``job_id``/``job_owner`` it is also tied to its job."""
+        now = now or time.time()
+        with self._session() as s, s.begin():
+            row = self._new_action(s, alert_id=alert_id, job_id=job_id, strategy=strategy,
+                                   target=target, mode=mode, why=why, confidence=confidence,
+                                   params=params or {}, guards=list(guards), state=state or {},
+                                   errors=list(errors), metrics_before=metrics_before or {}, at=now)
+            if job_id is not None:
+                s.execute(update(JobRow).where(JobRow.id == job_id).values(action_id=row.id,
+                                                                           updated_at=now))
+            return row.id
+
+    @staticmethod
+    def _has_event(s: Session, action_id: int, kind: str) -> bool:
+        return s.scalar(select(ActionEventRow.id).where(ActionEventRow.action_id == action_id,
+                                                        ActionEventRow.kind == kind)) is not None
+
+    def add_action_event(self, action_id: int, kind: str, data: Mapping[str, Any] | None = None,
+                         now: float | None = None) -> bool:
+        """Append ``kind`` for an action; False when it already happened (another replica won)."""
+        try:
+            with self._session() as s, s.begin():
+                s.add(ActionEventRow(action_id=action_id, kind=kind, at=now or time.time(),
+                                     data=redact_mapping(data or {}), replica=self.replica_id))
+                s.flush()
+            return True
+        except IntegrityError:
+            return False
+
+    def _finish(self, s: Session, action: ActionRow, outcome: str, *, detail: str = "",
+                result: Mapping[str, Any] | None = None,
+                verification: Mapping[str, Any] | None = None,
+                metrics_after: Mapping[str, Any] | None = None, duration_s: float | None = None,
+                at: float, alert: AlertRow | None = None) -> None:
+        s.add(ActionEventRow(action_id=action.id, kind="finished", at=at, replica=self.replica_id,
+                             data={"outcome": outcome, "detail": _text(detail),
+                                   "result": None if result is None else redact_mapping(result),
+                                   "verification": None if verification is None
+                                   else redact_mapping(verification),
+                                   "metrics_after": None if metrics_after is None
+                                   else _floats(metrics_after),
+                                   "duration_s": duration_s}))
+        if alert is None and action.alert_id is not None:
+            alert = s.get(AlertRow, action.alert_id)
+        s.add(OutcomeRow(action_id=action.id, at=at, alertname=alert.alertname if alert else None,
+                         failure_type=alert.failure_type if alert else None, target=action.target,
+                         strategy=action.strategy, outcome=outcome, state=action.state or {},
+                         errors=action.errors or [], metrics=action.metrics_before or {},
+                         metrics_after=None if metrics_after is None else _floats(metrics_after),
+                         duration_s=duration_s, detail=_text(detail)))
+        s.flush()
+
+    def finish_action(self, action_id: int, outcome: Outcome | str, *, detail: str = "",
+                      result: Mapping[str, Any] | None = None,
+                      verification: Mapping[str, Any] | None = None,
+                      metrics_after: Mapping[str, Any] | None = None,
+                      duration_s: float | None = None, now: float | None = None) -> bool:
+        """The action's final event and its outcome row, together; False if already finished."""
+        outcome = outcome.value if isinstance(outcome, Outcome) else str(outcome)
+        try:
+            with self._session() as s, s.begin():
+                action = s.get(ActionRow, action_id)
+                if action is None:
+                    raise StoreError(f"no action {action_id}")
+                self._finish(s, action, outcome, detail=detail, result=result,
+                             verification=verification, metrics_after=metrics_after,
+                             duration_s=duration_s, at=now or time.time())
+            return True
+        except IntegrityError:
+            return False
+
+    def action(self, action_id: int) -> ActionRecord | None:
+        got = self._actions(select(ActionRow).where(ActionRow.id == action_id))
+        return got[0] if got else None
+
+    def actions(self, *, limit: int = 100, offset: int = 0, alertname: str | None = None,
+                fingerprint: str | None = None, strategy: str | None = None,
+                alert_id: int | None = None, outcome: str | None = None) -> list[ActionRecord]:
+        """The audit trail, newest first."""
+        q = select(ActionRow)
+        if alertname or fingerprint:
+            q = q.join(AlertRow, AlertRow.id == ActionRow.alert_id)
+            if alertname:
+                q = q.where(AlertRow.alertname == alertname)
+            if fingerprint:
+                q = q.where(AlertRow.fingerprint == fingerprint)
+        if strategy:
+            q = q.where(ActionRow.strategy == strategy)
+        if alert_id is not None:
+            q = q.where(ActionRow.alert_id == alert_id)
+        if outcome:
+            q = q.where(ActionRow.id.in_(select(OutcomeRow.action_id).where(OutcomeRow.outcome == outcome)))
+        q = q.order_by(ActionRow.id.desc()).limit(limit).offset(offset)
+        return self._actions(q)
+
+    def _actions(self, q: Any) -> list[ActionRecord]:
+        with self._session() as s:
+            rows = s.scalars(q).all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            events: dict[int, dict[str, ActionEventRow]] = {}
+            for ev in s.scalars(select(ActionEventRow).where(ActionEventRow.action_id.in_(ids))):
+                events.setdefault(ev.action_id, {})[ev.kind] = ev
+            alert_ids = {r.alert_id for r in rows if r.alert_id is not None}
+            alerts = {a.id: a for a in s.scalars(select(AlertRow).where(AlertRow.id.in_(alert_ids)))}
+            res = {r.alert_id: r for r in s.scalars(select(AlertResolutionRow).where(
+                AlertResolutionRow.alert_id.in_(alert_ids)))}
+            return [self._action_record(r, events.get(r.id, {}), alerts.get(r.alert_id),
+                                        res.get(r.alert_id)) for r in rows]
+
+    @staticmethod
+    def _action_record(r: ActionRow, ev: Mapping[str, ActionEventRow], a: AlertRow | None,
+                       res: AlertResolutionRow | None) -> ActionRecord:
+        fin = ev.get("finished")
+        fd = fin.data if fin is not None else {}
+        if fin is not None:
+            status = "finished"
+        elif "started" in ev:
+            status = "running"
+        elif "approved" in ev:
+            status = "approved"
+        elif r.mode == "approval":
+            status = "awaiting_approval"
+        else:
+            status = "decided"
+        approved = ev.get("approved")
+        return ActionRecord(
+            id=r.id, alert_id=r.alert_id, fingerprint=a.fingerprint if a else None,
+            alertname=a.alertname if a else None, instance=a.instance if a else None,
+            target=r.target, strategy=r.strategy, params=r.params or {}, why=r.why,
+            confidence=r.confidence, mode=r.mode, guards=list(r.guards or []),
+            metrics_before=r.metrics_before or {}, metrics_after=fd.get("metrics_after"),
+            result=fd.get("result"), verification=fd.get("verification"), status=status,
+            outcome=fd.get("outcome"), detail=fd.get("detail"), replica=r.replica,
+            created_at=r.created_at, approved_at=approved.at if approved else None,
+            approved_by=(approved.data or {}).get("by") if approved else None,
+            started_at=ev["started"].at if "started" in ev else None,
+            finished_at=fin.at if fin is not None else None, duration_s=fd.get("duration_s"),
+            alert_starts_at=a.starts_at if a else None, alert_received_at=a.received_at if a else None,
+            alert_resolved_at=None if res is None else (res.ends_at or res.received_at),
+            time_to_resolve_s=None if res is None else res.time_to_resolve_s)
+
+    def action_events(self, action_id: int) -> dict[str, dict[str, Any]]:
+        with self._session() as s:
+            return {e.kind: {"at": e.at, "data": e.data, "replica": e.replica} for e in s.scalars(
+                select(ActionEventRow).where(ActionEventRow.action_id == action_id))}
+
+    # --- what the guards ask ------------------------------------------------------------------------
+
+    def last_start(self, strategy: str, target: str | None) -> float | None:
+        """When ``strategy`` last started on ``target`` (cooldown)."""
+        q = (select(func.max(ActionEventRow.at)).join(ActionRow, ActionRow.id == ActionEventRow.action_id)
+             .where(ActionEventRow.kind == "started", ActionRow.strategy == strategy))
+        q = q.where(ActionRow.target.is_(None) if target is None else ActionRow.target == target)
+        with self._session() as s:
+            return s.scalar(q)
+
+    def starts_since(self, since: float) -> int:
+        """Actions started since ``since``, all strategies and targets (the global rate limit)."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(ActionEventRow).where(
+                ActionEventRow.kind == "started", ActionEventRow.at >= since)) or 0
+
+    def executed_outcomes(self, strategy: str, *, since: float, limit: int) -> list[OutcomeRecord]:
+        """Newest first: what really ran (circuit breaker)."""
+        with self._session() as s:
+            rows = s.scalars(select(OutcomeRow).where(
+                OutcomeRow.strategy == strategy, OutcomeRow.at >= since,
+                OutcomeRow.outcome.in_(sorted(EXECUTED_OUTCOMES)))
+                .order_by(OutcomeRow.at.desc(), OutcomeRow.id.desc()).limit(limit)).all()
+            return [self._outcome_record(r) for r in rows]
+
+    def recent_errors(self, target: str | None, *, since: float, limit: int = 5) -> list[str]:
+        """What went wrong lately on this target, newest first (the learner's ``errors``)."""
+        q = select(OutcomeRow).where(OutcomeRow.at >= since,
+                                     OutcomeRow.outcome.in_(sorted(FAILED_OUTCOMES)))
+        if target is not None:
+            q = q.where(OutcomeRow.target == target)
+        with self._session() as s:
+            rows = s.scalars(q.order_by(OutcomeRow.id.desc()).limit(limit)).all()
+            return [f"{r.strategy}: {r.outcome}: {r.detail}" for r in rows]
+
+    def outcomes(self, *, after_id: int = 0, since: float | None = None,
+                 limit: int = 1000) -> list[OutcomeRecord]:
+        """Oldest first after ``after_id``: how learners catch up (also across replicas)."""
+        q = select(OutcomeRow).where(OutcomeRow.id > after_id)
+        if since is not None:
+            q = q.where(OutcomeRow.at >= since)
+        with self._session() as s:
+            return [self._outcome_record(r) for r in s.scalars(q.order_by(OutcomeRow.id).limit(limit))]
+
+    @staticmethod
+    def _outcome_record(r: OutcomeRow) -> OutcomeRecord:
+        return OutcomeRecord(id=r.id, action_id=r.action_id, at=r.at, alertname=r.alertname,
+                             failure_type=r.failure_type, target=r.target, strategy=r.strategy,
+                             outcome=r.outcome, state=r.state or {}, errors=list(r.errors or []),
+                             metrics=_floats(r.metrics), metrics_after=(
+                                 None if r.metrics_after is None else _floats(r.metrics_after)),
+                             duration_s=r.duration_s, detail=r.detail or "")
+
+    # --- kill switch ----------------------------------------------------------------------------------
+
+    def set_kill_switch(self, engaged: bool, *, by: str | None = None, reason: str = "",
+                        now: float | None = None) -> None:
+        with self._session() as s, s.begin():
+            s.add(KillSwitchEventRow(at=now or time.time(), engaged=engaged,
+                                     by=None if by is None else _text(by)[:255], reason=_text(reason)))
+
+    def kill_switch(self) -> KillSwitchState:
+        with self._session() as s:
+            row = s.scalar(select(KillSwitchEventRow).order_by(KillSwitchEventRow.id.desc()).limit(1))
+        if row is None:
+            return KillSwitchState(engaged=False, source="default")
+        return KillSwitchState(engaged=row.engaged, source="api", reason=row.reason, by=row.by,
+                               at=row.at)
+
+    # --- leases ---------------------------------------------------------------------------------------
+
+    def acquire_lock(self, name: str, owner: str, ttl_s: float, now: float | None = None) -> bool:
+        """Take (or renew, or take over an expired) named lease; False when someone else holds it."""
+        now = now or time.time()
+        try:
+            with self._session() as s, s.begin():
+                s.add(LockRow(name=name, owner=owner, expires_at=now + ttl_s))
+                s.flush()
+            return True
+        except IntegrityError:
+            pass
+        with self._session() as s, s.begin():
+            res = s.execute(update(LockRow).where(LockRow.name == name, or_(
+                LockRow.expires_at < now, LockRow.owner == owner)).values(owner=owner,
+                                                                          expires_at=now + ttl_s))
+            return res.rowcount == 1
+
+    def release_lock(self, name: str, owner: str) -> None:
+        with self._session() as s, s.begin():
+            s.execute(delete(LockRow).where(LockRow.name == name, LockRow.owner == owner))
+
+    def lock_holder(self, name: str, now: float | None = None) -> str | None:
+        now = now or time.time()
+        with self._session() as s:
+            row = s.get(LockRow, name)
+            return row.owner if row is not None and row.expires_at >= now else None
+
+    # --- inspection -----------------------------------------------------------------------------------
+
+    def table_counts(self) -> dict[str, int]:
+        with self._session() as s:
+            return {t.name: s.scalar(select(func.count()).select_from(t)) or 0
+                    for t in Base.metadata.sorted_tables}
+
+    def iter_all_text(self) -> Iterator[str]:
+        """Every stored value as text (tests use it to prove no secret was written)."""
+        with self.engine.connect() as c:
+            for t in Base.metadata.sorted_tables:
+                for row in c.execute(select(t)):
+                    yield " ".join("" if v is None else str(v) for v in row)
