@@ -55,12 +55,30 @@ def traces_dir() -> Path:
     return d
 
 
+# Stall timeout of the session server: short so the SIGSTOP test runs in seconds.
+STALL_TIMEOUT_S = 3.0
+# A secret in the server's environment: it must never show up in anything we store or serve.
+FAKE_SECRET = "hf_vllmotelTESTSECRETabcdefghijklmnop"
+
+
 @pytest.fixture(scope="session")
-def vllm_server(tiny_model: Path, workdir: Path) -> Iterator:
+def otlp_receiver() -> Iterator:
+    """A real OTLP receiver (gRPC + HTTP) built on the official opentelemetry-proto services."""
+    from vllm_otel.testing.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as rx:
+        yield rx
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model: Path, workdir: Path, otlp_receiver) -> Iterator:  # noqa: ANN001
     pytest.importorskip("vllm")
     from vllm_otel.testing.services import VllmServer
 
-    srv = VllmServer(tiny_model, workdir, num_gpu_blocks=KV_BLOCKS, max_model_len=MAX_MODEL_LEN)
+    env = {**otlp_receiver.otel_env("grpc"), "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+           "OTEL_SERVICE_NAME": "vllm-test-a", "VLLM_MONITOR_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S),
+           "HF_TOKEN": FAKE_SECRET}
+    srv = VllmServer(tiny_model, workdir, num_gpu_blocks=KV_BLOCKS, max_model_len=MAX_MODEL_LEN, env=env)
     _SERVICES.append(srv)
     srv.start()
     yield srv

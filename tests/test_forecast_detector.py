@@ -206,3 +206,21 @@ def test_state_graph_learns_transitions_and_reach() -> None:
     g2 = StateGraph(names, horizon_steps=3, prior=GraphPrior(stay=1.0, move=0.01, precursor=0.0))
     g2.load_dict(saved)
     np.testing.assert_allclose(g2.transition_matrix(), m)
+
+
+def test_unfit_series_borrow_fleet_parameters() -> None:
+    from vllm_otel.forecast.statespace import Innovations
+
+    det = PredictiveFailureDetector({**FAST, "pool_min_fits": 3})
+    units = [f"i{k}" for k in range(5)]
+    for k in range(3):
+        det.step(STEP * k, units, {"kv_usage": np.full(5, 0.5)}, refit=False)
+    bank = det.banks["kv_usage"]
+    rows = np.array([det._rows[u] for u in units])
+    fitted = Innovations(alpha=0.8, beta=0.1, d=0.9, phi=0.9)
+    for r in rows[:3]:
+        bank.set_model(int(r), fitted, 0.5, 0.0, 1e-4, model=det._model_names.index("damped_holt"), fitted_at=0.0)
+    det._pool_defaults(rows)
+    assert bank.params(int(rows[4])) == Innovations(alpha=0.8, beta=0.1, d=0.9, phi=0.9, c=0.0)
+    det.step(STEP * 3, ["new"], {"kv_usage": np.array([0.5])}, refit=False)
+    assert bank.params(det._rows["new"]).alpha == 0.8  # new instances start from them too

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import grpc
 import pytest
+from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
@@ -133,8 +134,6 @@ def test_logs_over_grpc(receiver: OtlpReceiver) -> None:
     lp.add_log_record_processor(BatchLogRecordProcessor(GrpcLogExporter(endpoint=receiver.grpc_endpoint),
                                                         schedule_delay_millis=50))
     try:
-        from opentelemetry._logs import SeverityNumber
-
         lp.get_logger("vllm_otel.logs").emit(body="engine restarted", severity_number=SeverityNumber.WARN,
                                              severity_text="WARN", attributes={"restarts": 2})
         assert lp.force_flush(5000)
@@ -179,7 +178,7 @@ def test_bad_requests_are_rejected_and_counted(receiver: OtlpReceiver) -> None:
     assert receiver.spans() == []
 
 
-def test_storage_is_bounded(receiver: OtlpReceiver) -> None:
+def test_storage_is_bounded() -> None:
     small = OtlpReceiver(max_items=3).start()
     tp = TracerProvider(resource=RESOURCE)
     tp.add_span_processor(SimpleSpanProcessor(span_exporter(small, "grpc")))

@@ -226,6 +226,7 @@ class IngestResult:
     job_id: int | None = None     # work created (mapped firing alert)
     resolved_now: bool = False    # this delivery recorded the resolution
     cancelled_jobs: int = 0
+    cancelled_actions: tuple[str | None, ...] = ()  # strategies of awaiting actions cancelled
 
 
 # --- the store ------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class Store:
     # --- webhooks and alerts ----------------------------------------------------------------------
 
     def record_webhook(self, hook: AlertmanagerWebhook, *, received_at: float | None = None) -> int:
-        row = WebhookRow(received_at=received_at or time.time(), group_key=_text(hook.group_key),
+        row = WebhookRow(received_at=time.time() if received_at is None else received_at, group_key=_text(hook.group_key),
                          status=hook.status.value, receiver=hook.receiver[:255],
                          n_alerts=len(hook.alerts), truncated_alerts=hook.truncated_alerts,
                          replica=self.replica_id)
@@ -322,7 +323,7 @@ class Store:
         Everything for a new key is one transaction: a crash leaves either nothing (Alertmanager
         retries) or the alert with its work.
         """
-        now = received_at or time.time()
+        now = time.time() if received_at is None else received_at
         row = self._alert_row(alert, group_key=group_key, received_at=now, target_label=target_label,
                               failure_type_label=failure_type_label)
         try:
@@ -360,7 +361,7 @@ class Store:
                        received_at: float | None = None, target_label: str = "instance",
                        failure_type_label: str = "failure_type") -> IngestResult:
         """Record that an alert resolved (once), cancel its pending work, note time to resolve."""
-        now = received_at or time.time()
+        now = time.time() if received_at is None else received_at
         new = False
         with self._session() as s, s.begin():
             alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
@@ -392,6 +393,7 @@ class Store:
         except IntegrityError:
             pass  # resent resolution
         cancelled = 0
+        cancelled_actions: list[str | None] = []
         with self._session() as s, s.begin():
             s.execute(update(AlertActivityRow).where(AlertActivityRow.alert_id == alert_id)
                       .values(resolved=True, last_seen_at=now))
@@ -407,13 +409,15 @@ class Store:
             if cancelled:
                 # Awaiting-approval actions of cancelled jobs get their (final) outcome now.
                 for job in s.scalars(select(JobRow).where(JobRow.alert_id == alert_id,
+                                                          JobRow.state == JobState.CANCELLED.value,
                                                           JobRow.action_id.is_not(None))):
                     action = s.get(ActionRow, job.action_id)
                     if action is not None and not self._has_event(s, action.id, "finished"):
                         self._finish(s, action, Outcome.CANCELLED.value,
                                      detail="alert resolved before the action ran", at=now)
+                        cancelled_actions.append(action.strategy)
         return IngestResult(alert_id=alert_id, new=new, resolved_now=resolved_now,
-                            cancelled_jobs=cancelled)
+                            cancelled_jobs=cancelled, cancelled_actions=tuple(cancelled_actions))
 
     def alert(self, alert_id: int) -> AlertRecord | None:
         with self._session() as s:
@@ -467,7 +471,7 @@ class Store:
         The conditional UPDATE is the whole protocol: on PostgreSQL the second of two racing
         updates re-checks the WHERE clause after the first commits and matches nothing.
         """
-        now = now or time.time()
+        now = time.time() if now is None else now
         claimable = or_(JobRow.state == JobState.PENDING.value,
                         (JobRow.state == JobState.RUNNING.value) & (JobRow.lease_until < now))
         with self._session() as s:
@@ -494,7 +498,7 @@ class Store:
     def set_job_state(self, job_id: int, owner: str, state: JobState, *,
                       action_id: int | None = None, now: float | None = None) -> bool:
         """Move a job its owner holds; False when someone else owns it now (lease lost)."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         values: dict[str, Any] = {"state": state.value, "updated_at": now}
         if state is not JobState.RUNNING:
             values.update(owner=None, lease_until=None)
@@ -504,6 +508,16 @@ class Store:
             res = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
                                                  JobRow.state == JobState.RUNNING.value)
                             .values(**values))
+            return res.rowcount == 1
+
+    def transition_job(self, job_id: int, from_states: Sequence[JobState], to_state: JobState,
+                       now: float | None = None) -> bool:
+        """Move a job not held by a runner (approval: waiting -> pending / done)."""
+        now = time.time() if now is None else now
+        with self._session() as s, s.begin():
+            res = s.execute(update(JobRow).where(JobRow.id == job_id,
+                                                 JobRow.state.in_([f.value for f in from_states]))
+                            .values(state=to_state.value, owner=None, lease_until=None, updated_at=now))
             return res.rowcount == 1
 
     def job_counts(self) -> dict[str, int]:
@@ -537,7 +551,7 @@ class Store:
                       errors: Sequence[str] = (), metrics_before: Mapping[str, Any] | None = None,
                       job_owner: str | None = None, now: float | None = None) -> int:
         """Append a decision; with ``job_id``/``job_owner`` it is also tied to its job."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         with self._session() as s, s.begin():
             row = self._new_action(s, alert_id=alert_id, job_id=job_id, strategy=strategy,
                                    target=target, mode=mode, why=why, confidence=confidence,
@@ -558,7 +572,7 @@ class Store:
         """Append ``kind`` for an action; False when it already happened (another replica won)."""
         try:
             with self._session() as s, s.begin():
-                s.add(ActionEventRow(action_id=action_id, kind=kind, at=now or time.time(),
+                s.add(ActionEventRow(action_id=action_id, kind=kind, at=time.time() if now is None else now,
                                      data=redact_mapping(data or {}), replica=self.replica_id))
                 s.flush()
             return True
@@ -569,9 +583,11 @@ class Store:
                 result: Mapping[str, Any] | None = None,
                 verification: Mapping[str, Any] | None = None,
                 metrics_after: Mapping[str, Any] | None = None, duration_s: float | None = None,
-                at: float, alert: AlertRow | None = None) -> None:
+                at: float, alert: AlertRow | None = None,
+                guards: Sequence[Mapping[str, Any]] = ()) -> None:
         s.add(ActionEventRow(action_id=action.id, kind="finished", at=at, replica=self.replica_id,
                              data={"outcome": outcome, "detail": _text(detail),
+                                   "guards": [redact_mapping(g) for g in guards],
                                    "result": None if result is None else redact_mapping(result),
                                    "verification": None if verification is None
                                    else redact_mapping(verification),
@@ -592,8 +608,11 @@ class Store:
                       result: Mapping[str, Any] | None = None,
                       verification: Mapping[str, Any] | None = None,
                       metrics_after: Mapping[str, Any] | None = None,
-                      duration_s: float | None = None, now: float | None = None) -> bool:
-        """The action's final event and its outcome row, together; False if already finished."""
+                      duration_s: float | None = None, guards: Sequence[Mapping[str, Any]] = (),
+                      now: float | None = None) -> bool:
+        """The action's final event and its outcome row, together; False if already finished.
+
+        ``guards``: decisions taken after the action was recorded (an approved action's checks)."""
         outcome = outcome.value if isinstance(outcome, Outcome) else str(outcome)
         try:
             with self._session() as s, s.begin():
@@ -602,7 +621,8 @@ class Store:
                     raise StoreError(f"no action {action_id}")
                 self._finish(s, action, outcome, detail=detail, result=result,
                              verification=verification, metrics_after=metrics_after,
-                             duration_s=duration_s, at=now or time.time())
+                             duration_s=duration_s, at=time.time() if now is None else now,
+                             guards=guards)
             return True
         except IntegrityError:
             return False
@@ -667,7 +687,9 @@ class Store:
             id=r.id, alert_id=r.alert_id, fingerprint=a.fingerprint if a else None,
             alertname=a.alertname if a else None, instance=a.instance if a else None,
             target=r.target, strategy=r.strategy, params=r.params or {}, why=r.why,
-            confidence=r.confidence, mode=r.mode, guards=list(r.guards or []),
+            confidence=r.confidence, mode=r.mode,
+            guards=list(r.guards or []) + [g for kind in ("started", "finished") if kind in ev
+                                           for g in (ev[kind].data or {}).get("guards", [])],
             metrics_before=r.metrics_before or {}, metrics_after=fd.get("metrics_after"),
             result=fd.get("result"), verification=fd.get("verification"), status=status,
             outcome=fd.get("outcome"), detail=fd.get("detail"), replica=r.replica,
@@ -694,11 +716,15 @@ class Store:
         with self._session() as s:
             return s.scalar(q)
 
-    def starts_since(self, since: float) -> int:
-        """Actions started since ``since``, all strategies and targets (the global rate limit)."""
+    def starts_since(self, since: float, exclude_strategies: Sequence[str] = ()) -> int:
+        """Actions started since ``since``, all targets (the global rate limit)."""
+        q = (select(func.count()).select_from(ActionEventRow)
+             .join(ActionRow, ActionRow.id == ActionEventRow.action_id)
+             .where(ActionEventRow.kind == "started", ActionEventRow.at >= since))
+        if exclude_strategies:
+            q = q.where(or_(ActionRow.strategy.is_(None), ActionRow.strategy.not_in(list(exclude_strategies))))
         with self._session() as s:
-            return s.scalar(select(func.count()).select_from(ActionEventRow).where(
-                ActionEventRow.kind == "started", ActionEventRow.at >= since)) or 0
+            return s.scalar(q) or 0
 
     def executed_outcomes(self, strategy: str, *, since: float, limit: int) -> list[OutcomeRecord]:
         """Newest first: what really ran (circuit breaker)."""
@@ -742,7 +768,7 @@ class Store:
     def set_kill_switch(self, engaged: bool, *, by: str | None = None, reason: str = "",
                         now: float | None = None) -> None:
         with self._session() as s, s.begin():
-            s.add(KillSwitchEventRow(at=now or time.time(), engaged=engaged,
+            s.add(KillSwitchEventRow(at=time.time() if now is None else now, engaged=engaged,
                                      by=None if by is None else _text(by)[:255], reason=_text(reason)))
 
     def kill_switch(self) -> KillSwitchState:
@@ -757,7 +783,7 @@ class Store:
 
     def acquire_lock(self, name: str, owner: str, ttl_s: float, now: float | None = None) -> bool:
         """Take (or renew, or take over an expired) named lease; False when someone else holds it."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         try:
             with self._session() as s, s.begin():
                 s.add(LockRow(name=name, owner=owner, expires_at=now + ttl_s))
@@ -776,7 +802,7 @@ class Store:
             s.execute(delete(LockRow).where(LockRow.name == name, LockRow.owner == owner))
 
     def lock_holder(self, name: str, now: float | None = None) -> str | None:
-        now = now or time.time()
+        now = time.time() if now is None else now
         with self._session() as s:
             row = s.get(LockRow, name)
             return row.owner if row is not None and row.expires_at >= now else None

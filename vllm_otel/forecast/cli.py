@@ -84,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             return _fail(f"cannot write {args.output}: {e}")
     elif not args.score:
-        write_jsonl(result, sys.stdout)
+        try:
+            write_jsonl(result, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
 
     if args.score:
         rows = score(result, threshold=args.threshold, baseline_window_s=args.baseline_window,
@@ -110,7 +116,7 @@ def _print_table(rows: list[Any], result: Any, params: dict[str, Any]) -> None:
                          f"{result.step_s:g}s, horizon {result.horizon_s:g}s, alarm at p>={params['threshold']}"))
     for col in ("failure_type", "method", "events", "caught", "recall", "alarms", "precision",
                 "false/h", "median lead s", "F1"):
-        table.add_column(col, justify="left" if col in ("failure_type", "method") else "right")
+        table.add_column(col, justify="left" if col in ("failure_type", "method") else "right", no_wrap=True)
     last = None
     for r in rows:
         table.add_row(r.failure_type if r.failure_type != last else "", r.method, str(r.events),
@@ -118,7 +124,7 @@ def _print_table(rows: list[Any], result: Any, params: dict[str, Any]) -> None:
                       f"{r.false_alarms_per_hour:.2f}",
                       "-" if r.median_lead_s is None else f"{r.median_lead_s:g}", pct(r.f1))
         last = r.failure_type
-    console = Console(file=sys.stdout, width=max(120, Console().width))
+    console = Console(file=sys.stdout, width=max(132, Console().width))
     console.print(table)
     console.print(f"predict_linear: lookback {params['baseline_window_s']:g}s, same horizon and thresholds; "
                   f"static: {params['static_fraction']:g} x threshold")

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.special import ndtr
 
 from vllm_otel.forecast.failures import FORECAST_SIGNAL, SCORE_SIGNAL, FailureCatalog
 from vllm_otel.forecast.models import MODELS, get_model, select_model
 from vllm_otel.forecast.signals import HistogramInput, InputSeries, SignalExtractor, collect_samples
-from vllm_otel.forecast.statespace import InnovationsBank, filter_series
+from vllm_otel.forecast.statespace import Innovations, InnovationsBank, filter_series
 from vllm_otel.forecast.stategraph import GraphPrior, StateGraph, classify, state_names
 
 __all__ = ["PredictiveFailureDetector", "DetectorConfig", "Prediction", "Checkpoint", "StepResult",
@@ -69,6 +69,8 @@ class DetectorConfig(BaseModel):
                                                           "this many recent points: older ones describe "
                                                           "the regime that ended")
     max_refits_per_step: int = Field(8, ge=0)
+    pool_min_fits: int = Field(5, ge=1, description="fitted series of a signal before unfit ones "
+                                                    "borrow their median parameters")
     refit_time_budget_s: float | None = Field(None, gt=0.0, description="wall-clock cap per step")
     regime_surprise: float = Field(2.0, gt=0.0, description="error surprise (see InnovationsBank."
                                                             "surprise; about 1 when the model fits) that triggers a refit")
@@ -80,7 +82,8 @@ class DetectorConfig(BaseModel):
     default_model: str = "damped_holt"
     default_params: dict[str, float] = Field(default_factory=lambda: {"alpha": 0.3, "beta": 0.02,
                                                                        "phi": 0.95})
-    candidates: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_CANDIDATES))
+    candidates: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_CANDIDATES.items()})
     # Latencies grow multiplicatively and come from coarse buckets: modelled in log space, where
     # growth is a trend and a bucket jump is a bounded step. Crossing probabilities are unchanged
     # by a monotone transform, so thresholds are simply transformed too.
@@ -93,6 +96,16 @@ class DetectorConfig(BaseModel):
     memory_slope_r2: float = Field(0.9, gt=0.0, le=1.0)
     catalog: FailureCatalog = Field(default_factory=FailureCatalog)
     inputs: InputSeries = Field(default_factory=InputSeries)
+
+    @model_validator(mode="after")
+    def _models_exist(self) -> "DetectorConfig":
+        # Unknown model names or bad default parameters fail when the config is loaded, not mid-run.
+        get_model(self.default_model, self.default_params)
+        for names in self.candidates.values():
+            for name in names:
+                if name not in MODELS:
+                    raise ValueError(f"unknown model {name!r} in candidates; registered: {sorted(MODELS)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -187,9 +200,7 @@ class PredictiveFailureDetector:
         self.extractor = SignalExtractor(cfg.catalog, cfg.step_s)
         default = get_model(cfg.default_model, cfg.default_params).innovations()
         self._model_names = list(MODELS)
-        for s, names in cfg.candidates.items():
-            for name in names:
-                get_model(name)  # unknown names fail here, at construction, not mid-run
+        self._default_name = f"{cfg.default_model}:default"  # before a series' first fit
         max_gap = max(1, int(cfg.max_gap_s / cfg.step_s))
         self.banks = {s: InnovationsBank(default, cfg.fit_window, sigma_halflife=cfg.sigma_halflife_steps,
                                          max_gap_steps=max_gap)
@@ -207,6 +218,7 @@ class PredictiveFailureDetector:
         self._prev_state = np.zeros(0, dtype=np.int64)
         self._t: float | None = None
         self.refits = 0
+        self._units_cache: tuple[list[str], np.ndarray] | None = None
         self._mem_prob: np.ndarray | None = None
         self._mem_ttf: np.ndarray | None = None
         self._grow(16)
@@ -229,7 +241,18 @@ class PredictiveFailureDetector:
         self.cap = cap
 
     def _rows_for(self, units: Sequence[str]) -> np.ndarray:
+        # A service or replay passes the same instance list step after step: reuse its rows.
+        key = [str(u) for u in units]
+        cached = self._units_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rows = self._lookup(key)
+        self._units_cache = (key, rows)
+        return rows
+
+    def _lookup(self, units: Sequence[str]) -> np.ndarray:
         rows = np.empty(len(units), dtype=np.int64)
+        new: list[int] = []
         for i, u in enumerate(units):
             r = self._rows.get(u)
             if r is None:
@@ -239,7 +262,12 @@ class PredictiveFailureDetector:
                     self._free.extend(range(self.cap - 1, old - 1, -1))
                 r = self._free.pop()
                 self._rows[u] = r
+                new.append(r)
             rows[i] = r
+        if new:
+            fresh = np.array(new, dtype=np.int64)
+            for b in self.banks.values():
+                b.reset(fresh, keep_params=False)  # start from the current (possibly pooled) defaults
         return rows
 
     def _release(self, rows: np.ndarray) -> None:
@@ -253,7 +281,13 @@ class PredictiveFailureDetector:
 
     def forget_stale(self, t: float) -> list[str]:
         """Drop instances not seen for ``forget_after_s`` (they disappeared); returns their names."""
+        if not self._rows:
+            return []
+        rows = np.fromiter(self._rows.values(), dtype=np.int64, count=len(self._rows))
+        if not (t - self._last_seen[rows] > self.config.forget_after_s).any():
+            return []
         gone = [u for u, r in self._rows.items() if t - self._last_seen[r] > self.config.forget_after_s]
+        self._units_cache = None
         if gone:
             rows = np.array([self._rows.pop(u) for u in gone], dtype=np.int64)
             self._release(rows)
@@ -424,10 +458,13 @@ class PredictiveFailureDetector:
                     source[ok, j] = 2
                     forecast_p[ok, j] = prob[ok, j]
                 codes = bank.model[rows]
-                models[s] = [self._model_names[c] if c >= 0 else None for c in codes]
+                models[s] = [self._model_names[c] if c >= 0 else self._default_name for c in codes]
             if g_prob is not None and f in self.graph.failures:
                 gi = self.graph.failures.index(f)
-                score_known = np.isfinite(sig[SCORE_SIGNAL[f]]) & enough
+                # Only where the failure is defined now: a queue limit not learned yet means
+                # no prediction, not a guess.
+                score_known = (np.isfinite(sig[SCORE_SIGNAL[f]]) & np.isfinite(self.catalog.threshold(f, sig))
+                               & enough)
                 gp = np.where(score_known, g_prob[:, gi], np.nan)
                 # A learned probability beats a lower (or missing) model probability: each is a
                 # calibrated estimate of the same event, and precursors are what the graph adds.
@@ -481,7 +518,27 @@ class PredictiveFailureDetector:
             self._fit_row(s, r, t, recent_only=regime)
             done += 1
         self.refits += done
+        if done:
+            self._pool_defaults(active)
         return done
+
+    def _pool_defaults(self, active: np.ndarray) -> None:
+        """Series not fit yet borrow the fleet's typical parameters for their signal.
+
+        With thousands of series, individual fits take many cycles to reach everyone; until then
+        the median parameters of the most often selected model (among this signal's fitted
+        series) beat the generic defaults. Drift terms are per-series, so they are not pooled.
+        """
+        for s, bank in self.banks.items():
+            fitted = active[bank.model[active] >= 0]
+            if len(fitted) < self.config.pool_min_fits:
+                continue
+            codes, counts = np.unique(bank.model[fitted], return_counts=True)
+            top = fitted[bank.model[fitted] == codes[np.argmax(counts)]]
+            alpha = float(np.median(bank.alpha[top]))
+            p = Innovations(alpha=alpha, beta=min(float(np.median(bank.beta[top])), alpha),
+                            d=float(np.median(bank.d[top])), phi=float(np.median(bank.phi[top])), c=0.0)
+            bank.set_default(p, active[bank.model[active] < 0])
 
     def _fit_row(self, s: str, row: int, t: float, recent_only: bool = False) -> None:
         bank = self.banks[s]

@@ -154,6 +154,13 @@ class InnovationsBank:
         """
         return np.maximum(3.0 * np.abs(self.zbias[rows]), np.sqrt(self.zvar[rows]))
 
+    def set_default(self, p: Innovations, rows: np.ndarray) -> None:
+        """New parameters for rows without a fitted model, and for rows created from now on."""
+        for k in ("alpha", "beta", "d", "phi", "c"):
+            self._spec[k] = getattr(p, k)
+            self._arrays[k][rows] = getattr(p, k)
+        self.default = p
+
     def params(self, row: int) -> Innovations:
         a = self._arrays
         return Innovations(float(a["alpha"][row]), float(a["beta"][row]), float(a["d"][row]),

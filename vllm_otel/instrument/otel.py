@@ -27,6 +27,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from opentelemetry.sdk.trace import SpanProcessor
+
 from vllm_otel.instrument.guard import logger
 
 __all__ = ["OtelSettings", "BoundedSpanProcessor", "ExportStats", "build_resource",
@@ -105,7 +107,7 @@ def build_resource(extra: Mapping[str, Any] | None = None) -> Any:
     return Resource(attrs)
 
 
-class BoundedSpanProcessor:
+class BoundedSpanProcessor(SpanProcessor):
     """Ends spans into a bounded deque; a daemon thread exports batches. Never blocks the caller."""
 
     def __init__(self, exporter: Any, stats: ExportStats, *, max_queue: int = 2048, batch: int = 512,

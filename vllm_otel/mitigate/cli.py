@@ -1,0 +1,109 @@
+"""``vllm-otel receiver``: run the mitigation receiver (Alertmanager webhook -> guarded actions)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ipaddress
+import logging
+import sys
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9095  # next to Alertmanager's 9093/9094
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "receiver", help="Alertmanager webhook receiver: guarded, verified mitigation of vLLM",
+        description="Receive Alertmanager webhooks (payload version 4) on POST /webhook, persist "
+                    "every alert, and act on vLLM in the background as the policy allows. "
+                    "GET /actions is the audit trail, /metrics and /healthz the receiver's health.")
+    p.add_argument("--config", required=True, help="policy file, YAML or JSON (see examples/policy.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port (default %(default)s)")
+    p.add_argument("--token-file", help="file holding the bearer token clients must send "
+                                        "(Alertmanager: http_config.authorization.credentials_file)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="run without a token (only on a loopback address)")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="... and this private key (PEM)")
+    p.add_argument("--db-url", help="SQLAlchemy URL of the store; default: the policy's store_url, "
+                                    "else sqlite:///vllm-otel-receiver.sqlite3. Use "
+                                    "postgresql://... for several replicas")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest webhook body (default 1 MiB)")
+    p.add_argument("--replica-id", help="name of this replica in the audit trail (default host:pid)")
+    p.add_argument("--check-config", action="store_true", help="validate the policy and exit")
+    p.set_defaults(func=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hook(policy: Any, factory: str) -> Any:
+    """The real actuator / metrics source come from vllm_otel.mitigate.actuators when present."""
+    try:
+        mod = importlib.import_module("vllm_otel.mitigate.actuators")
+        return getattr(mod, factory)(policy)
+    except (ImportError, AttributeError) as e:
+        log.warning("%s unavailable (%s)", factory, e)
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from vllm_otel.mitigate.policy import PolicyError, load_policy
+    from vllm_otel.mitigate.receiver import DEFAULT_MAX_BODY_BYTES, create_app
+    from vllm_otel.mitigate.strategies import UnavailableActuator
+    from vllm_otel.store import DEFAULT_DB_URL, Store
+
+    try:
+        policy = load_policy(args.config)
+    except PolicyError as e:
+        print(f"vllm-otel receiver: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        cfg = policy.config
+        print(f"{args.config}: OK: {len(cfg.rules)} rules, {len(policy.strategy_names())} strategies, "
+              f"{len(cfg.targets)} targets, default mode {cfg.default_mode.value}")
+        return 0
+    token = None
+    if args.token_file:
+        try:
+            token = open(args.token_file, encoding="utf-8").read().strip()
+        except OSError as e:
+            print(f"vllm-otel receiver: cannot read --token-file: {e}", file=sys.stderr)
+            return 2
+        if not token:
+            print(f"vllm-otel receiver: {args.token_file} is empty", file=sys.stderr)
+            return 2
+    elif not args.allow_unauthenticated:
+        print("vllm-otel receiver: --token-file is required (or --allow-unauthenticated on loopback)",
+              file=sys.stderr)
+        return 2
+    elif not _is_loopback(args.host):
+        print(f"vllm-otel receiver: refusing to listen on {args.host} without a token", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("vllm-otel receiver: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    store = Store(args.db_url or policy.config.store_url or DEFAULT_DB_URL, replica_id=args.replica_id)
+    actuator = _hook(policy, "build_actuator") or UnavailableActuator(
+        "no actuator installed (vllm_otel.mitigate.actuators.build_actuator)")
+    app = create_app(policy, store, actuator=actuator,
+                     metrics_source=_hook(policy, "build_metrics_source"), token=token,
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, close_store=True)
+    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
+                ssl_keyfile=args.tls_key, log_level="info", server_header=False, access_log=False)
+    return 0
