@@ -108,9 +108,11 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_backtest_writes_jsonl(recording: Path, tmp_path: Path) -> None:
+def test_backtest_jsonl_and_json_score(recording: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "pred.jsonl"
-    assert _backtest([str(recording), "--output", str(out), "--max-refits", "1"]) == 0
+    assert _backtest([str(recording), "--output", str(out), "--score", "--json", "--max-refits", "1",
+                      "--shard", "1/1"]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert set(lines[0]) == {"t", "instance", "failure_type", "probability", "time_to_failure_seconds"}
     assert {x["instance"] for x in lines} == {"ramp:8000", "stall:8000", "ok:8000"}
@@ -120,17 +122,9 @@ def test_backtest_writes_jsonl(recording: Path, tmp_path: Path) -> None:
     first_alarm = next(x["t"] for x in ramp_kv if x["probability"] >= 0.7)
     first_fail = next(x["t"] for x in ramp_kv if x["time_to_failure_seconds"] == 0.0)
     assert first_fail - first_alarm >= 30
-    # one line per step, instance and failure type
     keys = [(x["t"], x["instance"], x["failure_type"]) for x in lines]
-    assert len(keys) == len(set(keys))
+    assert len(keys) == len(set(keys))  # one line per step, instance and failure type
 
-
-def test_backtest_score_table_and_json(recording: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _backtest([str(recording), "--score", "--max-refits", "1"]) == 0
-    table = capsys.readouterr().out
-    for word in ("kv_cache_exhaustion", "engine_stall", "detector", "predict_linear", "static", "recall"):
-        assert word in table
-    assert _backtest([str(recording), "--score", "--json", "--max-refits", "1", "--shard", "1/1"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {(r["failure_type"], r["method"]): r for r in report["results"]}
     assert {m for _, m in rows} == {"detector", "predict_linear", "static"}
@@ -140,6 +134,15 @@ def test_backtest_score_table_and_json(recording: Path, capsys: pytest.CaptureFi
     assert stall["events"] == 1 and stall["caught"] == 1 and stall["false_alarms"] == 0
     assert rows[("engine_stall", "predict_linear")]["caught"] == 0
     assert report["threshold"] == 0.7 and report["instances"] == 3
+
+
+def test_backtest_score_table(recording: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _backtest([str(recording), "--score", "--max-refits", "0"]) == 0
+    table = capsys.readouterr().out
+    for word in ("kv_cache_exhaustion", "engine_stall", "detector", "predict_linear", "static", "recall",
+                 "median lead s"):
+        assert word in table
+    assert '"probability"' not in table  # with --score and no --output, only the score is printed
 
 
 def test_backtest_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

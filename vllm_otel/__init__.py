@@ -8,4 +8,12 @@ from vllm_otel.config import ConfigError, MonitorConfig, load_config
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ConfigError", "MonitorConfig", "load_config"]
+__all__ = ["__version__", "ConfigError", "MonitorConfig", "load_config", "LLM", "create_monitored_engine"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy so that importing vllm_otel never imports vLLM
+    if name in ("LLM", "create_monitored_engine"):
+        from vllm_otel import offline
+
+        return getattr(offline, name)
+    raise AttributeError(f"module 'vllm_otel' has no attribute {name!r}")

@@ -184,7 +184,8 @@ class StepResult:
                     time_to_failure=float(ttf) if np.isfinite(ttf) else None,
                     recommended_actions=self.actions[f], timestamp=self.t,
                     source=SOURCES[int(self.source[i, j])],
-                    model=self.models[sig][i] if sig in self.models else None, precursors=pre))
+                    model=self.models[sig][i] if sig in self.models and self.source[i, j] == 2 else None,
+                    precursors=pre))
         out.sort(key=lambda p: -p.probability)
         return out
 

@@ -107,6 +107,7 @@ class InnovationsBank:
         self.hist = np.full((0, self.history), np.nan)
         self.grow(capacity)
 
+    # The per-row arrays read as attributes (``bank.level[rows]``, ``bank.nobs[rows]``).
     def __getattr__(self, name: str) -> np.ndarray:
         arrays = self.__dict__.get("_arrays")
         if arrays is not None and name in arrays:

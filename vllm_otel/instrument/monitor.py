@@ -53,9 +53,10 @@ def ensure_monitor(vllm_config: Any, cfg: MonitorConfig, registry: Any = None) -
         return _monitor
 
 
-def _server_address(argv: list[str]) -> tuple[str | None, int | None]:
+def _server_address(argv: list[str]) -> tuple[str | None, int | None]:  # noqa: C901
     """Host and port of vLLM's API server from its command line (what tells instances apart)."""
-    host, port = None, 8000
+    serving = any("api_server" in a for a in argv[:2]) or (len(argv) > 1 and argv[1] == "serve")
+    host, port = None, (8000 if serving else None)
     for i, a in enumerate(argv):
         for flag in ("--host", "--port"):
             val = None
@@ -100,7 +101,8 @@ class EngineMonitor:
         self.model_name = self._model_name(vllm_config)
         host, port = _server_address(sys.argv)
         self.server_address, self.server_port = host, port
-        self.instance = cfg.instance or f"{host or socket.gethostname()}:{port}"
+        # Offline (no server port): host:pid still tells processes apart.
+        self.instance = cfg.instance or f"{host or socket.gethostname()}:{port or os.getpid()}"
         cache = getattr(vllm_config, "cache_config", None)
         self.block_size = getattr(cache, "block_size", None) or 16
         self.num_blocks = getattr(cache, "num_gpu_blocks", None)
@@ -122,6 +124,9 @@ class EngineMonitor:
         self._tick = threading.Thread(target=self._lifecycle_loop, name="vllm-otel-lifecycle", daemon=True)
         self.stall.start()
         self._tick.start()
+        import atexit
+
+        atexit.register(self.shutdown)  # flush spans and metrics when vLLM exits
         logger.info("vllm-otel monitor up in pid %d: model=%s instance=%s otlp traces=%s metrics=%s",
                     self.pid, self.model_name, self.instance, self.settings.traces_enabled,
                     self.settings.metrics_enabled)

@@ -143,32 +143,34 @@ class BoundedSpanProcessor(SpanProcessor):
             self._wake.set()
 
     def _run(self) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
         while not self._stop:
             self._wake.wait(self._delay_s)
             self._wake.clear()
-            while self._queue:
-                batch = []
-                while self._queue and len(batch) < self._batch:
-                    batch.append(self._queue.popleft())
-                try:
-                    ok = self._exporter.export(batch) == SpanExportResult.SUCCESS
-                except Exception:  # noqa: BLE001 - exporter bugs must not kill the thread
-                    ok = False
-                if ok:
-                    self._stats.exported["traces"] += len(batch)
-                    self._warned = False
-                else:
-                    self._stats.failed["traces"] += 1
-                    self._stats.dropped["traces"] += len(batch)
-                if self._stop:
-                    break
+            self._drain()
+        self._drain()  # what is queued at shutdown still goes out (bounded by the exporter timeout)
+
+    def _drain(self) -> None:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        while self._queue:
+            batch = []
+            while self._queue and len(batch) < self._batch:
+                batch.append(self._queue.popleft())
+            try:
+                ok = self._exporter.export(batch) == SpanExportResult.SUCCESS
+            except Exception:  # noqa: BLE001 - exporter bugs must not kill the thread
+                ok = False
+            if ok:
+                self._stats.exported["traces"] += len(batch)
+                self._warned = False
+            else:
+                self._stats.failed["traces"] += 1
+                self._stats.dropped["traces"] += len(batch)
 
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=15)
         try:
             self._exporter.shutdown()
         except Exception:  # noqa: BLE001

@@ -65,8 +65,11 @@ def register() -> None:
         return
     role = process_role()
     logger.info("vllm-otel plugin registered in pid %d (%s)", os.getpid(), role)
-    if role == "api_server":
+    if role == "api_server":  # vLLM's main process: API server or the user's offline script
         _install_abort_hook()
+        from vllm_otel.instrument.offline import install as install_offline
+
+        install_offline()
 
 
 def _install_abort_hook() -> None:

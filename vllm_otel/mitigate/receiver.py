@@ -343,6 +343,12 @@ class Receiver:
             if self.store.finish_action(job.action_id, Outcome.INTERRUPTED, detail=detail,
                                         now=self.clock()):
                 self._count(action.strategy if action else None, Outcome.INTERRUPTED)
+            # Free the dead runner's hold on the target (its lease names this job).
+            if action is not None and action.target:
+                name = self.guards.target_lock(action.target)
+                holder = self.store.lock_holder(name, now=self.clock())
+                if holder is not None and holder.endswith(f"#job{job.id}"):
+                    self.store.release_lock(name, holder)
             self._done(job.id)
             return True
         if "approved" in ev:

@@ -1,0 +1,795 @@
+"""The mitigation receiver over HTTP: auth, validation, durability, dedupe, guards, approval,
+restart, several replicas on a real PostgreSQL, a real uvicorn server, a real Alertmanager.
+
+What is real here: the FastAPI app, the SQLite / PostgreSQL store, uvicorn, Alertmanager 0.25,
+the escalation hook (a real HTTP server). What is not: vLLM. Strategies act through the
+``Actuator`` protocol, and these tests put a *recording actuator at that boundary* (it records
+each ``call(target, action, params)`` and can be told to fail or to block); the test strategies
+below are small real strategies that go through it. Metrics come through the ``MetricsSource``
+protocol from a static source whose timestamps we control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from vllm_otel.learn.learner import RuleBasedLearner
+from vllm_otel.mitigate.models import JobState, Target
+from vllm_otel.mitigate.policy import Policy
+from vllm_otel.mitigate.receiver import create_app
+from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check,
+                                           MetricsSnapshot, Strategy, StrategyParams, Verification)
+from vllm_otel.store import Store
+from vllm_otel.testing.processes import free_port, wait_http
+from vllm_otel.testing.webhook import WebhookSink
+
+TOKEN = "receiver-test-token-4f9a8b7c6d5e"
+I1, I2, I3 = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
+
+
+# --- the boundary: a recording actuator and a static metrics source ----------------------------------
+
+class RecordingActuator:
+    """Records every call at the Actuator boundary; can fail or block on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.fail = False
+        self.gate: asyncio.Event | None = None  # set: calls wait for it
+        self.entered = threading.Event()
+
+    async def call(self, target: Target, action: str, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        self.calls.append((target.instance, action, dict(params)))
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise ActuatorError(f"{action} refused by {target.instance}")
+        return {"ok": True}
+
+
+class StaticMetrics:
+    def __init__(self, values: dict[str, float], age_s: float = 0.0) -> None:
+        self.values = values
+        self.age_s = age_s
+
+    async def snapshot(self, target: Target) -> MetricsSnapshot | None:
+        return MetricsSnapshot(values=self.values, at=time.time() - self.age_s)
+
+
+# --- small real strategies for the tests ---------------------------------------------------------------
+
+class PokeParams(StrategyParams):
+    level: int = 1
+
+
+class Poke(Strategy):
+    """Ask the engine to poke itself (test strategy, reversible)."""
+
+    name = "poke"
+    invasiveness = 10
+    Params = PokeParams
+
+    async def execute(self, ctx, actuator):  # noqa: ANN001, ANN201
+        await actuator.call(ctx.target, "poke", {"level": self.params.level})
+        return ActionResult(ok=True, detail="poked")
+
+    async def verify(self, ctx):  # noqa: ANN001, ANN201
+        after = ctx.metrics_after or {}
+        ok = after.get("kv", 0.0) < 0.9
+        return Verification(ok=ok, detail=f"kv after {after.get('kv')}")
+
+
+class Restart(Strategy):
+    """Restart the engine (test strategy, invasive)."""
+
+    name = "restart"
+    invasiveness = 80
+
+    def applies(self, ctx):  # noqa: ANN001, ANN201
+        return Check(ctx.metrics_before.get("kv", 0.0) >= 0.5, "only when kv >= 0.5")
+
+    async def execute(self, ctx, actuator):  # noqa: ANN001, ANN201
+        await actuator.call(ctx.target, "restart", {})
+        return ActionResult(ok=True)
+
+    async def verify(self, ctx):  # noqa: ANN001, ANN201
+        return Verification(ok=True)
+
+
+REG = REGISTRY.copy()
+REG.register(Poke)
+REG.register(Restart)
+
+
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def policy_dict(sink_url: str = "http://127.0.0.1:9/unused", **over: Any) -> dict[str, Any]:
+    base = {
+        "targets": [{"instance": I1}, {"instance": I2}, {"instance": I3}],
+        "default_mode": "auto",
+        "rules": [
+            {"alertname": "VllmKvCacheNearlyFull", "strategies": ["poke", "restart"]},
+            {"alertname": "NeedsHuman", "strategies": ["escalate_to_human"]},
+            {"alertname": "RecordOnly", "strategies": []},
+        ],
+        "strategies": {"escalate_to_human": {"mode": "auto", "cooldown_s": 0,
+                                             "params": {"url": sink_url, "timeout_s": 5}}},
+        # 2 of 3 targets alerting is fine for most tests; 3 of 3 stops (blast radius).
+        "guards": {"cooldown_s": 300, "blast_radius": {"max_affected_fraction": 0.7}},
+        "worker": {"poll_s": 0.05, "verify_delay_s": 0, "action_timeout_s": 5, "lease_s": 60},
+    }
+    return deep_merge(base, over)
+
+
+def am_alert(name: str = "VllmKvCacheNearlyFull", instance: str | None = I1, *,
+             status: str = "firing", starts: datetime | None = None, ends: datetime | None = None,
+             **labels: str) -> dict[str, Any]:
+    lab = {"alertname": name, **({"instance": instance} if instance else {}), "severity": "warning",
+           **labels}
+    fp = hashlib.sha256(json.dumps(lab, sort_keys=True).encode()).hexdigest()[:16]
+    starts = starts or datetime.now(timezone.utc)
+    return {"status": status, "labels": lab, "annotations": {"summary": f"{name} test"},
+            "startsAt": starts.isoformat().replace("+00:00", "Z"),
+            "endsAt": (ends.isoformat().replace("+00:00", "Z") if ends else "0001-01-01T00:00:00Z"),
+            "generatorURL": "http://prometheus:9090/graph", "fingerprint": fp}
+
+
+def am_payload(*alerts: dict[str, Any], truncated: int = 0, **extra: Any) -> dict[str, Any]:
+    status = "firing" if any(a["status"] == "firing" for a in alerts) else "resolved"
+    return {"receiver": "vllm-otel", "status": status, "alerts": list(alerts),
+            "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+            "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093",
+            "version": "4", "groupKey": '{}:{alertname="x"}', "truncatedAlerts": truncated, **extra}
+
+
+def resolved(alert: dict[str, Any], after_s: float = 30.0) -> dict[str, Any]:
+    a = dict(alert, status="resolved")
+    start = datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00"))
+    a["endsAt"] = (start + timedelta(seconds=after_s)).isoformat().replace("+00:00", "Z")
+    return a
+
+
+class Env:
+    """One receiver app on a store, with its recording actuator."""
+
+    def __init__(self, tmp_path: Path, *, db_url: str | None = None, metrics: Any = None,
+                 start_worker: bool = False, learner: Any = None, **policy_over: Any) -> None:
+        self.store = Store(db_url or f"sqlite:///{tmp_path / 'receiver.db'}")
+        self.policy = Policy.from_mapping(policy_dict(**policy_over), REG)
+        self.actuator = RecordingActuator()
+        self.app = create_app(self.policy, self.store, actuator=self.actuator,
+                              metrics_source=metrics if metrics is not None
+                              else StaticMetrics({"kv": 0.5}),
+                              learner=learner, token=TOKEN, start_worker=start_worker)
+        self.receiver = self.app.state.receiver
+
+    def client(self, token: str | None = TOKEN) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                 base_url="http://receiver", headers=headers)
+
+    async def post(self, payload: Any, **kw: Any) -> httpx.Response:
+        async with self.client() as c:
+            return await c.post("/webhook", json=payload, **kw)
+
+    async def actions(self, **params: Any) -> list[dict[str, Any]]:
+        async with self.client() as c:
+            r = await c.get("/actions", params=params)
+            assert r.status_code == 200, r.text
+            return r.json()["actions"]
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.receiver.metrics.registry.get_sample_value(name, labels)
+
+    def mitigations(self, strategy: str, outcome: str) -> float:
+        return self.metric("vllm_otel_mitigations_total", strategy=strategy, outcome=outcome) or 0.0
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+# --- HTTP contract -----------------------------------------------------------------------------------
+
+def test_auth_missing_is_401_wrong_is_403(env: Env) -> None:
+    async def go() -> None:
+        async with env.client(token=None) as c:
+            r = await c.post("/webhook", json=am_payload(am_alert()))
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            r = await c.post("/webhook", json=am_payload(am_alert()),
+                             headers={"Authorization": f"Basic {TOKEN}"})
+            assert r.status_code == 401
+            assert (await c.get("/actions")).status_code == 401
+        async with env.client(token="not-the-token") as c:
+            assert (await c.post("/webhook", json=am_payload(am_alert()))).status_code == 403
+            assert (await c.post("/killswitch", json={"engaged": True})).status_code == 403
+        async with env.client() as c:
+            assert (await c.post("/webhook", json=am_payload(am_alert()))).status_code == 202
+            # Health and metrics stay open for probes and Prometheus.
+        async with env.client(token=None) as c:
+            assert (await c.get("/healthz")).status_code == 200
+            assert (await c.get("/metrics")).status_code == 200
+    run(go())
+    assert env.metric("vllm_otel_receiver_webhooks_total", code="401") == 2
+    assert env.metric("vllm_otel_receiver_webhooks_total", code="403") == 1
+
+
+def test_bad_payloads_are_400_with_a_message(env: Env) -> None:
+    async def go() -> None:
+        async with env.client() as c:
+            r = await c.post("/webhook", content=b"{not json", headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+            bad = am_payload(am_alert())
+            del bad["alerts"][0]["fingerprint"]
+            r = await c.post("/webhook", json=bad)
+            assert r.status_code == 400
+            assert "alerts.0.fingerprint" in r.json()["detail"] and "version 4" in r.json()["detail"]
+            r = await c.post("/webhook", json={**am_payload(am_alert()), "version": "3"})
+            assert r.status_code == 400 and "version" in r.json()["detail"]
+            r = await c.post("/webhook", json=[1, 2])
+            assert r.status_code == 400
+            bad = am_payload(am_alert())
+            bad["alerts"][0]["startsAt"] = "yesterday"
+            r = await c.post("/webhook", json=bad)
+            assert r.status_code == 400 and "startsAt" in r.json()["detail"]
+    run(go())
+    assert env.store.table_counts()["alerts"] == 0
+
+
+def test_oversize_body_is_413_declared_or_streamed(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    env.receiver.max_body_bytes = 2000
+    big = am_payload(*[am_alert(instance=f"h{i}:1") for i in range(20)])
+
+    async def chunks():  # noqa: ANN202 - no Content-Length: the stream itself must be capped
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 500):
+            yield data[i:i + 500]
+
+    async def go() -> None:
+        async with env.client() as c:
+            assert (await c.post("/webhook", json=big)).status_code == 413
+            r = await c.post("/webhook", content=chunks(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 413
+    run(go())
+    assert env.store.table_counts()["alerts"] == 0
+
+
+def test_unknown_fields_ignored_truncated_alerts_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    payload = am_payload(am_alert(), truncated=3, someFutureField={"x": 1})
+    payload["alerts"][0]["silencedBy"] = []
+    with caplog.at_level(logging.WARNING, logger="vllm_otel.mitigate.receiver"):
+        r = run(env.post(payload))
+    assert r.status_code == 202, r.text
+    assert any("truncatedAlerts" in rec.getMessage() and "3" in rec.getMessage() for rec in caplog.records)
+    assert env.metric("vllm_otel_receiver_truncated_alerts_total") == 3
+
+
+# --- durability, dedupe, each alert on its own ---------------------------------------------------------
+
+def test_durable_before_202_then_background_action(env: Env) -> None:
+    a = am_alert()
+    r = run(env.post(am_payload(a)))
+    assert r.status_code == 202 and r.json()["new"] == 1
+    # Persisted, not yet acted on: the 202 did not wait for the work.
+    assert env.actuator.calls == []
+    job = env.store.job_for_alert(env.store.alerts()[0].id)
+    assert job is not None and job.state is JobState.PENDING
+    assert run(env.receiver.drain()) == 1
+    assert env.actuator.calls == [(I1, "poke", {"level": 1})]
+    [act] = run(env.actions())
+    assert act["strategy"] == "poke" and act["outcome"] == "success" and act["mode"] == "auto"
+    assert act["alert"]["fingerprint"] == a["fingerprint"] and act["alert"]["instance"] == I1
+    assert "chose poke" in act["why"] and act["metrics_before"] == {"kv": 0.5}
+    assert act["metrics_after"] == {"kv": 0.5} and act["verification"]["ok"] is True
+    assert {g["guard"] for g in act["guards"]} >= {"kill_switch", "blast_radius", "cooldown",
+                                                   "circuit_breaker", "rate_limit", "one_per_target",
+                                                   "target_allowed", "precondition"}
+    assert act["timings"]["started_at"] and act["timings"]["finished_at"]
+    assert env.mitigations("poke", "success") == 1
+
+
+def test_group_resends_and_ha_duplicates_act_once(env: Env) -> None:
+    a, b = am_alert(instance=I1), am_alert(instance=I2)
+    for _ in range(3):  # Alertmanager resends the whole group on every change / repeat_interval
+        assert run(env.post(am_payload(a, b))).status_code == 202
+    run(env.receiver.drain())
+    assert sorted(c[0] for c in env.actuator.calls) == [I1, I2]
+    assert env.metric("vllm_otel_receiver_alerts_total", status="firing", result="duplicate") == 4
+    # A new firing of the same series (new startsAt) is a new alert.
+    a2 = dict(a, startsAt=(datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat())
+    r = run(env.post(am_payload(a2)))
+    assert r.json()["new"] == 1
+
+
+def test_each_alert_has_its_own_status_and_resolve_cancels_pending(env: Env) -> None:
+    a, b = am_alert(instance=I1), am_alert(instance=I2)
+    run(env.post(am_payload(a, b)))
+    # Group status says firing, but alert a is resolved: a's pending work is cancelled.
+    r = run(env.post(am_payload(resolved(a, after_s=42), b)))
+    assert r.status_code == 202 and r.json()["resolved"] == 1 and r.json()["cancelled"] == 1
+    run(env.receiver.drain())
+    assert [c[0] for c in env.actuator.calls] == [I2]
+    rec = env.store.alert_by_key(env.store.alerts()[-1].key)
+    assert rec is not None and rec.time_to_resolve_s == pytest.approx(42, abs=0.01)
+    # The resend of the resolution changes nothing.
+    assert run(env.post(am_payload(resolved(a, after_s=42)))).json()["resolved"] == 0
+
+
+def test_unmapped_alert_recorded_no_action(env: Env) -> None:
+    r = run(env.post(am_payload(am_alert("SomethingElse"))))
+    assert r.status_code == 202 and r.json()["unmapped"] == 1
+    run(env.receiver.drain())
+    assert env.actuator.calls == []
+    [act] = run(env.actions())
+    assert act["outcome"] == "unmapped" and act["strategy"] is None
+    assert "SomethingElse" in act["why"]
+    assert env.mitigations("none", "unmapped") == 1
+    assert env.store.table_counts()["jobs"] == 0
+
+
+def test_record_only_rule_and_target_allow_list(env: Env) -> None:
+    run(env.post(am_payload(am_alert("RecordOnly"), am_alert(instance="evil.example:8000"))))
+    run(env.receiver.drain())
+    assert env.actuator.calls == []
+    by_inst = {a["alert"]["instance"]: a for a in run(env.actions())}
+    assert by_inst[I1]["outcome"] == "skipped"
+    other = by_inst["evil.example:8000"]
+    assert other["outcome"] == "blocked" and "not a configured target" in other["why"]
+
+
+# --- modes -------------------------------------------------------------------------------------------
+
+def test_dry_run_records_but_never_calls_the_actuator(tmp_path: Path) -> None:
+    env = Env(tmp_path, strategies={"poke": {"mode": "dry-run", "params": {"level": 3}}})
+    run(env.post(am_payload(am_alert())))
+    run(env.receiver.drain())
+    assert env.actuator.calls == []
+    [act] = run(env.actions())
+    assert act["outcome"] == "dry_run" and act["mode"] == "dry-run" and act["params"] == {"level": 3}
+    assert "would run poke" in act["detail"]
+
+
+def test_mode_off_removes_a_candidate(tmp_path: Path) -> None:
+    env = Env(tmp_path, strategies={"poke": {"mode": "off"}})
+    run(env.post(am_payload(am_alert())))
+    run(env.receiver.drain())
+    assert env.actuator.calls == [(I1, "restart", {})]
+
+
+def test_approval_waits_for_approve_then_runs(tmp_path: Path) -> None:
+    env = Env(tmp_path, strategies={"poke": {"mode": "approval"}})
+
+    async def go() -> None:
+        await env.post(am_payload(am_alert()))
+        await env.receiver.drain()
+        assert env.actuator.calls == []
+        [act] = await env.actions()
+        assert act["status"] == "awaiting_approval"
+        async with env.client() as c:
+            r = await c.post(f"/actions/{act['id']}/approve", json={"by": "alice", "comment": "go"})
+            assert r.status_code == 202, r.text
+            assert (await c.post(f"/actions/{act['id']}/approve")).status_code == 409
+            assert (await c.post("/actions/999/approve")).status_code == 404
+        await env.receiver.drain()
+        assert env.actuator.calls == [(I1, "poke", {"level": 1})]
+        [act] = await env.actions()
+        assert act["outcome"] == "success" and act["timings"]["approved_by"] == "alice"
+        assert any(g["guard"] == "kill_switch" for g in act["guards"])
+    run(go())
+
+
+def test_reject_and_resolve_while_awaiting_approval(tmp_path: Path) -> None:
+    env = Env(tmp_path, strategies={"poke": {"mode": "approval"}})
+    a, b = am_alert(instance=I1), am_alert(instance=I2)
+
+    async def go() -> None:
+        await env.post(am_payload(a, b))
+        await env.receiver.drain()
+        acts = {x["alert"]["instance"]: x for x in await env.actions()}
+        async with env.client() as c:
+            r = await c.post(f"/actions/{acts[I1]['id']}/reject", json={"by": "bob"})
+            assert r.status_code == 200 and r.json()["outcome"] == "rejected"
+        await env.post(am_payload(resolved(b)))
+        acts = {x["alert"]["instance"]: x for x in await env.actions()}
+        assert acts[I1]["outcome"] == "rejected" and acts[I2]["outcome"] == "cancelled"
+        async with env.client() as c:
+            assert (await c.post(f"/actions/{acts[I2]['id']}/approve")).status_code == 409
+        await env.receiver.drain()
+        assert env.actuator.calls == []
+    run(go())
+
+
+# --- guards ------------------------------------------------------------------------------------------
+
+def _second_firing(instance: str = I1, dt: float = 1.0) -> dict[str, Any]:
+    return am_alert(instance=instance, starts=datetime.now(timezone.utc) + timedelta(seconds=dt))
+
+
+def test_cooldown_per_strategy_and_target(tmp_path: Path) -> None:
+    env = Env(tmp_path, metrics=StaticMetrics({"kv": 0.2}))  # restart's precondition fails
+    run(env.post(am_payload(am_alert(instance=I1))))
+    run(env.receiver.drain())
+    run(env.post(am_payload(_second_firing(I1), am_alert(instance=I2))))
+    run(env.receiver.drain())
+    # poke on I1 is cooling down (and restart does not apply); poke on I2 is a different target.
+    assert [c[0] for c in env.actuator.calls] == [I1, I2]
+    second = [a for a in run(env.actions()) if a["alert"]["instance"] == I1][0]
+    assert second["outcome"] == "blocked"
+    cd = [g for g in second["guards"] if g["guard"] == "cooldown"]
+    assert cd and cd[0]["ok"] is False and "left" in cd[0]["detail"]
+
+
+def test_cooldown_falls_through_to_next_candidate(tmp_path: Path) -> None:
+    env = Env(tmp_path, metrics=StaticMetrics({"kv": 0.6}))
+    run(env.post(am_payload(am_alert(instance=I1))))
+    run(env.receiver.drain())
+    run(env.post(am_payload(_second_firing(I1))))
+    run(env.receiver.drain())
+    assert [c[1] for c in env.actuator.calls] == ["poke", "restart"]
+
+
+def test_global_rate_limit(tmp_path: Path) -> None:
+    # Blast radius would stop 3 of 3; this test is about the rate limit.
+    env = Env(tmp_path, guards={"rate_limit": {"max_actions": 2, "window_s": 600},
+                                "blast_radius": {"max_affected_fraction": 1.0}})
+    run(env.post(am_payload(am_alert(instance=I1), am_alert(instance=I2), am_alert(instance=I3))))
+    run(env.receiver.drain())
+    assert len(env.actuator.calls) == 2
+    blocked = [a for a in run(env.actions()) if a["outcome"] == "blocked"]
+    assert len(blocked) == 1 and "rate_limit" in blocked[0]["detail"]
+
+
+def test_one_action_per_target_at_a_time(env: Env) -> None:
+    # Another runner (a peer replica) holds I1 right now.
+    assert env.store.acquire_lock("target:" + I1, "peer#job9", 600)
+    run(env.post(am_payload(am_alert(instance=I1))))
+    run(env.receiver.drain())
+    assert env.actuator.calls == []
+    [act] = run(env.actions())
+    assert act["outcome"] == "blocked" and "another action is running" in act["detail"]
+    # Our own actions release their target when done.
+    env.store.release_lock("target:" + I1, "peer#job9")
+    run(env.post(am_payload(_second_firing(I1))))
+    run(env.receiver.drain())
+    assert env.actuator.calls and env.store.lock_holder("target:" + I1) is None
+
+
+def test_blast_radius_stops_and_escalates(tmp_path: Path) -> None:
+    with WebhookSink() as sink:
+        env = Env(tmp_path, sink_url=sink.url)
+        run(env.post(am_payload(*[am_alert(instance=i) for i in (I1, I2, I3)])))
+        run(env.receiver.drain())
+        assert env.actuator.calls == []
+        acts = run(env.actions())
+        blocked = [a for a in acts if a["outcome"] == "blocked"]
+        assert len(blocked) == 3 and all("3/3 targets" in a["why"] for a in blocked)
+        esc = [a for a in acts if a["strategy"] == "escalate_to_human"]
+        assert esc and all(a["outcome"] == "success" for a in esc)
+        got = sink.wait_for(lambda p: "escalation (blast_radius)" in p.get("reason", ""), 5)
+        assert got["alert"]["alertname"] == "VllmKvCacheNearlyFull"
+    assert env.metric("vllm_otel_mitigation_escalations_total", reason="blast_radius") == 3
+
+
+def test_stale_alert_and_stale_metrics_stop(tmp_path: Path) -> None:
+    env = Env(tmp_path, metrics=StaticMetrics({"kv": 0.5}, age_s=600),
+              escalation={"strategy": None})
+    old = am_alert(instance=I1, starts=datetime.now(timezone.utc) - timedelta(hours=2))
+    run(env.post(am_payload(old, am_alert(instance=I2))))
+    run(env.receiver.drain())
+    assert env.actuator.calls == []
+    why = {a["alert"]["instance"]: a["why"] for a in run(env.actions())}
+    assert why[I1].startswith("stale data: alert started") and "metrics are 600 s old" in why[I2]
+    assert env.metric("vllm_otel_mitigation_escalations_total", reason="stale_data") == 2
+
+
+def test_circuit_breaker_opens_exports_metric_and_escalates(tmp_path: Path) -> None:
+    with WebhookSink() as sink:
+        env = Env(tmp_path, sink_url=sink.url, metrics=StaticMetrics({"kv": 0.2}),
+                  guards={"cooldown_s": 0, "circuit_breaker": {"failures": 3, "window_s": 600,
+                                                               "open_s": 300}},
+                  learner=RuleBasedLearner(failure_memory_s=0))
+        env.actuator.fail = True
+        for i in range(3):
+            run(env.post(am_payload(_second_firing(I1, dt=i))))
+            run(env.receiver.drain())
+        assert len(env.actuator.calls) == 3
+        assert env.metric("vllm_otel_mitigation_circuit_open", strategy="poke") == 1.0
+        assert env.metric("vllm_otel_mitigation_circuit_open", strategy="restart") == 0.0
+        got = sink.wait_for(lambda p: "circuit breaker of poke opened" in p.get("reason", ""), 5)
+        assert got["alert"]["instance"] == I1
+        # While open, poke is not tried again (restart does not apply at kv 0.2).
+        run(env.post(am_payload(_second_firing(I1, dt=10))))
+        run(env.receiver.drain())
+        assert len(env.actuator.calls) == 3
+        last = run(env.actions())[0]
+        assert any(g["guard"] == "circuit_breaker" and not g["ok"] for g in last["guards"])
+    assert env.mitigations("poke", "failure") == 3
+    assert env.metric("vllm_otel_mitigation_escalations_total", reason="circuit_open") == 1
+
+
+def test_kill_switch_in_config_and_via_api(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    cfg_env = Env(tmp_path / "a", kill_switch=True)
+    run(cfg_env.post(am_payload(am_alert())))
+    run(cfg_env.receiver.drain())
+    assert cfg_env.actuator.calls == []
+    assert run(cfg_env.actions())[0]["why"].startswith("kill switch: engaged in the policy")
+
+    (tmp_path / "b").mkdir()
+    env = Env(tmp_path / "b")
+
+    async def go() -> None:
+        async with env.client() as c:
+            r = await c.post("/killswitch", json={"engaged": True, "reason": "maintenance", "by": "ops"})
+            assert r.status_code == 200 and r.json()["engaged"] is True
+            assert env.metric("vllm_otel_mitigation_kill_switch") == 1.0
+            await env.post(am_payload(am_alert(instance=I1)))
+            await env.receiver.drain()
+            assert env.actuator.calls == []
+            [act] = await env.actions()
+            assert act["outcome"] == "blocked" and "maintenance" in act["why"]
+            await c.post("/killswitch", json={"engaged": False, "by": "ops"})
+            assert (await c.get("/killswitch")).json()["engaged"] is False
+            await env.post(am_payload(am_alert(instance=I2)))
+            await env.receiver.drain()
+            assert [x[0] for x in env.actuator.calls] == [I2]
+            assert (await c.post("/killswitch", json={"engaged": "maybe"})).status_code == 400
+    run(go())
+
+
+def test_precondition_and_least_invasive_first(tmp_path: Path) -> None:
+    env = Env(tmp_path, metrics=StaticMetrics({"kv": 0.95}), guards={"cooldown_s": 0})
+    run(env.post(am_payload(am_alert(instance=I1))))
+    run(env.receiver.drain())
+    # Both apply at kv 0.95; poke (10) goes before restart (80). Verification sees kv still high.
+    assert env.actuator.calls == [(I1, "poke", {"level": 1})]
+    [act] = run(env.actions())
+    assert act["outcome"] == "no_effect" and act["verification"]["ok"] is False
+    # The learner now skips poke on I1 (failed recently) and restart is next.
+    run(env.post(am_payload(_second_firing(I1))))
+    run(env.receiver.drain())
+    assert [c[1] for c in env.actuator.calls] == ["poke", "restart"]
+
+
+# --- restart, interruption ---------------------------------------------------------------------------
+
+def test_restart_resumes_pending_work(tmp_path: Path) -> None:
+    """Accept with one app (worker never runs), stop it; a new app on the same SQLite file acts."""
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = Env(tmp_path, db_url=db, start_worker=False)
+    with TestClient(first.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        assert c.post("/webhook", json=am_payload(am_alert())).status_code == 202
+    first.store.close()
+    assert first.actuator.calls == []
+
+    second = Env(tmp_path, db_url=db, start_worker=True)
+    with TestClient(second.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            acts = c.get("/actions").json()["actions"]
+            if acts and acts[0]["outcome"]:
+                break
+            time.sleep(0.05)
+        assert acts[0]["outcome"] == "success", acts
+        assert c.get("/healthz").json()["worker"] == "running"
+    assert second.actuator.calls == [(I1, "poke", {"level": 1})]
+
+
+def test_action_interrupted_by_a_stop_is_not_rerun(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = Env(tmp_path, db_url=db)
+    first.actuator.gate = asyncio.Event()  # the action hangs ...
+
+    async def go() -> None:
+        await first.post(am_payload(am_alert()))
+        task = asyncio.create_task(first.receiver.drain())
+        while not first.actuator.entered.is_set():
+            await asyncio.sleep(0.01)
+        await first.receiver.shutdown(grace_s=0.05)  # ... and the receiver stops mid-action
+        await asyncio.gather(task, return_exceptions=True)
+    run(go())
+    first.store.close()
+    second = Env(tmp_path, db_url=db)
+    run(second.receiver.drain())
+    assert second.actuator.calls == []
+    [act] = run(second.actions())
+    assert act["outcome"] == "interrupted" and "not re-run" in act["detail"]
+    assert second.store.lock_holder("target:" + I1) is None
+
+
+def test_lease_expiry_hands_a_dead_runners_job_to_another(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    run(env.post(am_payload(am_alert(instance=I1), am_alert(instance=I2))))
+    # A runner took the first job and died before deciding: another decides and acts.
+    job = env.store.claim_job("dead-replica", lease_s=0.3)
+    assert job is not None
+    # A runner took the second job, started the action, and died (no chance to record anything).
+    job2 = env.store.claim_job("dead-replica", lease_s=0.3)
+    assert job2 is not None and job2.id != job.id
+    assert env.store.claim_job("live-replica", lease_s=60) is None  # leases still held
+    aid = env.store.create_action(alert_id=job2.alert_id, job_id=job2.id, strategy="poke",
+                                  target=I2, mode="auto", why="test")
+    assert env.store.acquire_lock("target:" + I2, f"dead-replica#job{job2.id}", 600)
+    assert env.store.add_action_event(aid, "started")
+    time.sleep(0.35)
+    run(env.receiver.drain())
+    assert env.actuator.calls == [(I1, "poke", {"level": 1})]  # I2's half-done action not re-run
+    outcomes = {a["alert"]["instance"]: a["outcome"] for a in run(env.actions())}
+    assert outcomes == {I1: "success", I2: "interrupted"}
+    assert env.store.lock_holder("target:" + I2) is None  # the dead runner's target lease freed
+
+
+# --- escalation hook -----------------------------------------------------------------------------------
+
+def test_escalate_to_human_posts_to_the_hook_with_a_token_file(tmp_path: Path) -> None:
+    secret = "hook-secret-value-1234567890"
+    token_file = tmp_path / "hook-token"
+    token_file.write_text(secret + "\n")
+    with WebhookSink() as sink:
+        env = Env(tmp_path, sink_url=sink.url,
+                  strategies={"escalate_to_human": {"params": {"token_file": str(token_file)}}})
+        alert = am_alert("NeedsHuman", api_key="sk-abcdefghijklmnopqrstuvwxyz123456")
+        run(env.post(am_payload(alert)))
+        run(env.receiver.drain())
+        got = sink.wait_for(lambda p: p.get("source") == "vllm-otel", 5)
+        hdrs = {k.lower(): v for k, v in sink.received[-1]["headers"].items()}
+        assert hdrs["authorization"] == f"Bearer {secret}"
+        assert "NeedsHuman" in got["text"] and got["alert"]["labels"]["api_key"] != alert["labels"]["api_key"]
+    [act] = run(env.actions())
+    assert act["strategy"] == "escalate_to_human" and act["outcome"] == "success"
+    everything = " ".join(env.store.iter_all_text())
+    assert secret not in everything and "sk-abcdefghijklmnop" not in everything and TOKEN not in everything
+
+
+# --- several replicas on a real PostgreSQL ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def postgres():  # noqa: ANN201
+    from vllm_otel.testing.postgres import PostgresNotAvailable, PostgresServer
+
+    try:
+        server = PostgresServer()
+    except PostgresNotAvailable as e:
+        pytest.fail(str(e))
+    with server:
+        yield server
+
+
+def test_two_replicas_on_postgres_take_each_alert_once(tmp_path: Path, postgres) -> None:  # noqa: ANN001
+    r1 = Env(tmp_path, db_url=postgres.url)
+    r2 = Env(tmp_path, db_url=postgres.url)
+    assert r1.store.replica_id != r2.store.replica_id
+    alerts = [am_alert(instance=i) for i in (I1, I2)]
+
+    async def go() -> None:
+        # Alertmanager HA: both peers deliver the same group, one to each replica, at once.
+        res = await asyncio.gather(r1.post(am_payload(*alerts)), r2.post(am_payload(*alerts)),
+                                   r1.post(am_payload(*alerts)))
+        assert all(r.status_code == 202 for r in res)
+        assert sum(r.json()["new"] for r in res) == 2
+        await asyncio.gather(r1.receiver.drain(), r2.receiver.drain())
+    run(go())
+    calls = r1.actuator.calls + r2.actuator.calls
+    assert sorted(c[0] for c in calls) == [I1, I2]
+    counts = r1.store.table_counts()
+    assert counts["alerts"] == 2 and counts["jobs"] == 2 and counts["outcomes"] == 2
+    acts = run(r2.actions())
+    assert {a["outcome"] for a in acts} == {"success"}
+    # The kill switch set through one replica stops the other.
+    r2.store.set_kill_switch(True, by="ops", reason="shared")
+    run(r1.post(am_payload(_second_firing(I3))))
+    run(r1.receiver.drain())
+    assert len(r1.actuator.calls + r2.actuator.calls) == 2
+    assert run(r1.actions())[0]["outcome"] == "blocked"
+
+
+# --- a real server, a real Alertmanager -------------------------------------------------------------------
+
+# Exactly what Alertmanager 0.25 posts (captured from prometheus-alertmanager 0.25.0, field order kept).
+AM_025_BODY = """{"receiver":"vllm-otel","status":"firing","alerts":[{"status":"firing","labels":\
+{"alertname":"VllmKvCacheNearlyFull","instance":"10.0.0.1:8000","severity":"warning"},"annotations":\
+{"summary":"vLLM KV cache is nearly full."},"startsAt":"%s","endsAt":"0001-01-01T00:00:00Z",\
+"generatorURL":"http://prometheus:9090/graph?g0.expr=vllm%%3Akv_cache_usage_perc+%%3E+0.9&g0.tab=1",\
+"fingerprint":"df46d0ab3a0ca2d7"}],"groupLabels":{"alertname":"VllmKvCacheNearlyFull","instance":\
+"10.0.0.1:8000"},"commonLabels":{"alertname":"VllmKvCacheNearlyFull","instance":"10.0.0.1:8000",\
+"severity":"warning"},"commonAnnotations":{"summary":"vLLM KV cache is nearly full."},"externalURL":\
+"http://vm:9093","version":"4","groupKey":"{}:{alertname=\\"VllmKvCacheNearlyFull\\", instance=\\"10.0.0.1:8000\\"}",\
+"truncatedAlerts":0}"""
+
+
+class UvicornThread:
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "UvicornThread":
+        self.thread.start()
+        wait_http(f"{self.url}/healthz", timeout_s=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _wait_actions(url: str, pred: Any, timeout_s: float = 15) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    acts: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        acts = httpx.get(f"{url}/actions", headers={"Authorization": f"Bearer {TOKEN}"}).json()["actions"]
+        if pred(acts):
+            return acts
+        time.sleep(0.1)
+    raise AssertionError(f"no matching actions in {timeout_s} s: {acts}")
+
+
+def test_real_uvicorn_receives_alertmanager_025_body(tmp_path: Path) -> None:
+    env = Env(tmp_path, start_worker=True)
+    starts = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    body = (AM_025_BODY % starts).encode()
+    json.loads(body)  # the fixture itself is valid JSON
+    with UvicornThread(env.app) as srv:
+        r = httpx.post(f"{srv.url}/webhook", content=body,
+                       headers={"Content-Type": "application/json", "User-Agent": "Alertmanager/0.25.0",
+                                "Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 202 and r.json()["new"] == 1
+        acts = _wait_actions(srv.url, lambda a: a and a[0]["outcome"])
+        assert acts[0]["outcome"] == "success" and acts[0]["alert"]["fingerprint"] == "df46d0ab3a0ca2d7"
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'vllm_otel_mitigations_total{outcome="success",strategy="poke"} 1.0' in metrics
+        assert 'vllm_otel_receiver_store_up 1.0' in metrics
+        assert httpx.get(f"{srv.url}/healthz").json() == {
+            "status": "ok", "replica": env.store.replica_id, "store": "ok", "worker": "running"}
+
+
+@pytest.mark.alertmanager
+def test_real_alertmanager_delivers_with_bearer_token_file(tmp_path: Path) -> None:
+    from vllm_otel.testing.services import AlertmanagerServer
+
+    env = Env(tmp_path, start_worker=True)
+    token_file = tmp_path / "am-token"
+    token_file.write_text(TOKEN)
+    with UvicornThread(env.app) as srv, AlertmanagerServer(
+            tmp_path / "am", webhook_url=f"{srv.url}/webhook", bearer_token_file=token_file) as am:
+        now = datetime.now(timezone.utc).isoformat()
+        r = httpx.post(f"{am.url}/api/v2/alerts", json=[{
+            "labels": {"alertname": "VllmKvCacheNearlyFull", "instance": I2, "severity": "warning"},
+            "annotations": {"summary": "kv"}, "startsAt": now}])
+        assert r.status_code == 200
+        acts = _wait_actions(srv.url, lambda a: a and a[0]["outcome"], timeout_s=20)
+        assert acts[0]["outcome"] == "success" and acts[0]["alert"]["instance"] == I2
+    assert env.actuator.calls == [(I2, "poke", {"level": 1})]
+    assert env.metric("vllm_otel_receiver_webhooks_total", code="202") >= 1
