@@ -24,10 +24,11 @@ from typing import Any, Mapping
 
 import httpx
 import pytest
+import yaml
 from starlette.testclient import TestClient
 
 from vllm_otel.learn.learner import RuleBasedLearner
-from vllm_otel.mitigate.models import JobState, Target
+from vllm_otel.mitigate.models import JobState, Outcome, Target
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check,
@@ -647,6 +648,27 @@ def test_lease_expiry_hands_a_dead_runners_job_to_another(tmp_path: Path) -> Non
     assert env.store.lock_holder("target:" + I2) is None  # the dead runner's target lease freed
 
 
+def test_receiver_replays_stored_outcomes_into_a_fresh_learner(tmp_path: Path) -> None:
+    """A restarted receiver's learner knows what failed before the restart (via the store)."""
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(db)
+    aid = store.create_action(alert_id=None, job_id=None, strategy="poke", target="10.0.0.1:8000",
+                              mode="auto", why="before the restart",
+                              state={"alertname": "VllmKvCacheNearlyFull", "target": "10.0.0.1:8000"})
+    store.add_action_event(aid, "started")
+    store.finish_action(aid, Outcome.FAILURE, detail="refused")
+    store.close()
+
+    env = Env(tmp_path, db_url=db, guards={"cooldown_s": 0})
+    assert env.receiver.sync_learner() == 1
+    assert env.receiver.learner.failed_recently("poke", "10.0.0.1:8000")
+    run(env.post(am_payload(am_alert())))
+    run(env.receiver.drain())
+    # poke failed recently on this target, so the next candidate (restart, kv 0.5) runs.
+    assert [c[1] for c in env.actuator.calls] == ["restart"]
+    assert "skipped poke" in run(env.actions())[0]["why"]
+
+
 # --- escalation hook -----------------------------------------------------------------------------------
 
 def test_escalate_to_human_posts_to_the_hook_with_a_token_file(tmp_path: Path) -> None:
@@ -773,6 +795,66 @@ def test_real_uvicorn_receives_alertmanager_025_body(tmp_path: Path) -> None:
         assert 'vllm_otel_receiver_store_up 1.0' in metrics
         assert httpx.get(f"{srv.url}/healthz").json() == {
             "status": "ok", "replica": env.store.replica_id, "store": "ok", "worker": "running"}
+
+
+_CLI = ("import argparse, sys; from vllm_otel.mitigate.cli import add_parser; "
+        "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+
+
+def test_receiver_command_serves_tls_with_a_token_file(tmp_path: Path) -> None:
+    """The `receiver` subcommand as a real process: HTTPS, bearer token from a file, SQLite store."""
+    import shutil
+    import ssl
+    import subprocess
+    import sys
+
+    from vllm_otel.testing.processes import ManagedProcess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not on PATH: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump({
+        "targets": [{"instance": I1}], "default_mode": "dry-run",
+        "rules": [{"alertname": "VllmKvCacheNearlyFull", "strategies": ["escalate_to_human"]}],
+        "strategies": {"escalate_to_human": {"params": {"url": "http://127.0.0.1:9/hook"}}}}))
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    proc = ManagedProcess("receiver", [
+        sys.executable, "-c", _CLI, "receiver", "--config", str(policy_file), "--port", str(port),
+        "--token-file", str(token_file), "--tls-cert", str(cert), "--tls-key", str(key),
+        "--db-url", f"sqlite:///{tmp_path / 'cli.db'}"], tmp_path / "receiver.log")
+    with proc, httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=5) as c:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if c.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.1)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert c.post(f"{url}/webhook", json=am_payload(am_alert()),
+                      headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert c.post(f"{url}/webhook", json=am_payload(am_alert()), headers=auth).status_code == 202
+        deadline = time.monotonic() + 10
+        while True:
+            acts = c.get(f"{url}/actions", headers=auth).json()["actions"]
+            if acts and acts[0]["outcome"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert acts[0]["outcome"] == "dry_run" and acts[0]["strategy"] == "escalate_to_human"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)  # plain HTTP is not served
+    assert TOKEN not in (tmp_path / "cli.db").read_bytes().decode("latin-1")
 
 
 @pytest.mark.alertmanager

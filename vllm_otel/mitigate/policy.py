@@ -111,7 +111,8 @@ class GuardsConfig(_Cfg):
 
 class EscalationConfig(_Cfg):
     strategy: str | None = Field("escalate_to_human", description="None: escalations only counted")
-    on: list[Literal["blast_radius", "stale_data", "circuit_open", "exhausted"]] = Field(
+    # Not "on": YAML 1.1 reads a bare `on` key as the boolean true.
+    when: list[Literal["blast_radius", "stale_data", "circuit_open", "exhausted"]] = Field(
         default_factory=lambda: list(ESCALATION_REASONS))
 
 

@@ -1,10 +1,11 @@
 """The mitigation receiver: Alertmanager webhooks in, guarded and verified actions out.
 
 POST /webhook persists every alert of the notification (dedupe key fingerprint + startsAt) and
-answers 202 before any work runs; a background worker then takes jobs from the store, asks the
-guards and the learner, runs the chosen strategy through the actuator, verifies it, and records
-the outcome (which the learner reads back from the store). Because the work queue lives in the
-store, a restarted receiver resumes pending work and several replicas can share one PostgreSQL.
+answers 202 before any work runs; the background :class:`~vllm_otel.mitigate.worker.Worker` then
+takes jobs from the store, asks the guards and the learner, runs the chosen strategy through the
+actuator, verifies it, and records the outcome (which the learner reads back from the store).
+Because the work queue lives in the store, a restarted receiver resumes pending work and several
+replicas can share one PostgreSQL. Operators approve, reject and stop actions over HTTP here.
 
 Only 5xx answers make Alertmanager retry, so: 400 for payloads that will never be valid, 401/403
 for auth, 413 for oversize bodies, 503 when the store is down (retry is right then).
@@ -13,116 +14,35 @@ for auth, 413 for oversize bodies, 503 when the store is down (retry is right th
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
-import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vllm_otel.learn.learner import Learner, RuleBasedLearner
-from vllm_otel.mitigate.models import (FAILED_OUTCOMES, AlertmanagerWebhook, AlertRecord,
-                                       AlertStatus, GuardDecision, JobRecord, JobState, Mode,
-                                       Outcome, Target, describe_validation_error)
-from vllm_otel.mitigate.policy import Guardrails, Policy
-from vllm_otel.mitigate.strategies import (ActionResult, Actuator, Check, MetricsSnapshot,
-                                           MetricsSource, Strategy, StrategyContext,
-                                           UnavailableActuator, Verification)
+from vllm_otel.learn.learner import Learner
+from vllm_otel.mitigate.models import (AlertmanagerWebhook, AlertStatus, JobState, Outcome,
+                                       describe_validation_error)
+from vllm_otel.mitigate.policy import Policy
+from vllm_otel.mitigate.strategies import Actuator, MetricsSource
+from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
 from vllm_otel.store import Store
 
-__all__ = ["Receiver", "create_app", "DEFAULT_MAX_BODY_BYTES", "ReceiverMetrics"]
+__all__ = ["Receiver", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a full group of 1,000 alerts is ~700 kB
-_DECIDE_LOCK = "decide"
-_NOT_LOCKED = object()
 
 
-# --- metrics ----------------------------------------------------------------------------------------
-
-class _StoreCollector:
-    """Facts that live in the store (shared by replicas), read at scrape time."""
-
-    def __init__(self, receiver: "Receiver") -> None:
-        self.r = receiver
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        up = GaugeMetricFamily("vllm_otel_receiver_store_up", "1 when the store answered this scrape")
-        try:
-            circuit = GaugeMetricFamily(
-                "vllm_otel_mitigation_circuit_open",
-                "1 while the strategy's circuit breaker is open (repeated failures): page a human",
-                labels=["strategy"])
-            for name in self.r.policy.strategy_names():
-                circuit.add_metric([name], 1.0 if self.r.guards.circuit(name).open else 0.0)
-            kill = GaugeMetricFamily("vllm_otel_mitigation_kill_switch",
-                                     "1 while the kill switch stops every action")
-            kill.add_metric([], 0.0 if self.r.guards.kill_switch().ok else 1.0)
-            jobs = GaugeMetricFamily("vllm_otel_receiver_jobs", "mitigation jobs by state",
-                                     labels=["state"])
-            for state, n in self.r.store.job_counts().items():
-                jobs.add_metric([state], float(n))
-            up.add_metric([], 1.0)
-            yield from (circuit, kill, jobs, up)
-        except Exception:  # noqa: BLE001 - a scrape must still say the store is down
-            log.exception("store unavailable during scrape")
-            up.add_metric([], 0.0)
-            yield up
-
-
-class ReceiverMetrics:
-    def __init__(self, registry: CollectorRegistry, receiver: "Receiver") -> None:
-        self.registry = registry
-        self.mitigations = Counter("vllm_otel_mitigations", "finished mitigation decisions",
-                                   ["strategy", "outcome"], registry=registry)
-        self.escalations = Counter("vllm_otel_mitigation_escalations",
-                                   "times automation stopped and asked for a human", ["reason"],
-                                   registry=registry)
-        self.action_seconds = Histogram("vllm_otel_mitigation_action_duration_seconds",
-                                        "execute + verify time of executed actions", ["strategy"],
-                                        buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-                                        registry=registry)
-        self.webhooks = Counter("vllm_otel_receiver_webhooks", "webhook requests by HTTP status",
-                                ["code"], registry=registry)
-        self.alerts = Counter("vllm_otel_receiver_alerts", "alerts received",
-                              ["status", "result"], registry=registry)
-        self.truncated = Counter("vllm_otel_receiver_truncated_alerts",
-                                 "alerts Alertmanager left out of notifications (max_alerts)",
-                                 registry=registry)
-        self.store_errors = Counter("vllm_otel_receiver_store_errors",
-                                    "store failures while handling webhooks", registry=registry)
-        self.worker_errors = Counter("vllm_otel_receiver_worker_errors",
-                                     "unexpected errors in the background worker", registry=registry)
-        self.heartbeat = Gauge("vllm_otel_receiver_worker_heartbeat_timestamp_seconds",
-                               "last time the worker loop ran", registry=registry)
-        registry.register(_StoreCollector(receiver))  # type: ignore[arg-type]
-
-
-# --- the receiver -----------------------------------------------------------------------------------
-
-@dataclass
-class _Plan:
-    """What a decision leaves to do outside the decision lock."""
-
-    action_id: int | None = None
-    strategy: str | None = None
-    ctx: StrategyContext | None = None
-    execute: bool = False
-    lock_owner: str | None = None
-    escalations: list[tuple[str, str]] = field(default_factory=list)
-
+# --- operator request bodies -----------------------------------------------------------------------
 
 class ApproveBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -138,7 +58,7 @@ class KillSwitchBody(BaseModel):
 
 
 class Receiver:
-    """Ingest, decide, act, verify, record. HTTP lives in :func:`create_app`."""
+    """The receiving side: ingest notifications, operator actions; the :class:`Worker` acts."""
 
     def __init__(self, policy: Policy, store: Store, *, actuator: Actuator | None = None,
                  metrics_source: MetricsSource | None = None, learner: Learner | None = None,
@@ -147,28 +67,30 @@ class Receiver:
                  clock: Callable[[], float] = time.time) -> None:
         self.policy = policy
         self.store = store
-        self.actuator: Actuator = actuator or UnavailableActuator()
-        self.metrics_source = metrics_source
-        self.learner: Learner = learner or RuleBasedLearner(clock=clock)
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.clock = clock
+        self.worker = Worker(policy, store, actuator=actuator, metrics_source=metrics_source,
+                             learner=learner, registry=registry, clock=clock)
+        self.metrics = self.worker.metrics
         self.replica_id = store.replica_id
-        self.guards = Guardrails(policy, store, clock)
-        self.metrics = ReceiverMetrics(registry or CollectorRegistry(), self)
-        self.worker_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
-        self._decide_mutex = threading.Lock()
-        self._learner_mutex = threading.Lock()
-        self._learner_cursor = 0
-        self._learner_synced = False
 
     @property
-    def wcfg(self):  # noqa: ANN201 - WorkerConfig
-        return self.policy.config.worker
+    def learner(self) -> Learner:
+        return self.worker.learner
+
+    def wake(self) -> None:
+        self.worker.wake()
+
+    async def drain(self) -> int:
+        """Process every job that can be claimed now, to completion (tests, one-shot runs)."""
+        return await self.worker.drain()
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        await self.worker.shutdown(grace_s)
+
+    def sync_learner(self) -> int:
+        return self.worker.sync_learner()
 
     # --- ingest (sync: called in a thread) ---------------------------------------------------------------
 
@@ -216,572 +138,6 @@ class Receiver:
                 self.metrics.alerts.labels("resolved", "new" if res.resolved_now else "duplicate").inc()
         return counts
 
-    # --- worker ----------------------------------------------------------------------------------------
-
-    def wake(self) -> None:
-        """Tell the worker there is work (safe from any thread)."""
-        if self._wake is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake.set)
-
-    async def run_forever(self) -> None:
-        """The background worker: resumes what earlier runs left pending, then polls and wakes."""
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        await asyncio.to_thread(self.sync_learner)
-        while not self._stopping:
-            try:
-                await self._fill()
-            except Exception:  # noqa: BLE001 - the loop must survive a bad job or a store blip
-                log.exception("mitigation worker error")
-                self.metrics.worker_errors.inc()
-            self.metrics.heartbeat.set(time.time())
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.wcfg.poll_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-
-    async def drain(self) -> int:
-        """Process every job that can be claimed now, to completion (tests, one-shot runs)."""
-        await asyncio.to_thread(self.sync_learner)
-        done = 0
-        while True:
-            done += await self._fill()
-            if not self._tasks:
-                return done
-            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-
-    async def shutdown(self, grace_s: float = 5.0) -> None:
-        self._stopping = True
-        self.wake()
-        if self.worker_task is not None:
-            self.worker_task.cancel()
-            await asyncio.gather(self.worker_task, return_exceptions=True)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def _fill(self) -> int:
-        started = 0
-        while len(self._tasks) < self.wcfg.concurrency and not self._stopping:
-            job = await asyncio.to_thread(self.store.claim_job, self.replica_id, self.wcfg.lease_s,
-                                          self.clock())
-            if job is None:
-                break
-            task = asyncio.create_task(self._process_job(job), name=f"mitigation-job-{job.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
-            started += 1
-        return started
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._wake is not None:
-            self._wake.set()
-
-    async def _process_job(self, job: JobRecord) -> None:
-        try:
-            await self._process(job)
-        except asyncio.CancelledError:
-            # Shutting down: hand back what has not started, so a restart (or a peer) resumes it.
-            await asyncio.shield(asyncio.to_thread(self._hand_back, job.id))
-            raise
-        except Exception:  # noqa: BLE001
-            log.exception("job %s failed; it will be retried (attempt %d of %d)", job.id,
-                          job.attempts, self.wcfg.max_attempts)
-            self.metrics.worker_errors.inc()
-            await asyncio.to_thread(self._hand_back, job.id)
-
-    def _hand_back(self, job_id: int) -> None:
-        j = self.store.job(job_id)
-        if j is None or j.state is not JobState.RUNNING or j.owner != self.replica_id:
-            return
-        self.store.set_job_state(job_id, self.replica_id, JobState.PENDING, now=self.clock())
-
-    def _job_owner_lock(self, job_id: int | None) -> str:
-        return f"{self.replica_id}#job{job_id}" if job_id is not None else f"{self.replica_id}#{uuid.uuid4().hex[:8]}"
-
-    def _done(self, job_id: int, state: JobState = JobState.DONE, action_id: int | None = None) -> None:
-        self.store.set_job_state(job_id, self.replica_id, state, action_id=action_id, now=self.clock())
-
-    def _count(self, strategy: str | None, outcome: Outcome | str) -> None:
-        self.metrics.mitigations.labels(strategy or "none",
-                                        outcome.value if isinstance(outcome, Outcome) else outcome).inc()
-
-    async def _process(self, job: JobRecord) -> None:
-        alert = await asyncio.to_thread(self.store.alert, job.alert_id)
-        if alert is None:  # pragma: no cover - foreign key makes this impossible
-            await asyncio.to_thread(self._done, job.id)
-            return
-        if job.action_id is not None:
-            done = await asyncio.to_thread(self._resume_existing, job)
-            if done:
-                return
-            action = await asyncio.to_thread(self.store.action, job.action_id)
-            if action is not None and action.status == "approved":
-                await self._run_approved(job, alert, action.id, action.strategy)  # type: ignore[arg-type]
-                return
-        if job.attempts > self.wcfg.max_attempts:
-            await asyncio.to_thread(self._give_up, job, alert)
-            return
-        await self._decide_and_run(job, alert)
-
-    def _resume_existing(self, job: JobRecord) -> bool:
-        """A job that already has an action (approval, restart). True when nothing is left to do."""
-        assert job.action_id is not None
-        ev = self.store.action_events(job.action_id)
-        action = self.store.action(job.action_id)
-        if "finished" in ev:
-            self._done(job.id)
-            return True
-        if "started" in ev:
-            # Its runner died mid-action. Re-running something that may have half-happened is
-            # how automation makes incidents worse: record it, let the learner see a failure.
-            detail = "the receiver stopped while this action ran; it is not re-run"
-            if self.store.finish_action(job.action_id, Outcome.INTERRUPTED, detail=detail,
-                                        now=self.clock()):
-                self._count(action.strategy if action else None, Outcome.INTERRUPTED)
-            # Free the dead runner's hold on the target (its lease names this job).
-            if action is not None and action.target:
-                name = self.guards.target_lock(action.target)
-                holder = self.store.lock_holder(name, now=self.clock())
-                if holder is not None and holder.endswith(f"#job{job.id}"):
-                    self.store.release_lock(name, holder)
-            self._done(job.id)
-            return True
-        if "approved" in ev:
-            return False
-        if action is not None and action.mode == Mode.APPROVAL.value:
-            self._done(job.id, JobState.WAITING_APPROVAL)
-            return True
-        # Decided but never started (stopped in between): supersede it and decide afresh.
-        if self.store.finish_action(job.action_id, Outcome.SKIPPED, now=self.clock(),
-                                    detail="superseded: the receiver stopped before it ran"):
-            self._count(action.strategy if action else None, Outcome.SKIPPED)
-        return False
-
-    def _give_up(self, job: JobRecord, alert: AlertRecord) -> None:
-        why = f"gave up after {job.attempts - 1} attempts (receiver errors; see its log)"
-        aid = self.store.create_action(alert_id=alert.id, job_id=job.id, strategy=None,
-                                       target=alert.instance, mode="none", why=why, now=self.clock())
-        self.store.finish_action(aid, Outcome.SKIPPED, detail=why, now=self.clock())
-        self._count(None, Outcome.SKIPPED)
-        self._done(job.id)
-
-    # --- deciding ------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _state(alert: AlertRecord) -> dict[str, Any]:
-        return {"alertname": alert.alertname, "failure_type": alert.failure_type,
-                "severity": alert.severity, "target": alert.instance, "labels": dict(alert.labels)}
-
-    async def _snapshot(self, target: Target | None) -> MetricsSnapshot | None:
-        if self.metrics_source is None or target is None:
-            return None
-        try:
-            return await asyncio.wait_for(self.metrics_source.snapshot(target), 15.0)
-        except Exception as e:  # noqa: BLE001 - unreadable metrics are stale data, not a crash
-            log.warning("metrics for %s unavailable: %s", target.instance, redact_text(e))
-            return None
-
-    async def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` (sync, in a thread) holding the store's decision lease: guard checks and the
-        'started' record of one decision are atomic across replicas (rate limit, cooldown)."""
-        owner = f"{self.replica_id}#{uuid.uuid4().hex[:8]}"
-
-        def call() -> Any:
-            with self._decide_mutex:
-                if not self.store.acquire_lock(_DECIDE_LOCK, owner, 30.0, now=self.clock()):
-                    return _NOT_LOCKED
-                try:
-                    return fn(*args)
-                finally:
-                    self.store.release_lock(_DECIDE_LOCK, owner)
-
-        for _ in range(300):
-            got = await asyncio.to_thread(call)
-            if got is not _NOT_LOCKED:
-                return got
-            await asyncio.sleep(0.05)
-        raise TimeoutError("the decision lock stayed taken for 15 s")
-
-    async def _decide_and_run(self, job: JobRecord, alert: AlertRecord) -> None:
-        target = self.policy.target(alert.instance)
-        snap = await self._snapshot(target)
-        errors = await asyncio.to_thread(self.store.recent_errors, alert.instance,
-                                         since=self.clock() - 3600.0)
-        await asyncio.to_thread(self.sync_learner)
-        plan: _Plan = await self._locked(self._decide, job, alert, target, snap, errors)
-        for reason, detail in plan.escalations:
-            await self._escalate(alert, target, reason, detail, snap, errors)
-        if plan.execute:
-            await self._run_action(plan, job.id)
-
-    def _decide(self, job: JobRecord, alert: AlertRecord, target: Target | None,
-                snap: MetricsSnapshot | None, errors: list[str]) -> _Plan:
-        g = self.guards
-        now = self.clock()
-        state = self._state(alert)
-        metrics = dict(snap.values) if snap else {}
-        decisions: list[GuardDecision] = []
-
-        def stop(outcome: Outcome, why: str, escalate: tuple[str, str] | None = None,
-                 strategy: str | None = None) -> _Plan:
-            aid = self.store.create_action(
-                alert_id=alert.id, job_id=job.id, strategy=strategy, target=alert.instance,
-                mode="none" if strategy is None else self.policy.mode(strategy).value, why=why,
-                guards=[d.model_dump() for d in decisions], state=state, errors=errors,
-                metrics_before=metrics, now=now)
-            self.store.finish_action(aid, outcome, detail=why, now=now)
-            self._count(strategy, outcome)
-            self._done(job.id, action_id=aid)
-            return _Plan(action_id=aid, escalations=[escalate] if escalate else [])
-
-        # 1. Checks that stop everything.
-        d = g.kill_switch()
-        decisions.append(d)
-        if not d.ok:
-            return stop(Outcome.BLOCKED, f"kill switch: {d.detail}")
-        if job.cancel_requested:
-            return stop(Outcome.CANCELLED, "the alert resolved before any action")
-        for d in (g.alert_fresh(alert), g.metrics_fresh(snap.at if snap else None,
-                                                        self.metrics_source is not None)):
-            decisions.append(d)
-            if not d.ok:
-                return stop(Outcome.BLOCKED, f"stale data: {d.detail}", ("stale_data", d.detail))
-        d = g.blast_radius()
-        decisions.append(d)
-        if not d.ok:
-            return stop(Outcome.BLOCKED, f"blast radius: {d.detail}", ("blast_radius", d.detail))
-
-        # 2. Candidates, each through its own guards and precondition.
-        candidates = self.policy.candidates(alert.alertname, alert.labels) or []
-        if not candidates:
-            return stop(Outcome.SKIPPED, "the matching policy rule lists no strategies (record only)")
-        available: list[Strategy] = []
-        base_ctx = StrategyContext(alert=alert, target=target, mode=Mode.AUTO, state=state,
-                                   errors=list(errors), metrics_before=metrics,
-                                   metrics_at=snap.at if snap else None,
-                                   metrics_source=self.metrics_source)
-        allowed = g.target_allowed(alert.instance)
-        for name in candidates:
-            strat = self.policy.strategy(name)
-            checks = [g.mode_allows(name)]
-            if strat.needs_target:
-                checks.append(allowed.model_copy(update={"strategy": name}))
-            checks += [g.circuit_guard(name), g.cooldown(name, alert.instance)]
-            for c in checks:
-                decisions.append(c)
-                if not c.ok:
-                    break
-            else:
-                pre = self._precondition(strat, base_ctx)
-                decisions.append(GuardDecision(guard="precondition", ok=pre.ok, detail=pre.reason,
-                                               strategy=name))
-                if pre.ok:
-                    available.append(strat)
-        if not available:
-            failed = [d for d in decisions if not d.ok]
-            only_pre = all(d.guard in ("precondition", "mode") for d in failed)
-            summary = "; ".join(f"{d.strategy}: {d.guard} ({d.detail})" for d in failed)
-            return stop(Outcome.SKIPPED if only_pre else Outcome.BLOCKED,
-                        f"no candidate strategy may run: {summary}")
-
-        # 3. The learner picks.
-        with self._learner_mutex:
-            name, confidence = self.learner.select_best_strategy(state, errors, metrics, available)
-            reason = getattr(self.learner, "last_reason", "")
-        if name is None:
-            why = f"learner chose none of {[s.name for s in available]}: {reason}"
-            return stop(Outcome.SKIPPED, why, ("exhausted", why))
-        if name not in {s.name for s in available}:
-            return stop(Outcome.SKIPPED, f"learner chose {name!r}, which is not available")
-        strat = self.policy.strategy(name)
-        mode = self.policy.mode(name)
-        why = (f"{alert.alertname} on {alert.instance}: {type(self.learner).__name__} chose {name} "
-               f"(invasiveness {strat.invasiveness}, confidence {confidence:.2f}) among "
-               f"{[s.name for s in available]}" + (f": {reason}" if reason else ""))
-        params = strat.params.model_dump(mode="json")
-        ctx = dataclasses.replace(base_ctx, mode=mode, why=why)
-
-        if mode is Mode.DRY_RUN:
-            aid = self.store.create_action(
-                alert_id=alert.id, job_id=job.id, strategy=name, target=alert.instance,
-                mode=mode.value, why=why, confidence=confidence, params=params,
-                guards=[d.model_dump() for d in decisions], state=state, errors=errors,
-                metrics_before=metrics, now=now)
-            self.store.finish_action(aid, Outcome.DRY_RUN, now=now,
-                                     detail=f"dry-run: would run {name} with {params}")
-            self._count(name, Outcome.DRY_RUN)
-            self._done(job.id, action_id=aid)
-            return _Plan(action_id=aid)
-        if mode is Mode.APPROVAL:
-            aid = self.store.create_action(
-                alert_id=alert.id, job_id=job.id, strategy=name, target=alert.instance,
-                mode=mode.value, why=why, confidence=confidence, params=params,
-                guards=[d.model_dump() for d in decisions], state=state, errors=errors,
-                metrics_before=metrics, now=now)
-            self._done(job.id, JobState.WAITING_APPROVAL, action_id=aid)
-            log.info("action %d (%s on %s) awaits approval: POST /actions/%d/approve", aid, name,
-                     alert.instance, aid)
-            return _Plan(action_id=aid)
-
-        # 4. Auto: the checks that stop the chosen action, then 'started', all under the lock.
-        return self._start(job, alert, name, ctx, decisions, confidence=confidence, why=why,
-                           params=params, state=state, errors=errors, metrics=metrics)
-
-    def _start(self, job: JobRecord, alert: AlertRecord, name: str, ctx: StrategyContext,
-               decisions: list[GuardDecision], *, action_id: int | None = None,
-               confidence: float | None = None, why: str = "", params: Mapping[str, Any] | None = None,
-               state: Mapping[str, Any] | None = None, errors: list[str] | None = None,
-               metrics: Mapping[str, float] | None = None,
-               late_checks: list[GuardDecision] | None = None) -> _Plan:
-        """The checks that stop a chosen action, then its 'started' record (under the lock)."""
-        g = self.guards
-        now = self.clock()
-        strat = self.policy.strategy(name)
-        # Decided after the action was recorded (approval path): stored with its events.
-        late: list[GuardDecision] = list(late_checks or [])
-
-        def record(ds: list[GuardDecision]) -> int:
-            if action_id is not None:
-                return action_id
-            return self.store.create_action(
-                alert_id=alert.id, job_id=job.id, strategy=name, target=alert.instance,
-                mode=Mode.AUTO.value, why=why, confidence=confidence, params=params,
-                guards=[d.model_dump() for d in ds], state=state, errors=errors or [],
-                metrics_before=metrics, now=now)
-
-        def blocked(outcome: Outcome, detail: str) -> _Plan:
-            aid = record(decisions)
-            self.store.finish_action(aid, outcome, detail=detail, now=now,
-                                     guards=[d.model_dump() for d in late])
-            self._count(name, outcome)
-            self._done(job.id, action_id=aid)
-            return _Plan(action_id=aid)
-
-        checks = [g.rate_limit()] if strat.invasiveness > 0 else []
-        for c in checks:
-            (late if action_id is not None else decisions).append(c)
-            if not c.ok:
-                return blocked(Outcome.BLOCKED, f"{c.guard}: {c.detail}")
-        lock_owner = None
-        if strat.needs_target and alert.instance is not None:
-            lock_owner = self._job_owner_lock(job.id)
-            c = g.acquire_target(alert.instance, lock_owner)
-            (late if action_id is not None else decisions).append(c)
-            if not c.ok:
-                return blocked(Outcome.BLOCKED, f"{c.guard}: {c.detail}")
-        current = self.store.job(job.id)
-        if current is not None and current.cancel_requested:
-            if lock_owner:
-                g.release_target(alert.instance, lock_owner)  # type: ignore[arg-type]
-            return blocked(Outcome.CANCELLED, "the alert resolved before the action started")
-        aid = record(decisions)
-        if not self.store.add_action_event(aid, "started", {"guards": [d.model_dump() for d in late]},
-                                           now=now):
-            if lock_owner:  # someone else started it (cannot happen under the lock; be safe)
-                g.release_target(alert.instance, lock_owner)  # type: ignore[arg-type]
-            return _Plan(action_id=aid)
-        ctx.action_id = aid
-        return _Plan(action_id=aid, strategy=name, ctx=ctx, execute=True, lock_owner=lock_owner)
-
-    @staticmethod
-    def _precondition(strat: Strategy, ctx: StrategyContext) -> Check:
-        try:
-            got = strat.applies(ctx)
-        except Exception as e:  # noqa: BLE001 - a broken precondition means "do not run"
-            return Check(False, f"precondition raised {type(e).__name__}: {redact_text(e)}")
-        if isinstance(got, Check):
-            return got
-        return Check(bool(got), "" if got else "precondition not met")
-
-    async def _run_approved(self, job: JobRecord, alert: AlertRecord, action_id: int,
-                            name: str) -> None:
-        """A human approved: check what may have changed since (kill switch, breaker, cooldown,
-        target busy, rate limit), then run it."""
-        target = self.policy.target(alert.instance)
-        snap = await self._snapshot(target)
-        errors = await asyncio.to_thread(self.store.recent_errors, alert.instance,
-                                         since=self.clock() - 3600.0)
-        action = await asyncio.to_thread(self.store.action, action_id)
-        assert action is not None
-
-        def decide() -> _Plan:
-            g = self.guards
-            checks = [g.kill_switch(), g.mode_allows(name)]
-            if self.policy.strategy(name).needs_target:
-                checks.append(g.target_allowed(alert.instance))
-            checks += [g.circuit_guard(name), g.cooldown(name, alert.instance)]
-            failed = next((c for c in checks if not c.ok), None)
-            if failed is not None:
-                self.store.finish_action(action_id, Outcome.BLOCKED, now=self.clock(),
-                                         detail=f"approved, then {failed.guard}: {failed.detail}",
-                                         guards=[c.model_dump() for c in checks])
-                self._count(name, Outcome.BLOCKED)
-                self._done(job.id)
-                return _Plan(action_id=action_id)
-            before = dict(snap.values) if snap else {k: float(v) for k, v in action.metrics_before.items()}
-            ctx = StrategyContext(alert=alert, target=target, mode=Mode.APPROVAL, why=action.why,
-                                  state=self._state(alert), errors=list(errors),
-                                  metrics_before=before, metrics_at=snap.at if snap else None,
-                                  metrics_source=self.metrics_source, action_id=action_id)
-            return self._start(job, alert, name, ctx, [], action_id=action_id, late_checks=checks)
-
-        plan: _Plan = await self._locked(decide)
-        if plan.execute:
-            await self._run_action(plan, job.id)
-
-    # --- acting --------------------------------------------------------------------------------------------
-
-    async def _run_action(self, plan: _Plan, job_id: int | None) -> None:
-        assert plan.ctx is not None and plan.strategy is not None and plan.action_id is not None
-        name, ctx = plan.strategy, plan.ctx
-        strat = self.policy.strategy(name)
-        timeout = self.wcfg.action_timeout_s
-        t0 = time.monotonic()
-        finished = False
-        try:
-            was_open = (await asyncio.to_thread(self.guards.circuit, name)).open
-            try:
-                result = await asyncio.wait_for(strat.execute(ctx, self.actuator), timeout)
-                if not isinstance(result, ActionResult):
-                    result = ActionResult(ok=False, detail=f"execute returned {type(result).__name__}, "
-                                                           "not ActionResult")
-            except asyncio.TimeoutError:
-                result = ActionResult(ok=False, detail=f"timed out after {timeout:.0f} s")
-            except Exception as e:  # noqa: BLE001 - the strategy's failure is an outcome
-                result = ActionResult(ok=False, detail=f"{type(e).__name__}: {redact_text(e)}")
-            ctx.result = result
-            verification: Verification | None = None
-            if result.ok:
-                if self.wcfg.verify_delay_s > 0:
-                    await asyncio.sleep(self.wcfg.verify_delay_s)
-                try:
-                    ctx.metrics_after = await asyncio.wait_for(ctx.fresh_metrics(), 15.0)
-                except Exception as e:  # noqa: BLE001
-                    log.warning("metrics after %s unavailable: %s", name, redact_text(e))
-                try:
-                    verification = await asyncio.wait_for(strat.verify(ctx), timeout)
-                except Exception as e:  # noqa: BLE001
-                    verification = Verification(ok=False, detail=f"verify raised {type(e).__name__}: "
-                                                                 f"{redact_text(e)}")
-                outcome = Outcome.SUCCESS if verification.ok else Outcome.NO_EFFECT
-            else:
-                outcome = Outcome.FAILURE
-            duration = time.monotonic() - t0
-            detail = (verification.detail if verification is not None else result.detail) or outcome.value
-            await asyncio.to_thread(
-                self.store.finish_action, plan.action_id, outcome, detail=detail,
-                result=result.model_dump(mode="json"),
-                verification=None if verification is None else verification.model_dump(mode="json"),
-                metrics_after=ctx.metrics_after, duration_s=round(duration, 6), now=self.clock())
-            finished = True
-            self._count(name, outcome)
-            self.metrics.action_seconds.labels(name).observe(duration)
-            if job_id is not None:
-                await asyncio.to_thread(self._done, job_id)
-            log.info("action %d %s on %s: %s (%s)", plan.action_id, name,
-                     ctx.target.instance if ctx.target else "-", outcome.value, redact_text(detail))
-            if outcome.value in FAILED_OUTCOMES and name != self.policy.escalation_strategy:
-                now_open = (await asyncio.to_thread(self.guards.circuit, name))
-                if now_open.open and not was_open:
-                    await self._escalate(ctx.alert, ctx.target, "circuit_open",
-                                         f"circuit breaker of {name} opened: {now_open.detail}",
-                                         None, ctx.errors)
-        except asyncio.CancelledError:
-            if not finished:
-                await asyncio.shield(asyncio.to_thread(self._interrupted, plan, job_id))
-            raise
-        finally:
-            if plan.lock_owner and ctx.alert.instance:
-                await asyncio.shield(asyncio.to_thread(self.guards.release_target, ctx.alert.instance,
-                                                       plan.lock_owner))
-
-    def _interrupted(self, plan: _Plan, job_id: int | None) -> None:
-        if self.store.finish_action(plan.action_id, Outcome.INTERRUPTED, now=self.clock(),  # type: ignore[arg-type]
-                                    detail="the receiver stopped while this action ran; not re-run"):
-            self._count(plan.strategy, Outcome.INTERRUPTED)
-        if job_id is not None:
-            self._done(job_id)
-
-    async def _escalate(self, alert: AlertRecord, target: Target | None, reason: str, detail: str,
-                        snap: MetricsSnapshot | None, errors: list[str]) -> None:
-        """Automation stopped: count it, and tell a human through the escalation strategy."""
-        self.metrics.escalations.labels(reason).inc()
-        log.warning("escalating %s on %s (%s): %s", alert.alertname, alert.instance, reason,
-                    redact_text(detail))
-        cfg = self.policy.config.escalation
-        name = cfg.strategy
-        if name is None or reason not in cfg.on:
-            return
-
-        def decide() -> _Plan:
-            g = self.guards
-            now = self.clock()
-            mode = self.policy.mode(name)
-            checks = [g.kill_switch(), g.mode_allows(name), g.cooldown(name, alert.instance)]
-            why = f"escalation ({reason}): {detail}"
-            strat = self.policy.strategy(name)
-            aid = self.store.create_action(
-                alert_id=alert.id, job_id=None, strategy=name, target=alert.instance, mode=mode.value,
-                why=why, confidence=None, params=strat.params.model_dump(mode="json"),
-                guards=[c.model_dump() for c in checks], state=self._state(alert), errors=errors,
-                metrics_before=dict(snap.values) if snap else {}, now=now)
-            failed = next((c for c in checks if not c.ok), None)
-            if failed is not None:
-                self.store.finish_action(aid, Outcome.BLOCKED, detail=f"{failed.guard}: {failed.detail}",
-                                         now=now)
-                self._count(name, Outcome.BLOCKED)
-                return _Plan(action_id=aid)
-            if mode is Mode.DRY_RUN:
-                self.store.finish_action(aid, Outcome.DRY_RUN, detail=f"dry-run: would escalate ({reason})",
-                                         now=now)
-                self._count(name, Outcome.DRY_RUN)
-                return _Plan(action_id=aid)
-            # Approval for an escalation would ask a human whether to ask a human: it runs.
-            if not self.store.add_action_event(aid, "started", now=now):
-                return _Plan(action_id=aid)
-            ctx = StrategyContext(alert=alert, target=target, mode=mode, why=why,
-                                  state=self._state(alert), errors=list(errors),
-                                  metrics_before=dict(snap.values) if snap else {},
-                                  metrics_source=self.metrics_source, action_id=aid)
-            return _Plan(action_id=aid, strategy=name, ctx=ctx, execute=True)
-
-        try:
-            plan: _Plan = await self._locked(decide)
-            if plan.execute:
-                await self._run_action(plan, None)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - a failed escalation must not lose the job's own record
-            log.exception("escalation of %s failed", alert.alertname)
-            self.metrics.worker_errors.inc()
-
-    # --- learner -------------------------------------------------------------------------------------------
-
-    def sync_learner(self) -> int:
-        """Feed the learner every outcome it has not seen (its own, other replicas', earlier runs)."""
-        n = 0
-        with self._learner_mutex:
-            since = None if self._learner_synced else self.clock() - self.wcfg.learner_history_s
-            while True:
-                batch = self.store.outcomes(after_id=self._learner_cursor, since=since, limit=1000)
-                for o in batch:
-                    try:
-                        self.learner.record_outcome(o.state, o.errors, o.metrics, o.strategy, o.outcome,
-                                                    metrics_after=o.metrics_after,
-                                                    duration_s=o.duration_s, at=o.at)
-                    except Exception:  # noqa: BLE001 - a learner bug must not stop mitigation
-                        log.exception("learner rejected outcome %d", o.id)
-                    self._learner_cursor = o.id
-                    n += 1
-                if len(batch) < 1000:
-                    break
-            self._learner_synced = True
-        return n
 
     # --- operator actions ---------------------------------------------------------------------------------
 
@@ -811,7 +167,7 @@ class Receiver:
         if not self.store.finish_action(action_id, Outcome.REJECTED, now=self.clock(),
                                         detail=f"rejected by {by}" + (f": {comment}" if comment else "")):
             return 409, {"detail": f"action {action_id} already finished"}
-        self._count(action.strategy, Outcome.REJECTED)
+        self.worker.count(action.strategy, Outcome.REJECTED)
         job = self.store.job_for_alert(action.alert_id) if action.alert_id is not None else None
         if job is not None:
             self.store.transition_job(job.id, [JobState.WAITING_APPROVAL], JobState.DONE,
@@ -847,7 +203,8 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if start_worker:
-            receiver.worker_task = asyncio.create_task(receiver.run_forever(), name="mitigation-worker")
+            receiver.worker.task = asyncio.create_task(receiver.worker.run_forever(),
+                                                       name="mitigation-worker")
         try:
             yield
         finally:
@@ -1011,7 +368,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             out["store"] = "ok"
         except Exception as e:  # noqa: BLE001
             out["store"], out["status"], code = f"error: {type(e).__name__}", "degraded", 503
-        task = receiver.worker_task
+        task = receiver.worker.task
         if task is None:
             out["worker"] = "disabled"
         elif task.done():

@@ -148,6 +148,17 @@ class PostgresServer:
         raise ProcessFailed(f"postgres not ready after {self.startup_timeout_s:.0f} s ({last}):\n"
                             f"{self.log_tail()}")
 
+    def create_database(self, name: str) -> str:
+        """A new, empty database on this server (one per test keeps tests independent); its URL."""
+        import psycopg
+
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"database name {name!r}: letters, digits and _ only")
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
+                             autocommit=True, connect_timeout=5) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{name}"
+
     def log_tail(self, chars: int = 4000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]

@@ -1,0 +1,313 @@
+"""The store on SQLite and on a real PostgreSQL server (started by the tests): dedupe keys,
+append-only audit, job claims and leases under concurrency, redaction at the door."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import vllm_otel.store as store_mod
+from vllm_otel.mitigate.models import AlertmanagerAlert, AlertmanagerWebhook, JobState, Outcome
+from vllm_otel.store import Store, normalize_db_url
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Any]:
+    from vllm_otel.testing.postgres import PostgresNotAvailable, PostgresServer
+
+    try:
+        server = PostgresServer()
+    except PostgresNotAvailable as e:
+        pytest.fail(str(e))
+    with server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    pg = request.getfixturevalue("postgres")
+    return pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store(db_url, replica_id="test-replica")
+    yield s
+    s.close()
+
+
+def alert(name: str = "VllmKvCacheNearlyFull", instance: str = "10.0.0.1:8000", *,
+          status: str = "firing", starts: datetime | None = None, ends: datetime | None = None,
+          fingerprint: str = "aaaabbbbccccdddd", **labels: str) -> AlertmanagerAlert:
+    starts = starts or datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    return AlertmanagerAlert.model_validate({
+        "status": status, "labels": {"alertname": name, "instance": instance, **labels},
+        "annotations": {"summary": "s"}, "startsAt": starts.isoformat(),
+        "endsAt": ends.isoformat() if ends else "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prom/graph", "fingerprint": fingerprint})
+
+
+T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=timezone.utc).timestamp()
+
+
+def test_postgres_urls_use_psycopg3() -> None:
+    assert normalize_db_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_db_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalize_db_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_firing_alert_deduped_by_fingerprint_and_starts_at(store: Store) -> None:
+    first = store.add_firing_alert(alert(), group_key="g", received_at=T0)
+    assert first.new and first.job_id is not None
+    again = store.add_firing_alert(alert(), group_key="g", received_at=T0 + 60)
+    assert not again.new and again.alert_id == first.alert_id and again.job_id is None
+    # Same series firing anew after a resolve: new startsAt, new alert, new job.
+    later = store.add_firing_alert(alert(starts=datetime(2026, 1, 1, 13, tzinfo=timezone.utc)))
+    assert later.new and later.alert_id != first.alert_id
+    counts = store.table_counts()
+    assert counts["alerts"] == 2 and counts["jobs"] == 2
+    # The resend kept the alert alive for the blast-radius count.
+    assert store.active_instances(since=T0 + 30) == {"10.0.0.1:8000"}
+    rec = store.alert(first.alert_id)
+    assert rec is not None and rec.alertname == "VllmKvCacheNearlyFull" and rec.starts_at == pytest.approx(T0)
+
+
+def test_nanosecond_and_offset_timestamps_share_a_key() -> None:
+    a = AlertmanagerAlert.model_validate({"status": "firing", "labels": {}, "fingerprint": "f",
+                                          "startsAt": "2026-01-01T12:00:00.123456789Z"})
+    b = AlertmanagerAlert.model_validate({"status": "firing", "labels": {}, "fingerprint": "f",
+                                          "startsAt": "2026-01-01T14:00:00.123456+02:00"})
+    assert a.dedupe_key == b.dedupe_key and a.ends_at is None
+
+
+def test_unmapped_alert_is_an_outcome_without_a_job(store: Store) -> None:
+    res = store.add_firing_alert(alert("Other"), unmapped_reason="no rule for Other")
+    assert res.new and res.job_id is None
+    [act] = store.actions()
+    assert act.outcome == Outcome.UNMAPPED.value and act.status == "finished" and act.strategy is None
+    [out] = store.outcomes()
+    assert out.outcome == "unmapped" and out.alertname == "Other"
+    store.add_firing_alert(alert("Other"), unmapped_reason="no rule for Other")  # resend: nothing new
+    assert store.table_counts()["actions"] == 1
+
+
+def test_resolution_once_cancels_pending_and_flags_running(store: Store) -> None:
+    a, b = alert(fingerprint="a" * 16), alert(fingerprint="b" * 16, instance="10.0.0.2:8000")
+    ra, rb = store.add_firing_alert(a), store.add_firing_alert(b)
+    # b's job is running: its runner finishes its step but sees the flag before acting.
+    claimed = [store.claim_job("r", 60), store.claim_job("r", 60)]
+    running = next(j for j in claimed if j and j.alert_id == rb.alert_id)
+    store.set_job_state(next(j for j in claimed if j and j.alert_id == ra.alert_id).id, "r",
+                        JobState.PENDING)
+    end = a.starts_at + timedelta(seconds=90)
+    res = store.add_resolution(alert(fingerprint="a" * 16, status="resolved", ends=end))
+    assert res.resolved_now and res.cancelled_jobs == 1
+    assert store.job_for_alert(ra.alert_id).state is JobState.CANCELLED  # type: ignore[union-attr]
+    assert store.alert(ra.alert_id).time_to_resolve_s == pytest.approx(90)  # type: ignore[union-attr]
+    again = store.add_resolution(alert(fingerprint="a" * 16, status="resolved", ends=end))
+    assert not again.resolved_now and again.cancelled_jobs == 0
+    store.add_resolution(alert(fingerprint="b" * 16, instance="10.0.0.2:8000", status="resolved", ends=end))
+    job_b = store.job(running.id)
+    assert job_b is not None and job_b.state is JobState.RUNNING and job_b.cancel_requested
+    assert store.active_instances(since=0) == set()
+
+
+def test_resolution_of_an_alert_never_seen_firing_is_kept(store: Store) -> None:
+    res = store.add_resolution(alert(status="resolved", ends=datetime(2026, 1, 1, 12, 5, tzinfo=timezone.utc)))
+    assert res.new and res.resolved_now and store.table_counts()["jobs"] == 0
+
+
+def test_awaiting_approval_action_is_cancelled_with_its_job(store: Store) -> None:
+    res = store.add_firing_alert(alert())
+    job = store.claim_job("r", 60)
+    assert job is not None
+    aid = store.create_action(alert_id=res.alert_id, job_id=job.id, strategy="poke", target="i",
+                              mode="approval", why="needs a human")
+    store.set_job_state(job.id, "r", JobState.WAITING_APPROVAL, action_id=aid)
+    assert store.action(aid).status == "awaiting_approval"  # type: ignore[union-attr]
+    out = store.add_resolution(alert(status="resolved"))
+    assert out.cancelled_actions == ("poke",)
+    act = store.action(aid)
+    assert act is not None and act.outcome == "cancelled" and act.status == "finished"
+
+
+def test_action_events_happen_once_and_outcomes_carry_context(store: Store) -> None:
+    res = store.add_firing_alert(alert(failure_type="kv_cache_exhaustion"))
+    aid = store.create_action(alert_id=res.alert_id, job_id=res.job_id, strategy="poke",
+                              target="10.0.0.1:8000", mode="auto", why="because", confidence=0.5,
+                              params={"level": 2}, guards=[{"guard": "cooldown", "ok": True}],
+                              state={"alertname": "VllmKvCacheNearlyFull", "target": "10.0.0.1:8000"},
+                              errors=["earlier: failure"], metrics_before={"kv": 0.97, "bad": "x"},
+                              now=T0)
+    assert store.add_action_event(aid, "started", now=T0 + 1)
+    assert not store.add_action_event(aid, "started", now=T0 + 2)  # a second runner loses
+    assert store.finish_action(aid, Outcome.SUCCESS, detail="ok", result={"ok": True},
+                               verification={"ok": True}, metrics_after={"kv": 0.5}, duration_s=3.0,
+                               now=T0 + 4)
+    assert not store.finish_action(aid, Outcome.FAILURE, now=T0 + 5)
+    act = store.action(aid)
+    assert act is not None and act.outcome == "success" and act.started_at == T0 + 1
+    assert act.metrics_before == {"kv": 0.97} and act.metrics_after == {"kv": 0.5}
+    [out] = store.outcomes()
+    assert (out.strategy, out.outcome, out.failure_type, out.target) == (
+        "poke", "success", "kv_cache_exhaustion", "10.0.0.1:8000")
+    assert out.metrics == {"kv": 0.97} and out.errors == ["earlier: failure"] and out.duration_s == 3.0
+    assert store.job_for_alert(res.alert_id).action_id == aid  # type: ignore[union-attr]
+    # What the guards ask.
+    assert store.last_start("poke", "10.0.0.1:8000") == T0 + 1
+    assert store.last_start("poke", "other") is None
+    assert store.starts_since(T0) == 1 and store.starts_since(T0, exclude_strategies=["poke"]) == 0
+    assert [o.outcome for o in store.executed_outcomes("poke", since=T0, limit=5)] == ["success"]
+
+
+def test_audit_rows_are_never_rewritten(store: Store) -> None:
+    res = store.add_firing_alert(alert())
+    aid = store.create_action(alert_id=res.alert_id, job_id=res.job_id, strategy="poke",
+                              target="t", mode="auto", why="w", now=T0)
+    before = store.table_counts()
+    with store.engine.connect() as c:
+        row_before = c.exec_driver_sql("SELECT * FROM actions").fetchall()
+    store.add_action_event(aid, "started")
+    store.finish_action(aid, Outcome.FAILURE, detail="boom")
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("SELECT * FROM actions").fetchall() == row_before
+    after = store.table_counts()
+    assert after["action_events"] == before["action_events"] + 2 and after["outcomes"] == 1
+
+
+def test_store_code_only_updates_coordination_tables() -> None:
+    """Append-only by construction: UPDATE and DELETE appear only on jobs, locks, activity."""
+    src = Path(store_mod.__file__).read_text()
+    touched = set(re.findall(r"\b(?:update|delete)\((\w+)\)", src))
+    assert touched == {"JobRow", "LockRow", "AlertActivityRow"}, touched
+    assert ".delete(" not in src.replace("delete(LockRow", "")
+
+
+def test_secrets_never_reach_the_database(store: Store) -> None:
+    hf = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+    res = store.add_firing_alert(alert(api_key="sk-live-0123456789abcdefghijklmnop",
+                                       note=f"token={hf}"))
+    a2 = AlertmanagerAlert.model_validate({
+        "status": "firing", "labels": {"alertname": "X"}, "fingerprint": "f2",
+        "startsAt": "2026-01-01T00:00:00Z",
+        "annotations": {"description": "curl -H 'Authorization: Bearer abc.def.ghi-secret' http://x"}})
+    store.add_firing_alert(a2)
+    aid = store.create_action(alert_id=res.alert_id, job_id=None, strategy="s", target="t",
+                              mode="auto", why=f"used {hf}", params={"api_token": "p4ss-w0rd-xyz"},
+                              errors=[f"401 with password=hunter2hunter2"])
+    store.finish_action(aid, Outcome.FAILURE, detail=f"failed with {hf}",
+                        result={"headers": {"Authorization": "Bearer zzz-secret-zzz"}})
+    store.add_action_event(aid, "approved", {"by": "alice", "comment": f"ok, key {hf}"})
+    store.set_kill_switch(True, by="ops", reason=f"leaked {hf}")
+    text = " ".join(store.iter_all_text())
+    for secret in (hf, "sk-live-0123456789", "abc.def.ghi-secret", "p4ss-w0rd-xyz", "hunter2hunter2",
+                   "zzz-secret-zzz"):
+        assert secret not in text, secret
+    assert "REDACTED" in text and "curl" in text  # redacted, not dropped
+
+
+def test_claim_job_is_exclusive_under_concurrency(store: Store) -> None:
+    store.add_firing_alert(alert())
+    got: list[Any] = []
+    barrier = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        got.append(store.claim_job(f"runner-{i}", 60))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [j for j in got if j is not None]
+    assert len(winners) == 1 and winners[0].attempts == 1
+    # Only its owner moves it; a lapsed lease hands it to someone else.
+    assert not store.set_job_state(winners[0].id, "someone-else", JobState.DONE)
+    assert store.claim_job("late", 60) is None
+    retaken = store.claim_job("late", 60, now=time.time() + 120)
+    assert retaken is not None and retaken.owner == "late" and retaken.attempts == 2
+    assert not store.set_job_state(retaken.id, winners[0].owner or "", JobState.DONE)
+    assert store.set_job_state(retaken.id, "late", JobState.DONE)
+    assert store.job_counts()["done"] == 1
+
+
+def test_same_alert_from_many_threads_is_one_alert(store: Store) -> None:
+    results: list[Any] = []
+    barrier = threading.Barrier(6)
+
+    def deliver() -> None:
+        barrier.wait()
+        results.append(store.add_firing_alert(alert()))
+
+    threads = [threading.Thread(target=deliver) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.new for r in results) == 1 and len({r.alert_id for r in results}) == 1
+    assert store.table_counts()["jobs"] == 1
+
+
+def test_leases(store: Store) -> None:
+    assert store.acquire_lock("target:a", "one", 10, now=100)
+    assert not store.acquire_lock("target:a", "two", 10, now=105)
+    assert store.lock_holder("target:a", now=105) == "one"
+    assert store.acquire_lock("target:a", "one", 10, now=106)  # renew
+    assert store.acquire_lock("target:a", "two", 10, now=117)  # expired: taken over
+    store.release_lock("target:a", "one")  # not the holder: no effect
+    assert store.lock_holder("target:a", now=118) == "two"
+    store.release_lock("target:a", "two")
+    assert store.lock_holder("target:a", now=118) is None
+
+
+def test_kill_switch_latest_event_wins(store: Store) -> None:
+    assert store.kill_switch().engaged is False
+    store.set_kill_switch(True, by="ops", reason="incident")
+    ks = store.kill_switch()
+    assert ks.engaged and ks.by == "ops" and ks.reason == "incident" and ks.source == "api"
+    store.set_kill_switch(False, by="ops")
+    assert store.kill_switch().engaged is False
+    assert store.table_counts()["kill_switch_events"] == 2
+
+
+def test_outcomes_feed_in_order_and_errors_per_target(store: Store) -> None:
+    for i, outcome in enumerate([Outcome.FAILURE, Outcome.SUCCESS, Outcome.DRY_RUN, Outcome.NO_EFFECT]):
+        aid = store.create_action(alert_id=None, job_id=None, strategy="poke", target="t1",
+                                  mode="auto", why="w", now=T0 + i)
+        store.finish_action(aid, outcome, detail=f"d{i}", now=T0 + i)
+    all_ = store.outcomes()
+    assert [o.outcome for o in all_] == ["failure", "success", "dry_run", "no_effect"]
+    assert [o.outcome for o in store.outcomes(after_id=all_[1].id)] == ["dry_run", "no_effect"]
+    assert [o.outcome for o in store.executed_outcomes("poke", since=T0, limit=2)] == ["no_effect", "success"]
+    assert store.recent_errors("t1", since=T0) == ["poke: no_effect: d3", "poke: failure: d0"]
+    assert store.recent_errors("t2", since=T0) == []
+
+
+def test_schema_creation_is_idempotent_and_replicas_share_it(db_url: str) -> None:
+    a = Store(db_url, replica_id="a")
+    b = Store(db_url, replica_id="b")
+    try:
+        a.add_firing_alert(alert())
+        assert b.add_firing_alert(alert()).new is False
+        assert b.ping()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_webhook_receipts_are_recorded(store: Store) -> None:
+    hook = AlertmanagerWebhook.model_validate({
+        "version": "4", "groupKey": "{}:{alertname=\"x\"}", "status": "firing", "receiver": "r",
+        "truncatedAlerts": 2, "alerts": [alert().model_dump(by_alias=True, mode="json")]})
+    store.record_webhook(hook)
+    assert store.table_counts()["webhooks"] == 1
