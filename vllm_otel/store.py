@@ -295,8 +295,8 @@ class Store:
     # --- webhooks and alerts ----------------------------------------------------------------------
 
     def record_webhook(self, hook: AlertmanagerWebhook, *, received_at: float | None = None) -> int:
-        row = WebhookRow(received_at=time.time() if received_at is None else received_at, group_key=_text(hook.group_key),
-                         status=hook.status.value, receiver=hook.receiver[:255],
+        row = WebhookRow(received_at=time.time() if received_at is None else received_at,
+                         group_key=_text(hook.group_key), status=hook.status.value, receiver=hook.receiver[:255],
                          n_alerts=len(hook.alerts), truncated_alerts=hook.truncated_alerts,
                          replica=self.replica_id)
         with self._session() as s, s.begin():

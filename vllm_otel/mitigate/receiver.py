@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -40,6 +40,7 @@ __all__ = ["Receiver", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetric
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a full group of 1,000 alerts is ~700 kB
+_B = TypeVar("_B", bound=BaseModel)
 
 
 # --- operator request bodies -----------------------------------------------------------------------
@@ -301,7 +302,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             return _json(404, {"detail": f"no action {action_id}"})
         return _json(200, row.to_json())
 
-    async def _operator_body(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    async def _operator_body(request: Request, model: type[_B]) -> _B | JSONResponse:
         body = await read_body(request)
         if isinstance(body, Response):
             return body
@@ -319,7 +320,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         body = await _operator_body(request, ApproveBody)
         if isinstance(body, Response):
             return body
-        code, out = await asyncio.to_thread(receiver.approve, action_id, body.by, body.comment)  # type: ignore[attr-defined]
+        code, out = await asyncio.to_thread(receiver.approve, action_id, body.by, body.comment)
         return _json(code, out)
 
     @app.post("/actions/{action_id}/reject")
@@ -330,7 +331,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         body = await _operator_body(request, ApproveBody)
         if isinstance(body, Response):
             return body
-        code, out = await asyncio.to_thread(receiver.reject, action_id, body.by, body.comment)  # type: ignore[attr-defined]
+        code, out = await asyncio.to_thread(receiver.reject, action_id, body.by, body.comment)
         return _json(code, out)
 
     @app.get("/killswitch")
@@ -348,10 +349,10 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         body = await _operator_body(request, KillSwitchBody)
         if isinstance(body, Response):
             return body
-        await asyncio.to_thread(store.set_kill_switch, body.engaged, by=body.by,  # type: ignore[attr-defined]
-                                reason=body.reason, now=clock())  # type: ignore[attr-defined]
-        log.warning("kill switch %s by %s", "ENGAGED" if body.engaged else "released",  # type: ignore[attr-defined]
-                    redact_text(body.by))  # type: ignore[attr-defined]
+        await asyncio.to_thread(store.set_kill_switch, body.engaged, by=body.by,
+                                reason=body.reason, now=clock())
+        log.warning("kill switch %s by %s", "ENGAGED" if body.engaged else "released",
+                    redact_text(body.by))
         return _json(200, await asyncio.to_thread(receiver.kill_switch_state))
 
     @app.get("/metrics")

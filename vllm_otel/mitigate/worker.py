@@ -231,7 +231,9 @@ class Worker:
         self.store.set_job_state(job_id, self.replica_id, JobState.PENDING, now=self.clock())
 
     def _job_owner_lock(self, job_id: int | None) -> str:
-        return f"{self.replica_id}#job{job_id}" if job_id is not None else f"{self.replica_id}#{uuid.uuid4().hex[:8]}"
+        # The job id in the name lets a successor free the lease of a runner that died.
+        suffix = f"job{job_id}" if job_id is not None else uuid.uuid4().hex[:8]
+        return f"{self.replica_id}#{suffix}"
 
     def _done(self, job_id: int, state: JobState = JobState.DONE, action_id: int | None = None) -> None:
         self.store.set_job_state(job_id, self.replica_id, state, action_id=action_id, now=self.clock())
@@ -631,7 +633,8 @@ class Worker:
                                                        plan.lock_owner))
 
     def _interrupted(self, plan: _Plan, job_id: int | None) -> None:
-        if self.store.finish_action(plan.action_id, Outcome.INTERRUPTED, now=self.clock(),  # type: ignore[arg-type]
+        assert plan.action_id is not None
+        if self.store.finish_action(plan.action_id, Outcome.INTERRUPTED, now=self.clock(),
                                     detail="the receiver stopped while this action ran; not re-run"):
             self.count(plan.strategy, Outcome.INTERRUPTED)
         if job_id is not None:
