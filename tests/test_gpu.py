@@ -150,6 +150,10 @@ class FakeNvml(types.SimpleNamespace):
     def nvmlDeviceGetPcieReplayCounter(self, h):
         return self._g("nvmlDeviceGetPcieReplayCounter", h)["pcie_replay"]
 
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=mem)
+                for pid, mem in self._g("nvmlDeviceGetComputeRunningProcesses", h)["processes"]]
+
     # -- events
     def nvmlEventSetCreate(self):
         return object()
@@ -197,6 +201,7 @@ def make_gpu(i: int, **over) -> dict:
         "remapped": (2, 1, 0, 0),
         "nvlinks": [],
         "pcie_replay": 5 + i,
+        "processes": [(4000 + i, (1 + i) * 2**30)],  # the vLLM worker driving this GPU
     }
     g.update(over)
     return g
@@ -314,6 +319,8 @@ def test_two_gpus_exact_values():
         assert v("vllm_otel_gpu_row_remap_pending", labels(i)) == 0
         assert v("vllm_otel_gpu_row_remap_failure", labels(i)) == 0
         assert v("vllm_otel_gpu_pcie_replay_total", labels(i)) == 5 + i
+        # Which process (worker rank) drives which GPU: joinable with vllm_otel_process_* on pid.
+        assert v("vllm_otel_gpu_process_memory_bytes", labels(i, pid=str(4000 + i))) == (1 + i) * 2**30
         # No throttling: no reason series at all.
         assert not [s for s in gpu_series(reg) if s.name == "vllm_otel_gpu_clocks_event_reasons"]
     # The PCIe-only fakes have no NVLink: reported once as unsupported, per GPU.

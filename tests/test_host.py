@@ -20,8 +20,8 @@ LOGGER = "vllm_otel.instrument.host"
 I = {"instance": "h:8000"}
 
 
-def proc_labels(role: str, pid: int) -> dict:
-    return {**I, "role": role, "pid": str(pid)}
+def proc_labels(role: str, pid: int, tp: str = "") -> dict:
+    return {**I, "role": role, "pid": str(pid), "dp_rank": "", "pp_rank": "", "tp_rank": tp}
 
 
 @pytest.fixture
@@ -152,7 +152,8 @@ def test_default_provider_reads_vllm_process_titles():
         assert child.pid in roles["worker"]
         reg = CollectorRegistry()
         ProcessCollector("h:8000", registry=reg)
-        assert reg.get_sample_value("vllm_otel_process_threads", proc_labels("worker", child.pid)) >= 1
+        # The worker's tensor-parallel rank comes from its title and labels its series.
+        assert reg.get_sample_value("vllm_otel_process_threads", proc_labels("worker", child.pid, tp="1")) >= 1
     finally:
         child.kill()
         child.wait()

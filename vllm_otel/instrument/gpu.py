@@ -27,6 +27,8 @@ NVML calls used (the list a check on a real GPU machine should exercise, one by 
 - ``nvmlDeviceGetNvLinkErrorCounter(h, link, NVML_NVLINK_ERROR_DL_{REPLAY,RECOVERY,CRC_FLIT,
   CRC_DATA,ECC_DATA})`` for active links
 - ``nvmlDeviceGetPcieReplayCounter(h)``
+- ``nvmlDeviceGetComputeRunningProcesses(h)`` (``.pid``, ``.usedGpuMemory``): which process drives
+  which GPU, so a worker's process series (with its TP/PP rank) join to its GPU on ``pid``
 - XID thread: ``nvmlEventSetCreate()``, ``nvmlDeviceRegisterEvents(h,
   nvmlEventTypeXidCriticalError, set)``, ``nvmlEventSetWait_v2(set, timeout_ms)`` (falling back to
   ``nvmlEventSetWait``; ``NVMLError_Timeout`` means "no event"), ``nvmlEventSetFree(set)``
@@ -163,6 +165,7 @@ class _Reading:
     nvlink_active: int | None = None
     nvlink_errors: dict[tuple[int, str], float] = field(default_factory=dict)
     pcie_replay: float | None = None
+    processes: dict[int, float] = field(default_factory=dict)  # pid -> device memory used (bytes)
 
 
 class GpuCollector:
@@ -428,6 +431,15 @@ class GpuCollector:
         replay = self._call(g, "pcie_replay", "nvmlDeviceGetPcieReplayCounter", h)
         if replay is not _MISSING:
             r.pcie_replay = float(replay)
+
+        procs = self._call(g, "processes", "nvmlDeviceGetComputeRunningProcesses", h)
+        if procs is not _MISSING:
+            for p in procs or ():
+                pid = getattr(p, "pid", None)
+                if pid is not None:
+                    used = getattr(p, "usedGpuMemory", None)
+                    # NVML reports "not available" (e.g. under MIG without privileges) as None.
+                    r.processes[int(pid)] = float(used) if isinstance(used, (int, float)) else float("nan")
         return r
 
     def _read_nvlink(self, dev: _Device, r: _Reading) -> None:
@@ -596,6 +608,10 @@ class GpuCollector:
                 "nvlink_errors", "NVLink data-link error counters, per active link",
                 ["link", "error_type"]),
             "pcie_replay": counter("pcie_replay", "PCIe replay counter"),
+            "process_memory_bytes": gauge(
+                "process_memory_bytes",
+                "Device memory used by a process on this GPU (join to vllm_otel_process_* on pid)",
+                ["pid"]),
             "xid_errors": counter("xid_errors", "XID critical error events seen by this process", ["xid"]),
             "last_xid": gauge("last_xid", "Code of the last XID event seen by this process"),
             "last_xid_timestamp": gauge(
@@ -656,6 +672,8 @@ class GpuCollector:
                 fams["nvlink_errors"].add_metric(labels + [str(link), error_type], value)
             if r.pcie_replay is not None:
                 fams["pcie_replay"].add_metric(labels, r.pcie_replay)
+            for pid, used in sorted(r.processes.items()):
+                fams["process_memory_bytes"].add_metric(labels + [str(pid)], used)
         for (index, code), n in sorted(xid_counts.items()):
             dev = self._device_by_index(index)
             if dev is not None:

@@ -34,6 +34,22 @@ _TITLE_ROLES = [
 ]
 
 
+_RANK = {k: re.compile(rf"_{k.upper()}(\d+)") for k in ("dp", "pp", "tp")}
+
+
+def ranks_from_title(title: str) -> dict[str, str]:
+    """Parallel ranks a vLLM worker puts in its title (``VLLM::Worker_DP1_PP0_TP3``); "" if absent.
+
+    vLLM names workers ``Worker[_DP<r>][_PP<r>][_TP<r>]...`` (only the dimensions that are > 1),
+    so a single-GPU worker has no rank labels and a TP=2 worker gets ``tp_rank``.
+    """
+    out = {}
+    for k, rx in _RANK.items():
+        m = rx.search(title)
+        out[f"{k}_rank"] = m.group(1) if m else ""
+    return out
+
+
 def role_from_title(title: str) -> str | None:
     """The role for a vLLM process title (``VLLM::EngineCore`` -> ``engine_core``), else None."""
     for pattern, role in _TITLE_ROLES:
@@ -166,13 +182,17 @@ class ProcessCollector:
             seen.add(pid)
             values = self._read_process(pid)
             if values is not None:
-                procs.append({"role": role, "pid": pid, **values})
+                try:
+                    ranks = ranks_from_title(_title(psutil.Process(pid)))
+                except (psutil.Error, OSError):
+                    ranks = ranks_from_title("")
+                procs.append({"role": role, "pid": pid, **ranks, **values})
         return procs, self._read_host()
 
     # ------------------------------------------------------------------ export
 
     def _families(self) -> dict[str, Metric]:
-        pl = ["instance", "role", "pid"]
+        pl = ["instance", "role", "pid", "dp_rank", "pp_rank", "tp_rank"]
 
         def host(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily("vllm_otel_host_" + name, doc, labels=["instance"])
@@ -210,7 +230,8 @@ class ProcessCollector:
             fams = self._families()
             counts: dict[str, int] = {}
             for p in procs:
-                labels = [self.instance, p["role"], str(p["pid"])]
+                labels = [self.instance, p["role"], str(p["pid"]), p.get("dp_rank", ""),
+                          p.get("pp_rank", ""), p.get("tp_rank", "")]
                 counts[p["role"]] = counts.get(p["role"], 0) + 1
                 for key in ("resident_memory_bytes", "virtual_memory_bytes", "cpu_seconds",
                             "open_fds", "threads"):
