@@ -293,6 +293,41 @@ def test_unknown_fields_ignored_truncated_alerts_logged(env: Env, caplog: pytest
     assert env.metric("vllm_otel_receiver_truncated_alerts_total") == 3
 
 
+def test_store_outage_is_503_so_alertmanager_retries(tmp_path: Path) -> None:
+    import shutil
+
+    db_dir = tmp_path / "db"
+    db_dir.mkdir()
+    env = Env(tmp_path, db_url=f"sqlite:///{db_dir / 'r.db'}")
+    env.store.engine.dispose()
+    shutil.rmtree(db_dir)  # the database is gone (disk unmounted, server down)
+
+    async def go() -> None:
+        async with env.client() as c:
+            r = await c.post("/webhook", json=am_payload(am_alert()))
+            assert r.status_code == 503 and "store unavailable" in r.json()["detail"]
+            h = await c.get("/healthz")
+            assert h.status_code == 503 and h.json()["store"].startswith("error")
+            assert "vllm_otel_receiver_store_up 0.0" in (await c.get("/metrics")).text
+    run(go())
+    assert env.metric("vllm_otel_receiver_store_errors_total") == 1
+
+
+def test_actions_filters_and_lookup(env: Env) -> None:
+    async def go() -> None:
+        await env.post(am_payload(am_alert(instance=I1), am_alert("Unmapped", instance=I2)))
+        await env.receiver.drain()
+        assert {a["outcome"] for a in await env.actions()} == {"success", "unmapped"}
+        [a] = await env.actions(alertname="Unmapped")
+        assert a["outcome"] == "unmapped"
+        assert [x["strategy"] for x in await env.actions(outcome="success")] == ["poke"]
+        assert len(await env.actions(limit=1)) == 1
+        async with env.client() as c:
+            assert (await c.get(f"/actions/{a['id']}")).json()["alert"]["alertname"] == "Unmapped"
+            assert (await c.get("/actions/4242")).status_code == 404
+    run(go())
+
+
 # --- durability, dedupe, each alert on its own ---------------------------------------------------------
 
 def test_durable_before_202_then_background_action(env: Env) -> None:

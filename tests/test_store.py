@@ -294,8 +294,22 @@ def test_outcomes_feed_in_order_and_errors_per_target(store: Store) -> None:
 
 
 def test_schema_creation_is_idempotent_and_replicas_share_it(db_url: str) -> None:
-    a = Store(db_url, replica_id="a")
-    b = Store(db_url, replica_id="b")
+    made: list[Store] = []
+    barrier = threading.Barrier(3)
+
+    def start(name: str) -> None:  # replicas starting at the same moment on an empty database
+        barrier.wait()
+        made.append(Store(db_url, replica_id=name))
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 3
+    for extra in made[2:]:
+        extra.close()
+    a, b = made[0], made[1]
     try:
         a.add_firing_alert(alert())
         assert b.add_firing_alert(alert()).new is False

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, delete, event, func, or_, select, update)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
@@ -276,9 +276,9 @@ class Store:
     def create_schema(self) -> None:
         try:
             Base.metadata.create_all(self.engine)
-        except IntegrityError:
+        except (IntegrityError, ProgrammingError):
             # Two replicas creating the schema at once on PostgreSQL: the loser's CREATE TABLE
-            # collides in pg_type; the tables exist either way.
+            # collides (pg_type unique key, or "already exists"); the tables exist either way.
             Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
