@@ -37,7 +37,9 @@ def test_two_servers_are_told_apart(vllm_server, second_server, otlp_receiver, w
         assert {r["metric"]["instance"] for r in res} == {a, b}
         # Each instance's own counts, not a mix.
         res = prom.wait_for('sum by (instance) (vllm:request_success_total{job="vllm"})',
-                            lambda r: len(r) == 2 and any(float(x["value"][1]) >= 5 for x in r), timeout_s=30)
+                            lambda r: len(r) == 2 and any(x["metric"]["instance"] == b
+                                                          and float(x["value"][1]) >= 5 for x in r),
+                            timeout_s=30)
         counts = {r["metric"]["instance"]: float(r["value"][1]) for r in res}
         assert counts[b] == 5
         assert counts[a] != counts[b]

@@ -71,9 +71,67 @@ class MonitoringEndpoints:
 
         app.add_api_route("/monitoring/status", status, methods=["GET"], tags=["vllm-otel"])
         app.add_api_route("/monitoring/lifecycle", lifecycle, methods=["GET"], tags=["vllm-otel"])
+        self._attach_control(app)
+
+    def _attach_control(self, app: Any) -> None:
+        """``POST /monitoring/control/{action}``: live actions for the mitigation receiver.
+
+        Off unless a token is configured (``VLLM_OTEL_CONTROL_TOKEN_FILE``, or
+        ``VLLM_OTEL_CONTROL_TOKEN``): acting on the engine is never exposed by accident.
+        """
+        import hmac
+
+        from fastapi import Request
+        from fastapi.responses import JSONResponse
+
+        from vllm_otel.instrument.control import ControlError, ControlPlane
+
+        token = _control_token()
+
+        async def control(action: str, request: Request) -> JSONResponse:
+            if token is None:
+                return JSONResponse({"error": "control endpoints disabled: set VLLM_OTEL_CONTROL_TOKEN_FILE"},
+                                    status_code=404)
+            auth = request.headers.get("authorization", "")
+            if not auth.lower().startswith("bearer "):
+                return JSONResponse({"error": "bearer token required"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            if not hmac.compare_digest(auth[7:].strip().encode(), token.encode()):
+                return JSONResponse({"error": "wrong token"}, status_code=403)
+            if self._engine_client is None:
+                return JSONResponse({"error": "no engine attached"}, status_code=409)
+            try:
+                raw = await request.body()
+                params = (await request.json()) if raw.strip() else {}
+            except ValueError:
+                return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            if not isinstance(params, dict):
+                return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            try:
+                out = await ControlPlane(self._engine_client).execute(action, params)
+            except ControlError as e:
+                return JSONResponse({"error": str(e)}, status_code=e.status)
+            except Exception as e:  # noqa: BLE001 - report, never crash the server
+                logger.warning("vllm-otel control %s failed", action, exc_info=True)
+                return JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=500)
+            return JSONResponse(out)
+
+        app.add_api_route("/monitoring/control/{action}", control, methods=["POST"], tags=["vllm-otel"])
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         self._engine_client = engine_client
+
+
+def _control_token() -> str | None:
+    path = os.environ.get("VLLM_OTEL_CONTROL_TOKEN_FILE")
+    if path:
+        try:
+            tok = open(path).read().strip()  # noqa: SIM115
+            return tok or None
+        except OSError:
+            logger.warning("vllm-otel: cannot read VLLM_OTEL_CONTROL_TOKEN_FILE; control endpoints disabled")
+            return None
+    return os.environ.get("VLLM_OTEL_CONTROL_TOKEN") or None
 
 
 def register_endpoints() -> MonitoringEndpoints:

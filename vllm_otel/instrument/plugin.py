@@ -65,6 +65,10 @@ def register() -> None:
         return
     role = process_role()
     logger.info("vllm-otel plugin registered in pid %d (%s)", os.getpid(), role)
+    # Control methods on EngineCore / workers: cheap class attributes, used only when called.
+    from vllm_otel.instrument.control import install_engine_side
+
+    install_engine_side()
     if role == "api_server":  # vLLM's main process: API server or the user's offline script
         _install_abort_hook()
         from vllm_otel.instrument.offline import install as install_offline

@@ -359,15 +359,14 @@ class Worker:
         metrics = dict(snap.values) if snap else {}
         decisions: list[GuardDecision] = []
 
-        def stop(outcome: Outcome, why: str, escalate: tuple[str, str] | None = None,
-                 strategy: str | None = None) -> _Plan:
+        def stop(outcome: Outcome, why: str, escalate: tuple[str, str] | None = None) -> _Plan:
+            """No strategy runs: record why (with every guard decision so far) and finish."""
             aid = self.store.create_action(
-                alert_id=alert.id, job_id=job.id, strategy=strategy, target=alert.instance,
-                mode="none" if strategy is None else self.policy.mode(strategy).value, why=why,
-                guards=[d.model_dump() for d in decisions], state=state, errors=errors,
+                alert_id=alert.id, job_id=job.id, strategy=None, target=alert.instance, mode="none",
+                why=why, guards=[d.model_dump() for d in decisions], state=state, errors=errors,
                 metrics_before=metrics, now=now)
             self.store.finish_action(aid, outcome, detail=why, now=now)
-            self.count(strategy, outcome)
+            self.count(None, outcome)
             self._done(job.id, action_id=aid)
             return _Plan(action_id=aid, escalations=[escalate] if escalate else [])
 

@@ -1,0 +1,214 @@
+"""Live control of a running vLLM: what the mitigation receiver's actuator calls.
+
+Two halves, both installed by our plugins:
+- engine side (every process; only the engine core and workers use it): a utility method
+  ``EngineCore.vllm_otel_control(action, params)`` that changes what the scheduler holds at run
+  time (running-request limit, token budget), and ``WorkerBase.vllm_otel_gc()`` for garbage
+  collection and cache emptying on workers. vLLM dispatches utility calls and collective RPCs
+  by method name, so adding a method is enough; nothing of vLLM is replaced.
+- API side: :class:`ControlPlane` maps an action name to the engine client's own async API
+  (queue limits on the front end, abort, prefix-cache reset, pause/resume, sleep/wake, the
+  utility above, the collective RPC above).
+
+The HTTP surface is in :mod:`vllm_otel.instrument.endpoints`: off unless a token is configured.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any
+
+from vllm_otel.instrument.guard import guarded, logger
+
+__all__ = ["install_engine_side", "ControlPlane", "ControlError", "ACTIONS"]
+
+ACTIONS = ("status", "set_max_running", "set_token_budget", "set_queue_limits", "abort_requests",
+           "reset_prefix_cache", "pause", "resume", "sleep", "wake_up", "gc_workers")
+
+
+class ControlError(ValueError):
+    """Bad action or parameters (HTTP 400), or the action is not possible here (HTTP 409)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---- engine side -------------------------------------------------------------------------------
+def _engine_control(self: Any, action: str, params: dict | None = None) -> dict:
+    """Runs inside the engine-core process, between scheduler steps (vLLM's utility path)."""
+    params = params or {}
+    sched = self.scheduler
+    before = {"max_num_running_reqs": getattr(sched, "max_num_running_reqs", None),
+              "max_num_scheduled_tokens": getattr(sched, "max_num_scheduled_tokens", None)}
+    if action == "set_max_running":
+        n = int(params["max_num_seqs"])
+        if n < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        # Running requests above the new limit finish normally; the scheduler admits no new
+        # ones until the batch is under it (its own check: len(running) < max_num_running_reqs).
+        sched.max_num_running_reqs = n
+    elif action == "set_token_budget":
+        n = int(params["max_num_batched_tokens"])
+        if n < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        sched.max_num_scheduled_tokens = n
+    elif action != "get_limits":
+        raise ValueError(f"unknown engine action {action!r}")
+    after = {"max_num_running_reqs": getattr(sched, "max_num_running_reqs", None),
+             "max_num_scheduled_tokens": getattr(sched, "max_num_scheduled_tokens", None),
+             "running": len(getattr(sched, "running", ())), "waiting": len(getattr(sched, "waiting", ()))}
+    return {"before": before, "after": after}
+
+
+def _worker_gc(self: Any) -> dict:
+    """Runs in each worker: Python GC, and the accelerator cache when there is one."""
+    t0 = time.perf_counter()
+    collected = gc.collect()
+    freed = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            before = torch.cuda.memory_reserved()
+            torch.cuda.empty_cache()
+            freed = before - torch.cuda.memory_reserved()
+    except Exception:  # noqa: BLE001
+        pass
+    return {"collected": collected, "cuda_freed_bytes": freed, "seconds": time.perf_counter() - t0}
+
+
+@guarded("control.install_engine_side")
+def install_engine_side() -> None:
+    try:
+        from vllm.v1.engine.core import EngineCore
+
+        if not hasattr(EngineCore, "vllm_otel_control"):
+            EngineCore.vllm_otel_control = _engine_control
+    except ImportError:
+        pass
+    try:
+        from vllm.v1.worker.worker_base import WorkerBase
+
+        if not hasattr(WorkerBase, "vllm_otel_gc"):
+            WorkerBase.vllm_otel_gc = _worker_gc
+    except ImportError:
+        pass
+
+
+# ---- API side ------------------------------------------------------------------------------------
+class ControlPlane:
+    def __init__(self, engine_client: Any) -> None:
+        self.client = engine_client
+
+    def _sched_cfg(self) -> Any:
+        cfg = getattr(self.client, "scheduler_config", None)
+        if cfg is None:
+            raise ControlError("this server has no scheduler config (not an AsyncLLM?)", 409)
+        return cfg
+
+    async def _engine(self, action: str, params: dict | None = None) -> dict:
+        core = getattr(self.client, "engine_core", None)
+        if core is None:
+            raise ControlError("engine core client not available", 409)
+        return await core.call_utility_async("vllm_otel_control", action, params or {})
+
+    async def execute(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
+        if action not in ACTIONS:
+            raise ControlError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        handler = getattr(self, "_do_" + action)
+        try:
+            result = await handler(**params)
+        except TypeError as e:
+            raise ControlError(f"bad parameters for {action}: {e}") from None
+        logger.warning("vllm-otel control: %s %s -> %s", action, params, result)
+        return {"action": action, "params": params, "result": result, "at": time.time()}
+
+    async def _do_status(self) -> dict:
+        cfg = self._sched_cfg()
+        limits = await self._engine("get_limits")
+        return {"max_num_queued_reqs": cfg.max_num_queued_reqs,
+                "max_num_queued_tokens": cfg.max_num_queued_tokens,
+                "unfinished_requests": self.client.get_num_unfinished_requests()
+                if hasattr(self.client, "get_num_unfinished_requests") else None,
+                "engine": limits["after"], "paused": await self._paused()}
+
+    async def _paused(self) -> bool | None:
+        fn = getattr(self.client, "is_paused", None)
+        try:
+            return bool(await fn()) if fn else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    async def _do_set_max_running(self, max_num_seqs: int) -> dict:
+        return await self._engine("set_max_running", {"max_num_seqs": int(max_num_seqs)})
+
+    async def _do_set_token_budget(self, max_num_batched_tokens: int) -> dict:
+        return await self._engine("set_token_budget", {"max_num_batched_tokens": int(max_num_batched_tokens)})
+
+    async def _do_set_queue_limits(self, max_num_queued_reqs: int | None = None,
+                                   max_num_queued_tokens: int | None = None) -> dict:
+        # The front end checks these on every new request (AsyncLLM.check_admission): excess
+        # requests get 503 at once instead of queueing. None lifts a limit.
+        cfg = self._sched_cfg()
+        before = {"max_num_queued_reqs": cfg.max_num_queued_reqs, "max_num_queued_tokens": cfg.max_num_queued_tokens}
+        for name, value in (("max_num_queued_reqs", max_num_queued_reqs),
+                            ("max_num_queued_tokens", max_num_queued_tokens)):
+            if value is not None and int(value) < 0:
+                raise ControlError(f"{name} must be >= 0")
+            object.__setattr__(cfg, name, None if value is None else int(value))
+        return {"before": before, "after": {"max_num_queued_reqs": cfg.max_num_queued_reqs,
+                                            "max_num_queued_tokens": cfg.max_num_queued_tokens}}
+
+    async def _do_abort_requests(self, longest: int | None = None, older_than_s: float | None = None) -> dict:
+        """Abort the ``longest`` oldest requests, or all older than ``older_than_s`` seconds."""
+        op = getattr(self.client, "output_processor", None)
+        if op is None:
+            raise ControlError("request table not available", 409)
+        now = time.time()
+        ages = []
+        for rid, st in list(op.request_states.items()):
+            arrival = getattr(getattr(st, "stats", None), "arrival_time", None) or now
+            ages.append((now - arrival, st.external_req_id))
+        ages.sort(reverse=True)
+        if older_than_s is not None:
+            victims = [rid for age, rid in ages if age >= float(older_than_s)]
+        elif longest is not None:
+            victims = [rid for _, rid in ages[: int(longest)]]
+        else:
+            raise ControlError("give longest or older_than_s")
+        victims = list(dict.fromkeys(victims))
+        if victims:
+            await self.client.abort(victims)
+        return {"aborted": victims, "oldest_age_s": ages[0][0] if ages else None}
+
+    async def _do_reset_prefix_cache(self) -> dict:
+        return {"reset": bool(await self.client.reset_prefix_cache())}
+
+    async def _do_pause(self, mode: str = "keep") -> dict:
+        if mode not in ("abort", "wait", "keep"):
+            raise ControlError("mode must be abort, wait or keep")
+        await self.client.pause_generation(mode=mode)
+        return {"paused": True, "mode": mode}
+
+    async def _do_resume(self) -> dict:
+        await self.client.resume_generation()
+        return {"paused": False}
+
+    async def _do_sleep(self, level: int = 1) -> dict:
+        try:
+            await self.client.sleep(int(level))
+        except Exception as e:  # noqa: BLE001 - e.g. sleep mode not enabled / unsupported platform
+            raise ControlError(f"sleep not possible here: {e}", 409) from None
+        return {"sleeping": True, "level": int(level)}
+
+    async def _do_wake_up(self) -> dict:
+        try:
+            return {"awake": bool(await self.client.wake_up())}
+        except Exception as e:  # noqa: BLE001
+            raise ControlError(f"wake_up not possible here: {e}", 409) from None
+
+    async def _do_gc_workers(self) -> dict:
+        results = await self.client.collective_rpc("vllm_otel_gc")
+        return {"workers": results}
