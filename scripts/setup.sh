@@ -52,28 +52,32 @@ else
   log "python packages up to date ($flavour build of vLLM)"
 fi
 
-# 4. Prometheus and Alertmanager binaries (Debian packages here; see README for other platforms).
+# 4. Prometheus, Alertmanager and PostgreSQL binaries (Debian packages here; see README for
+#    other platforms). The tests start their own instances on loopback.
 have_prom() { command -v "${VLLM_OTEL_PROMETHEUS_BIN:-prometheus}" >/dev/null 2>&1; }
 have_am() {
   [[ -n "${VLLM_OTEL_ALERTMANAGER_BIN:-}" ]] && command -v "$VLLM_OTEL_ALERTMANAGER_BIN" >/dev/null 2>&1 && return 0
   command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1
 }
-if ! have_prom || ! have_am; then
+have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
+if ! have_prom || ! have_am || ! have_pg; then
   if [[ "${VLLM_OTEL_NO_APT:-0}" != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-    log "installing prometheus and prometheus-alertmanager (Debian packages)"
+    log "installing prometheus, prometheus-alertmanager and postgresql (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends prometheus prometheus-alertmanager >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }
+    pkgs="prometheus prometheus-alertmanager postgresql"
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $pkgs >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $pkgs >/dev/null; }
     # The Debian packages start system services we do not want (they bind :9090/:9093 on all
     # interfaces); our tests start their own instances on loopback.
-    for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+    for svc in prometheus prometheus-alertmanager prometheus-node-exporter postgresql; do
       (command -v systemctl >/dev/null 2>&1 && systemctl disable --now "$svc" >/dev/null 2>&1) || true
     done
   else
     log "WARNING: prometheus/alertmanager not found and apt-get not usable: see README 'Other platforms'"
   fi
 else
-  log "prometheus and alertmanager present"
+  log "prometheus, alertmanager and postgresql present"
 fi
 
 # 5. The tiny model the tests and the demo serve (no downloads: random weights, local tokenizer).

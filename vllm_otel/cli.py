@@ -22,6 +22,7 @@ _SUBCOMMAND_MODULES = (
     "vllm_otel.loadgen.cli",      # replay
     "vllm_otel.forecast.cli",     # backtest
     "vllm_otel.demo",             # demo
+    "vllm_otel.mitigate.cli",     # receiver
 )
 
 

@@ -53,6 +53,7 @@ class CycleReport:
     t: float
     ok: bool                                   # the source answered
     points: int = 0                            # time points stepped
+    gap_steps: int = 0                         # steps without data inserted for missed time points
     units: int = 0                             # units with fresh data at the last point
     refits: int = 0
     duration_s: float = 0.0
@@ -167,12 +168,14 @@ class ForecasterService:
         refits_before = det.refits
         for n, k in enumerate(order):
             t = float(frame.t[k])
-            self._gap_steps(t)
+            report.gap_steps += self._gap_steps(t)
             last = n == len(order) - 1
             have = [i for i in range(len(frame.units)) if present[i, k]]
             for i in have:
                 seen_t[i] = t
-            # Units followed but without data now get a NaN row: a gap the detector counts.
+            # Units followed but without data now get a NaN row: a gap the detector counts. Units
+            # gone for longer than forget_after_s are forgotten first, or the NaN row revives them.
+            det.forget_stale(t)
             known = det.instances
             sel = have + [index[u] for u in known if u in index and not present[index[u], k]]
             extra = [u for u in known if u not in index]
@@ -203,21 +206,25 @@ class ForecasterService:
         report.units = len(fresh_idx)
         return {res.units[j] for j in fresh_idx}
 
-    def _gap_steps(self, t: float) -> None:
+    def _gap_steps(self, t: float) -> int:
         """NaN steps for the time points missed since the last step (a scrape outage, a slow cycle)."""
         if self._last_step_t is None:
-            return
+            return 0
         step_s = self.config.step_s
         missed = int(math.floor((t - self._last_step_t) / step_s + 0.5)) - 1
         if missed <= 0 or not self.detector.instances:
-            return
+            return 0
         # Beyond max_gap_s the detector restarts a series anyway: more gap steps would change nothing.
         cap = int(self.config.max_gap_s / step_s) + 2
+        done = 0
         for j in range(max(1, missed - cap + 1), missed + 1):
-            units = self.detector.instances
             tj = t - (missed + 1 - j) * step_s
-            self.detector.step(tj, units, {}, None, predict=False, refit=False)
+            self.detector.forget_stale(tj)
+            if self.detector.instances:
+                self.detector.step(tj, self.detector.instances, {}, None, predict=False, refit=False)
+                done += 1
         self._last_step_t = t - step_s
+        return done
 
     def _take_predictions(self, res: StepResult, rows: list[int]) -> None:
         forecasts = self._forecasts(res, rows)

@@ -116,6 +116,9 @@ class MonitoringEndpoints:
                 return JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=500)
             return JSONResponse(out)
 
+        # Real classes, not the strings `from __future__ import annotations` leaves: FastAPI
+        # resolves string annotations in module globals, where these lazy imports are not.
+        control.__annotations__ = {"action": str, "request": Request, "return": JSONResponse}
         app.add_api_route("/monitoring/control/{action}", control, methods=["POST"], tags=["vllm-otel"])
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
