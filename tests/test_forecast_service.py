@@ -328,6 +328,10 @@ def test_source_down_keeps_last_predictions_stale_and_ages(fake_vllm: FakeVllm) 
     assert svc.registry.get_sample_value("vllm_otel_failure_probability",
                                          {"instance": fake_vllm.instance, "engine": "", "model_name": "tiny",
                                           "failure_type": "kv_cache_exhaustion"}) is None
+    # No cycle for far longer than the schedule allows: /healthz says so (a liveness probe restarts us).
+    clock.tick(120)
+    code, doc = svc.health()
+    assert code == 503 and doc["status"] == "stalled"
 
 
 def test_prometheus_refused_and_slow_no_crash_no_prediction() -> None:
@@ -438,6 +442,31 @@ def test_instance_appearing_later_warms_up_on_its_own() -> None:
         svc.stop()
         a.stop()
         b.stop()
+
+
+def test_data_parallel_engines_are_separate_units(fake_vllm: FakeVllm) -> None:
+    def two_engines(step: int) -> str:
+        text = moving(step)
+        extra = [re.sub(r'engine="0"', 'engine="1"', line) for line in text.splitlines()
+                 if line.startswith("vllm:") and 'engine="0"' in line]
+        # engine 1 is idle at 90% KV: a different picture from engine 0
+        extra = [re.sub(r"^(vllm:kv_cache_usage_perc\{[^}]*\}) \S+$", r"\g<1> 0.9", x) for x in extra]
+        return text + "\n".join(extra) + "\n"
+
+    clock = Clock()
+    svc = ForecasterService(ScrapeSource([fake_vllm.url], timeout=1), FAST, clock=clock)
+    for k in range(6):
+        fake_vllm.text = two_engines(k)
+        clock.tick()
+        assert svc.run_cycle().ok
+    units = {u.unit: u for u in svc.snapshot.units}
+    assert set(units) == {f"{fake_vllm.instance}/engine=0", f"{fake_vllm.instance}/engine=1"}
+    assert {u.engine for u in units.values()} == {"0", "1"}
+    assert {u.instance for u in units.values()} == {fake_vllm.instance}
+    e1 = svc.registry.get_sample_value("vllm_otel_forecast", {"instance": fake_vllm.instance, "engine": "1",
+                                                              "model_name": "tiny", "signal": "kv_usage",
+                                                              "quantile": "0.5"})
+    assert e1 == pytest.approx(0.9, abs=0.02)
 
 
 def test_otlp_push_of_the_same_gauges(fake_vllm: FakeVllm, otlp_receiver, monkeypatch) -> None:  # noqa: ANN001
@@ -560,7 +589,7 @@ def test_prometheus_source_live_predictions_on_metrics(vllm_server, prometheus) 
     svc.serve(port=0)
     try:
         rep = svc.run_cycle()
-        assert rep.ok and rep.points >= 10 and rep.units == 1, rep
+        assert rep.ok and rep.points >= 8 and rep.units == 1, rep  # the backfill
         u = unit_of(svc, inst)
         assert u.model_name == "tiny" and not u.stale and u.probability
         assert all(0.0 <= p <= 1.0 for p in u.probability.values())
@@ -574,5 +603,23 @@ def test_prometheus_source_live_predictions_on_metrics(vllm_server, prometheus) 
         assert set(got) <= set(FAILURE_TYPES)
         age = samples(m, "vllm_otel_forecaster_data_age_seconds")
         assert 0.0 <= age[(("engine", ""), ("instance", inst))] < 10.0
+
+        # Then Prometheus hangs (the session one cannot be stopped: the source is pointed at a
+        # socket that accepts and never answers): same predictions, marked stale, data age grows.
+        before = dict(unit_of(svc, inst).probability)
+        silent = Silent()
+        svc.source = PrometheusSource(silent.url, 'job="vllm"', 0.5, step_s=1.0)
+        try:
+            time.sleep(1.0)
+            rep = svc.run_cycle()
+        finally:
+            silent.close()
+        assert not rep.ok and "did not answer" in rep.errors[0][1]
+        m2 = scrape(svc)
+        assert samples(m2, "vllm_otel_forecaster_up")[()] == 0.0
+        assert samples(m2, "vllm_otel_forecaster_prediction_stale")[(("engine", ""), ("instance", inst))] == 1.0
+        assert samples(m2, "vllm_otel_forecaster_data_age_seconds")[(("engine", ""), ("instance", inst))] > \
+            age[(("engine", ""), ("instance", inst))] + 1.0
+        assert dict(unit_of(svc, inst).probability) == before
     finally:
         svc.stop()

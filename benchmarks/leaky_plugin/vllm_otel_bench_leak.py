@@ -11,6 +11,7 @@ vLLM may call general plugins more than once per process: the thread starts once
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -58,3 +59,5 @@ def register() -> None:
             return
         _started_pid = os.getpid()
     threading.Thread(target=_leak, args=(rate, max_mb), name="bench-leak", daemon=True).start()
+    print(f"vllm_otel_bench_leak: leaking {rate:g} MB/s (at most {max_mb:g} MB) in pid {os.getpid()}",
+          file=sys.stderr, flush=True)

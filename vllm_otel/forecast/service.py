@@ -113,6 +113,7 @@ class ForecasterService:
         self.last_report: CycleReport | None = None
         self.last_result: StepResult | None = None  # the detector's last predicting step (inspection)
         self._zq = {q: float(ndtri(float(q))) for q in QUANTILES}
+        self._logged: dict[tuple[str, str], str] = {}
 
     # -- one cycle -----------------------------------------------------------------------------
     def run_cycle(self) -> CycleReport:
@@ -132,8 +133,12 @@ class ForecasterService:
         fresh: set[str] = set()
         if batch is not None:
             report.ok = True
+            self._recovered("source")
+            failed = {target for target, _ in batch.errors}
             for target, why in batch.errors:
-                self._error(report, "target", f"{target}: {why}")
+                self._error(report, "target", f"{target}: {why}", key=target)
+            for stage, key in [k for k in self._logged if k[0] == "target" and k[1] not in failed]:
+                self._recovered(stage, key)
             try:
                 fresh = self._ingest(batch, report)
             except Exception as e:  # noqa: BLE001
@@ -146,17 +151,24 @@ class ForecasterService:
         self.last_report = report
         return report
 
-    def _error(self, report: CycleReport, stage: str, message: str) -> None:
+    def _error(self, report: CycleReport, stage: str, message: str, key: str = "") -> None:
         self.metrics.errors.labels(stage=stage).inc()
         report.errors.append((stage, message))
-        log.warning("vllm-otel forecaster: %s: %s", stage, message)
+        # One warning when a problem starts or changes, not one per cycle while it lasts.
+        level = logging.DEBUG if self._logged.get((stage, key)) == message else logging.WARNING
+        self._logged[(stage, key)] = message
+        log.log(level, "vllm-otel forecaster: %s: %s", stage, message)
+
+    def _recovered(self, stage: str, key: str = "") -> None:
+        if self._logged.pop((stage, key), None) is not None:
+            log.warning("vllm-otel forecaster: %s%s: working again", stage, f" {key}" if key else "")
 
     def _ingest(self, batch: Batch, report: CycleReport) -> set[str]:
         """Step the detector through the batch's new points; returns the units fresh at the last one."""
         frame = batch.frame
         if batch.empty:
             return set()
-        det, step_s = self.detector, self.config.step_s
+        det = self.detector
         present = frame.present()
         order = [k for k in range(len(frame.t))
                  if self._last_step_t is None or frame.t[k] > self._last_step_t + 1e-6]
@@ -202,7 +214,7 @@ class ForecasterService:
             return set()
         self.last_result = res
         fresh_idx = [j for j, u in enumerate(res.units) if u in index and present[index[u], order[-1]]]
-        self._take_predictions(res, fresh_idx)
+        self._take_predictions(res, fresh_idx, report)
         report.units = len(fresh_idx)
         return {res.units[j] for j in fresh_idx}
 
@@ -226,8 +238,8 @@ class ForecasterService:
         self._last_step_t = t - step_s
         return done
 
-    def _take_predictions(self, res: StepResult, rows: list[int]) -> None:
-        forecasts = self._forecasts(res, rows)
+    def _take_predictions(self, res: StepResult, rows: list[int], report: CycleReport) -> None:
+        forecasts = self._forecasts(res, rows, report)
         for j in rows:
             u = res.units[j]
             st = self._units.get(u)
@@ -250,7 +262,8 @@ class ForecasterService:
                                         predicted_at=res.t, probability=prob, time_to_failure=ttf,
                                         source=src, forecast=forecasts.get(j, {}))
 
-    def _forecasts(self, res: StepResult, rows: list[int]) -> dict[int, dict[tuple[str, str], float]]:
+    def _forecasts(self, res: StepResult, rows: list[int],
+                   report: CycleReport) -> dict[int, dict[tuple[str, str], float]]:
         """Each forecast signal's quantiles at the horizon, where the model has enough data."""
         out: dict[int, dict[tuple[str, str], float]] = {}
         det, cfg = self.detector, self.config
@@ -273,10 +286,8 @@ class ForecasterService:
                         v = m[r] + z * s[r]
                         d[(sig, q)] = float(np.exp(v) if sig in cfg.log_signals else v)
         except Exception as e:  # noqa: BLE001 - the quantiles are extra; predictions still publish
-            log.exception("vllm-otel forecaster: forecast quantiles failed")
-            self.metrics.errors.labels(stage="forecast").inc()
-            if self.last_report is not None:
-                self.last_report.errors.append(("forecast", str(e)))
+            log.debug("forecast quantiles failed", exc_info=True)
+            self._error(report, "forecast", f"{type(e).__name__}: {e}")
         return out
 
     def _publish(self, now: float, up: bool, fresh: set[str], report: CycleReport) -> None:

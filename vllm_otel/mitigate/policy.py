@@ -30,7 +30,8 @@ from vllm_otel.store import Store
 __all__ = [
     "PolicyConfig", "PolicyError", "Policy", "Rule", "StrategyConfig", "GuardsConfig",
     "RateLimitConfig", "BlastRadiusConfig", "CircuitBreakerConfig", "EscalationConfig",
-    "WorkerConfig", "Guardrails", "load_policy", "ESCALATION_REASONS",
+    "WorkerConfig", "Guardrails", "load_policy", "ESCALATION_REASONS", "ActuatorConfig",
+    "ControlConfig", "SupervisorConfig", "HookConfig", "MetricsConfig",
 ]
 
 ESCALATION_REASONS = ("blast_radius", "stale_data", "circuit_open", "exhausted")
@@ -135,6 +136,92 @@ class WorkerConfig(_Cfg):
         return self
 
 
+# --- how actions reach vLLM (read by vllm_otel.mitigate.actuators) ----------------------------------
+
+class ControlConfig(_Cfg):
+    """vLLM's live control endpoints (``POST <target>/monitoring/control/<action>``)."""
+
+    token_file: Path | None = Field(
+        None, description="file holding the bearer token vLLM was started with "
+                          "(VLLM_OTEL_CONTROL_TOKEN_FILE); read at each call, never stored")
+    timeout_s: float = Field(30.0, gt=0.0, le=600.0)
+    scheme: Literal["http", "https"] = Field("http", description="for targets without a url")
+
+
+class SupervisorConfig(_Cfg):
+    """Where restarts of one target go: a ``vllm-otel supervise`` (http), docker compose, or a
+    Kubernetes Deployment. All three sit behind vllm_otel.mitigate.supervisor.RestartBackend."""
+
+    kind: Literal["http", "compose", "kubernetes"] = "http"
+    # http: the supervisor's API
+    url: str | None = Field(None, description="http: base URL of `vllm-otel supervise --listen`")
+    token_file: Path | None = Field(None, description="http: the supervisor's bearer token file")
+    timeout_s: float = Field(900.0, gt=0.0, description="longest one restart call may take")
+    # compose
+    project_dir: Path | None = Field(None, description="compose: directory of the compose project")
+    files: list[str] = Field(default_factory=list, description="compose: -f files, in order")
+    service: str | None = Field(None, description="compose: the vLLM service")
+    override_file: Path | None = Field(None, description="compose: where changed args are written")
+    # kubernetes
+    namespace: str | None = None
+    deployment: str | None = None
+    container: str | None = Field(None, description="kubernetes: container name (default: the first)")
+    context: str | None = Field(None, description="kubernetes: kubeconfig context")
+    # compose and kubernetes: drain through the target's control endpoints, then check health
+    health_url: str | None = Field(None, description="compose: URL that answers 200 when vLLM is up")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SupervisorConfig":
+        need = {"http": ("url",), "compose": ("project_dir", "service"),
+                "kubernetes": ("namespace", "deployment")}[self.kind]
+        missing = [n for n in need if getattr(self, n) in (None, "")]
+        if missing:
+            raise ValueError(f"a {self.kind} supervisor needs {', '.join(missing)}")
+        return self
+
+
+class HookConfig(_Cfg):
+    """An external HTTP call (load balancer, autoscaler, pager). Nothing is ever executed locally.
+
+    ``url``, header values and string leaves of ``body`` are templates: ``${instance}``,
+    ``${alertname}``, ``${target_url}`` and the calling strategy's parameters (e.g.
+    ``${replicas_delta}``) are substituted; a string that is exactly ``${name}`` keeps the value's
+    JSON type. Values substituted into the URL are percent-encoded.
+    """
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    url: str = Field(min_length=1)
+    headers: dict[str, str] = Field(default_factory=dict)
+    header_files: dict[str, Path] = Field(
+        default_factory=dict, description="header name -> file holding its (secret) value")
+    token_file: Path | None = Field(None, description="sends Authorization: Bearer <file content>")
+    body: Any = Field(None, description="JSON body template (GET/DELETE: none)")
+    timeout_s: float = Field(10.0, gt=0.0, le=300.0)
+
+    @model_validator(mode="after")
+    def _http_url(self) -> "HookConfig":
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError("hook url must start with http:// or https://")
+        return self
+
+
+class ActuatorConfig(_Cfg):
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    supervisors: dict[str, SupervisorConfig] = Field(
+        default_factory=dict, description="target instance -> where its restarts go")
+    hooks: dict[str, HookConfig] = Field(default_factory=dict, description="name -> external call")
+
+
+class MetricsConfig(_Cfg):
+    """Where strategies read a target's metrics: Prometheus, else the target's own /metrics."""
+
+    prometheus_url: str | None = Field(None, description="None: scrape <target>/metrics directly")
+    selector: str = Field("", description='extra label matchers for Prometheus, e.g. job="vllm"')
+    instance_label: str = "instance"
+    token_file: Path | None = Field(None, description="bearer token for Prometheus")
+    timeout_s: float = Field(5.0, gt=0.0, le=60.0)
+
+
 class PolicyConfig(_Cfg):
     version: Literal[1] = 1
     target_label: str = Field("instance", description="alert label naming the instance")
@@ -148,6 +235,8 @@ class PolicyConfig(_Cfg):
     escalation: EscalationConfig = Field(default_factory=EscalationConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     store_url: str | None = Field(None, description="SQLAlchemy URL; --db-url wins")
+    actuator: ActuatorConfig = Field(default_factory=ActuatorConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "PolicyConfig":
@@ -185,6 +274,12 @@ class Policy:
                 self._strategies[name] = registry.create(name, cfg.params)
             except StrategyConfigError as e:
                 problems.append(str(e))
+                continue
+            # A strategy that calls an external hook needs it defined: caught here, not at 3 a.m.
+            for hook in getattr(self._strategies[name], "required_hooks", lambda: ())():
+                if hook not in config.actuator.hooks:
+                    problems.append(f"strategy {name!r} calls hook {hook!r}, which actuator.hooks "
+                                    "does not define")
         if problems:
             raise PolicyError(f"{source}: " + "; ".join(problems))
 

@@ -24,7 +24,11 @@ __all__ = [
 
 # Modules whose import registers built-in strategies (least invasive first, for readers).
 _BUILTIN_MODULES = (
-    "vllm_otel.mitigate.strategies.escalate",
+    "vllm_otel.mitigate.strategies.escalate",      # a human (touches nothing)
+    "vllm_otel.mitigate.strategies.live_limits",   # control endpoints: admission and batch limits
+    "vllm_otel.mitigate.strategies.live_engine",   # control endpoints: caches, aborts, pause, sleep
+    "vllm_otel.mitigate.strategies.restart",       # restart backends: same or changed arguments
+    "vllm_otel.mitigate.strategies.external",      # external HTTP hooks: load balancer, autoscaler
 )
 
 for _mod in _BUILTIN_MODULES:

@@ -1,0 +1,335 @@
+"""The real actuator and metrics sources: against a REAL vLLM with its control endpoints on, a real
+Prometheus scraping it, and a local HTTP endpoint standing in for an external hook's far end
+(load balancer, autoscaler): a plain recording HTTP server, nothing mocked in between.
+
+vLLM starts once for this module (about a minute on these CPUs); run it under the heavy lock:
+``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/test_actuators.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from vllm_otel.mitigate.actuators import (HttpActuator, PrometheusMetricsSource, ScrapeMetricsSource,
+                                          build_actuator, build_metrics_source, render_template)
+from vllm_otel.mitigate.models import AlertRecord, Mode, Target
+from vllm_otel.mitigate.policy import ActuatorConfig, MetricsConfig, Policy
+from vllm_otel.mitigate.strategies import ActuatorError, StrategyContext
+from vllm_otel.testing.processes import free_port
+
+TOKEN = "control-test-token"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def control_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    pytest.importorskip("vllm")
+    from vllm_otel.testing.services import VllmServer
+
+    work = tmp_path_factory.mktemp("control-vllm")
+    tok = work / "control-token"
+    tok.write_text(TOKEN + "\n")
+    srv = VllmServer(tiny_model, work, num_gpu_blocks=24, max_model_len=2048, name="vllm-control",
+                     env={"VLLM_OTEL_CONTROL_TOKEN_FILE": str(tok)})
+    srv.token_file = tok  # type: ignore[attr-defined]
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def target(control_vllm: Any) -> Target:
+    return Target(instance=f"127.0.0.1:{control_vllm.port}")
+
+
+@pytest.fixture(scope="module")
+def actuator(control_vllm: Any) -> HttpActuator:
+    return HttpActuator(ActuatorConfig.model_validate({"control": {"token_file": str(control_vllm.token_file)}}))
+
+
+def status(actuator: HttpActuator, target: Target) -> dict[str, Any]:
+    return run(actuator.call(target, "control.status", {}))["result"]
+
+
+def complete(url: str, max_tokens: int = 4) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", timeout=120,
+                      json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": max_tokens, "ignore_eos": True})
+
+
+@pytest.mark.vllm
+def test_set_max_running_shows_in_status(actuator: HttpActuator, target: Target) -> None:
+    out = run(actuator.call(target, "control.set_max_running", {"max_num_seqs": 3}))
+    assert out["action"] == "set_max_running" and out["result"]["after"]["max_num_running_reqs"] == 3
+    assert status(actuator, target)["engine"]["max_num_running_reqs"] == 3
+    run(actuator.call(target, "control.set_max_running", {"max_num_seqs": 128}))
+    assert status(actuator, target)["engine"]["max_num_running_reqs"] == 128
+
+
+@pytest.mark.vllm
+def test_queue_limit_zero_rejects_with_503_until_lifted(actuator: HttpActuator, target: Target,
+                                                        control_vllm: Any) -> None:
+    run(actuator.call(target, "control.set_queue_limits", {"max_num_queued_reqs": 0}))
+    try:
+        assert status(actuator, target)["max_num_queued_reqs"] == 0
+        r = complete(control_vllm.url)
+        assert r.status_code == 503
+    finally:
+        run(actuator.call(target, "control.set_queue_limits",
+                          {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
+    assert status(actuator, target)["max_num_queued_reqs"] is None
+    assert complete(control_vllm.url).status_code == 200
+
+
+@pytest.mark.vllm
+def test_abort_requests_ends_the_oldest(actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
+    answers: list[Any] = []
+    t = threading.Thread(target=lambda: answers.append(complete(control_vllm.url, max_tokens=1900)))
+    t.start()
+    src = ScrapeMetricsSource()
+    time.sleep(1.0)  # one 1900-token generation takes several seconds
+    out = run(actuator.call(target, "control.abort_requests", {"longest": 1}))["result"]
+    assert len(out["aborted"]) == 1 and out["oldest_age_s"] >= 0
+    t.join(60)
+    body = answers[0].json()
+    assert body["choices"][0]["finish_reason"] == "abort" or answers[0].status_code >= 400
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and run(src.snapshot(target)).values.get("running") != 0:
+        time.sleep(0.2)
+    assert run(src.snapshot(target)).values["running"] == 0
+
+
+@pytest.mark.vllm
+def test_cache_gc_and_sleep(actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
+    assert run(actuator.call(target, "control.reset_prefix_cache", {}))["result"] == {"reset": True}
+    workers = run(actuator.call(target, "control.gc_workers", {}))["result"]["workers"]
+    assert len(workers) >= 1 and workers[0]["collected"] >= 0 and workers[0]["cuda_freed_bytes"] is None
+    try:
+        run(actuator.call(target, "control.sleep", {"level": 1}))
+    except ActuatorError as e:  # the platform may not support sleep mode: vLLM says 409
+        assert "HTTP 409" in str(e)
+    else:
+        assert run(actuator.call(target, "control.wake_up", {}))["result"]["awake"] is True
+    assert complete(control_vllm.url).status_code == 200
+
+
+@pytest.mark.vllm
+def test_errors_carry_vllms_status_and_message(actuator: HttpActuator, target: Target,
+                                               control_vllm: Any, tmp_path: Path) -> None:
+    with pytest.raises(ActuatorError, match=r"HTTP 400: bad parameters for set_max_running"):
+        run(actuator.call(target, "control.set_max_running", {}))
+    with pytest.raises(ActuatorError, match="HTTP 400: unknown action"):
+        run(actuator.call(target, "control.reboot_gpu", {}))
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token")
+    bad = HttpActuator(ActuatorConfig.model_validate({"control": {"token_file": str(wrong)}}))
+    with pytest.raises(ActuatorError, match="HTTP 403: wrong token"):
+        run(bad.call(target, "control.status", {}))
+    with pytest.raises(ActuatorError, match="no control token file configured"):
+        run(HttpActuator().call(target, "control.status", {}))
+    with pytest.raises(ActuatorError, match="no supervisor configured"):
+        run(actuator.call(target, "supervisor.restart", {}))
+    with pytest.raises(ActuatorError, match="unknown action"):
+        run(actuator.call(target, "shell.rm", {}))
+    down = Target(instance=f"127.0.0.1:{free_port()}")
+    with pytest.raises(ActuatorError, match="ConnectError"):
+        run(actuator.call(down, "control.status", {}))
+
+
+@pytest.mark.vllm
+def test_metrics_source_scrapes_the_target(target: Target, control_vllm: Any) -> None:
+    policy = Policy.from_mapping({"targets": [{"instance": target.instance}], "escalation": {"strategy": None}})
+    src = build_metrics_source(policy)
+    assert isinstance(src, ScrapeMetricsSource)
+    snap = run(src.snapshot(target))
+    v = snap.values
+    assert v["up"] == 1 and v["running"] == 0 and v["waiting"] == 0 and v["stalled"] == 0
+    assert v["kv_cache_size_tokens"] == 24 * 128 and v["gpu_memory_utilization"] == 0.3
+    assert v["gpu_collector_up"] == 0 and v["gpu_count"] == 0 and 0 < v["host_memory_available_fraction"] < 1
+    assert v["workers"] >= 1 and v["sleeping"] == 0 and "preemptions_total" in v and abs(snap.at - time.time()) < 5
+    dead = run(src.snapshot(Target(instance=f"127.0.0.1:{free_port()}")))
+    assert dead.values == {"up": 0.0}  # a failed scrape is "down", as Prometheus records it
+
+
+@pytest.mark.vllm
+@pytest.mark.prometheus
+def test_metrics_source_from_a_real_prometheus(target: Target, control_vllm: Any,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    from vllm_otel.testing.services import BinaryNotFound, PrometheusServer
+
+    try:
+        prom = PrometheusServer(tmp_path_factory.mktemp("prom-actuators"), targets={"vllm": [control_vllm.url]})
+    except BinaryNotFound as e:
+        pytest.skip(str(e))
+    with prom:
+        src = PrometheusMetricsSource(MetricsConfig(prometheus_url=prom.url, selector='job="vllm"'))
+        snap = run(src.snapshot(target))
+        scraped = run(ScrapeMetricsSource().snapshot(target))
+        assert snap is not None
+        for key in ("up", "running", "waiting", "stalled", "kv_cache_size_tokens", "gpu_memory_utilization",
+                    "gpu_collector_up", "workers", "sleeping"):
+            assert snap.values[key] == scraped.values[key], key
+        assert run(src.snapshot(Target(instance="10.9.9.9:1"))) is None  # Prometheus knows nothing
+
+
+@pytest.mark.vllm
+def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
+    """lower_queue_limits through the real actuator and metrics: precondition from real load,
+    new requests rejected with 503, verified once the in-flight ones are done."""
+    policy = Policy.from_mapping({
+        "targets": [{"instance": target.instance}], "escalation": {"strategy": None},
+        "rules": [{"alertname": "VllmRequestsQueueing", "strategies": ["lower_queue_limits"]}],
+        "strategies": {"lower_queue_limits": {"params": {"max_num_queued_reqs": 1, "verify_window_s": 90}}},
+        "actuator": {"control": {"token_file": str(control_vllm.token_file)}}})
+    act, src = build_actuator(policy), build_metrics_source(policy)
+    # 4 x 1900 tokens do not fit the 3072-token KV cache: requests run, wait and get preempted.
+    load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(4)]
+    for t in load:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        snap = run(src.snapshot(target))
+        while time.monotonic() < deadline and snap.values["running"] + snap.values["waiting"] < 2:
+            time.sleep(0.1)
+            snap = run(src.snapshot(target))
+        alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
+                            instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
+                            labels={}, annotations={}, generator_url="", group_key="", received_at=0.0)
+        ctx = StrategyContext(alert=alert, target=target, mode=Mode.AUTO, metrics_before=dict(snap.values),
+                              metrics_source=src)
+        strat = policy.strategy("lower_queue_limits")
+        assert strat.applies(ctx), snap.values
+        result = run(strat.execute(ctx, act))
+        assert result.ok, result.detail
+        assert complete(control_vllm.url).status_code == 503
+        ctx.result = result
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        verdict = run(strat.verify(ctx))
+        assert verdict.ok, verdict.detail
+    finally:
+        run(act.call(target, "control.set_queue_limits", {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
+        for t in load:
+            t.join(120)
+
+
+# --- external hooks --------------------------------------------------------------------------------------
+
+class Endpoint:
+    """A real local HTTP endpoint that records every request and answers with ``code``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.code = 200
+        ep = self
+
+        class H(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                ep.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                    "body": json.loads(raw) if raw else None})
+                out = json.dumps({"accepted": ep.code < 300, "error": "over quota"}).encode()
+                self.send_response(ep.code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    ep = Endpoint()
+    yield ep
+    ep.close()
+
+
+def test_hooks_send_the_configured_call(endpoint: Endpoint, tmp_path: Path) -> None:
+    (tmp_path / "lb-token").write_text("lb-secret\n")
+    (tmp_path / "api-key").write_text("k-123\n")
+    cfg = ActuatorConfig.model_validate({"hooks": {
+        "rebalance": {"method": "PUT", "url": endpoint.url + "/pools/llm/members/${instance}?weight=${weight}",
+                      "headers": {"X-Reason": "${alertname}"}, "header_files": {"X-Api-Key": str(tmp_path / "api-key")},
+                      "token_file": str(tmp_path / "lb-token"),
+                      "body": {"member": "${instance}", "weight": "${weight}", "note": "set ${instance} to ${weight}",
+                               "tags": ["vllm", "${alertname}"]}},
+        "scale_out": {"url": endpoint.url + "/scale", "body": {"delta": "${replicas_delta}"}}}})
+    act = HttpActuator(cfg)
+    t = Target(instance="10.0.0.7:8000")
+    out = run(act.call(t, "hook.rebalance", {"weight": 0.25, "alertname": "VllmRequestsQueueing"}))
+    assert out == {"status_code": 200, "body": {"accepted": True, "error": "over quota"}}
+    req = endpoint.requests[-1]
+    assert req["method"] == "PUT" and req["path"] == "/pools/llm/members/10.0.0.7%3A8000?weight=0.25"
+    h = {k.lower(): v for k, v in req["headers"].items()}
+    assert h["authorization"] == "Bearer lb-secret" and h["x-api-key"] == "k-123"
+    assert h["x-reason"] == "VllmRequestsQueueing"
+    assert req["body"] == {"member": "10.0.0.7:8000", "weight": 0.25, "note": "set 10.0.0.7:8000 to 0.25",
+                           "tags": ["vllm", "VllmRequestsQueueing"]}
+    endpoint.code = 429
+    with pytest.raises(ActuatorError, match="hook scale_out answered HTTP 429: over quota"):
+        run(act.call(t, "hook.scale_out", {"replicas_delta": 2}))
+    assert endpoint.requests[-1]["body"] == {"delta": 2}
+    with pytest.raises(ActuatorError, match=r"\$\{replicas_delta\}, which is not provided"):
+        run(act.call(t, "hook.scale_out", {}))
+    with pytest.raises(ActuatorError, match="no hook 'page'"):
+        run(act.call(t, "hook.page", {}))
+
+
+def test_hook_strategies_through_the_real_actuator(endpoint: Endpoint) -> None:
+    """scale_resources and rebalance_load reach the hook with their parameters."""
+    policy = Policy.from_mapping({
+        "targets": [{"instance": "10.0.0.7:8000"}], "escalation": {"strategy": None},
+        "rules": [{"alertname": "VllmRequestsQueueing", "strategies": ["scale_resources", "rebalance_load"]}],
+        "strategies": {"scale_resources": {"params": {"replicas_delta": 2}}},
+        "actuator": {"hooks": {"scale_out": {"url": endpoint.url + "/scale/${instance}",
+                                             "body": {"add": "${replicas_delta}", "why": "${alertname}"}},
+                               "rebalance": {"url": endpoint.url + "/weight", "body": {"w": "${weight}"}}}}})
+    act = build_actuator(policy)
+    alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing", instance="10.0.0.7:8000",
+                        failure_type=None, severity=None, starts_at=0.0, labels={}, annotations={},
+                        generator_url="", group_key="", received_at=0.0)
+    ctx = StrategyContext(alert=alert, target=policy.target("10.0.0.7:8000"), mode=Mode.AUTO,
+                          metrics_before={"waiting": 4, "kv_cache_usage": 0.5})
+    for name in ("scale_resources", "rebalance_load"):
+        s = policy.strategy(name)
+        assert s.applies(ctx)
+        assert run(s.execute(ctx, act)).ok
+    assert [r["path"] for r in endpoint.requests] == ["/scale/10.0.0.7%3A8000", "/weight"]
+    assert endpoint.requests[0]["body"] == {"add": 2, "why": "VllmRequestsQueueing"}
+    assert endpoint.requests[1]["body"] == {"w": 0.5}
+
+
+def test_templates_and_config_validation() -> None:
+    assert render_template({"a": ["${x}", "x=${x}"]}, {"x": 3}) == {"a": [3, "x=3"]}
+    assert render_template("/p/${x}", {"x": "a b/c"}, url=True) == "/p/a%20b%2Fc"
+    assert render_template("$x ${", {"x": 1}) == "$x ${"  # only ${name} is a variable
+    for bad in ({"hooks": {"h": {"url": "file:///etc/passwd"}}},
+                {"hooks": {"h": {"url": "http://x", "method": "CONNECT"}}},
+                {"supervisors": {"i": {"kind": "http"}}},
+                {"supervisors": {"i": {"kind": "kubernetes", "namespace": "llm"}}}):
+        with pytest.raises(ValueError):
+            ActuatorConfig.model_validate(bad)
