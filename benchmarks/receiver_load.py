@@ -67,8 +67,15 @@ async def main_async(args: argparse.Namespace) -> dict:
             s["mode"] = "dry-run"
     (wd / "policy.yaml").write_text(yaml.safe_dump(policy))
     port = free_port()
-    url = f"http://127.0.0.1:{port}/webhook"
     procs = [start_receiver(wd, port, 0)]
+    try:
+        return await _drive(args, wd, port, procs)
+    finally:
+        procs[0].stop()  # never leave a receiver behind, even on Ctrl-C or a timeout
+
+
+async def _drive(args: argparse.Namespace, wd: Path, port: int, procs: list) -> dict:
+    url = f"http://127.0.0.1:{port}/webhook"
     total = int(args.rate * args.seconds)
     latencies: list[float] = []
     retries = 0
@@ -106,7 +113,6 @@ async def main_async(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(send(i)))
             if args.restart and i == restart_at:
-                restart_t0 = time.perf_counter()
                 tasks.append(asyncio.create_task(restart()))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t_start
@@ -114,7 +120,6 @@ async def main_async(args: argparse.Namespace) -> dict:
     from vllm_otel.store import Store
 
     stored = len({a.fingerprint for a in Store(f"sqlite:///{wd / 'r.db'}").alerts(limit=10 ** 9)})
-    procs[0].stop()
     lat_sorted = sorted(latencies)
     q = statistics.quantiles(lat_sorted, n=100, method="inclusive")
     return {"sent": total, "stored": stored, "lost": total - stored, "retries": retries,

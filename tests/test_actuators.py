@@ -138,7 +138,7 @@ def test_errors_carry_vllms_status_and_message(actuator: HttpActuator, target: T
     bad = HttpActuator(ActuatorConfig.model_validate({"control": {"token_file": str(wrong)}}))
     with pytest.raises(ActuatorError, match="HTTP 403: wrong token"):
         run(bad.call(target, "control.status", {}))
-    with pytest.raises(ActuatorError, match="no control token file configured"):
+    with pytest.raises(ActuatorError, match=r"no control token file \(actuator.control.token_file\) configured"):
         run(HttpActuator().call(target, "control.status", {}))
     with pytest.raises(ActuatorError, match="no supervisor configured"):
         run(actuator.call(target, "supervisor.restart", {}))
