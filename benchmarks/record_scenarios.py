@@ -17,8 +17,9 @@ Scenarios (default load durations; ``--minutes`` sets all):
 * ``queue_ramp`` (5.75 min) Mooncake conversation trace (real shared prefixes), 192 KV blocks (at
                             most 0.75 used), at most 16 running: the same shape until 32 requests
                             wait (2 x max-num-seqs).
-* ``stall`` (2.5 min)       Azure conversation trace at 0.5 x capacity from a pool of 24 connections;
-                            the engine-core process is frozen (SIGSTOP) for 40 s, then resumed.
+* ``stall`` (3 min)         Azure conversation trace at 0.5 x capacity from a pool of 24 connections;
+                            120 s in (more than the 120 s horizon after the detector's warm-up), the
+                            engine-core process is frozen (SIGSTOP) for 40 s, then resumed.
 * ``leak`` (2 min)          steady load while a test-only plugin leaks 8 MB/s in the API-server
                             process; the memory budget is set before the load so that the leak
                             crosses it at about 60 % of the run (``memory_limit_bytes``).
@@ -124,10 +125,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "wait, then calm; then a swell to 0.8 x capacity",
              num_gpu_blocks=192, max_num_seqs=16, minutes=5.75, kind="ramp", watch="queue"),
     Scenario("stall", "AzureLLMInferenceTrace_conv.csv",
-             "Azure conversation trace at 0.5 x capacity from a pool of 24 connections; the engine-core "
-             "process is frozen (SIGSTOP) for 40 s at 40 % of the run, then resumed (SIGCONT)",
-             num_gpu_blocks=192, max_num_seqs=16, minutes=2.5, kind="steady", trace_start=6000, steady=0.5,
-             concurrency=24, stall_at=0.4),
+             "Azure conversation trace at 0.5 x capacity from a pool of 24 connections; 120 s in, the "
+             "engine-core process is frozen (SIGSTOP) for 40 s, then resumed (SIGCONT)",
+             num_gpu_blocks=192, max_num_seqs=16, minutes=3.0, kind="steady", trace_start=6000, steady=0.5,
+             concurrency=24, stall_at=0.67),
     Scenario("leak", "AzureLLMInferenceTrace_conv.csv",
              "Azure conversation trace at 0.4 x capacity from a pool of 24 connections; a test plugin "
              "leaks 8 MB/s in the API server; memory budget crossed at about 60 % of the run",
@@ -583,7 +584,7 @@ def main() -> int:
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
                     help=f"record only this scenario (repeatable): {', '.join(SCENARIOS)}")
     ap.add_argument("--minutes", type=float, help="load duration of every scenario in minutes "
-                    "(default: kv_ramp and queue_ramp 5.75, stall 2.5, leak 2)")
+                    "(default: kv_ramp and queue_ramp 5.75, stall 3, leak 2)")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default benchmarks/out)")
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "tiny-model")
     ap.add_argument("--traces", type=Path, default=default_traces_dir(), help="folder of the trace files")
@@ -604,6 +605,9 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "vllm_otel", "tiny-model", str(args.model)], check=True)
     args.out.mkdir(parents=True, exist_ok=True)
     raise_open_file_limit()
+    # A SIGTERM (e.g. a timeout) unwinds like Ctrl-C: a frozen engine core is resumed, servers are
+    # stopped by process group and the benchmark plugins are uninstalled.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = args.scenario or list(SCENARIOS)
     t0 = time.monotonic()
     metas: list[dict[str, Any]] = []
