@@ -23,6 +23,7 @@ _SUBCOMMAND_MODULES = (
     "vllm_otel.forecast.cli",     # backtest
     "vllm_otel.demo",             # demo
     "vllm_otel.mitigate.cli",     # receiver
+    "vllm_otel.mitigate.supervise_cli",  # supervise
 )
 
 
