@@ -46,7 +46,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import re
 import shutil
 import signal
