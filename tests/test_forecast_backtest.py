@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vllm_otel.forecast import cli
-from vllm_otel.forecast.backtest import _runs, predict_linear
+from vllm_otel.forecast.backtest import ReplayResult, _runs, predict_linear, score
 from vllm_otel.forecast.promjson import InputError, in_shard, parse_query_range, parse_shard, shard_index
 from vllm_otel.forecast.synthetic import scenario, to_query_range
 
@@ -90,6 +90,44 @@ def test_predict_linear_and_runs() -> None:
     assert predict_linear(y, t, 20.0, 10.0)[0, 4] == pytest.approx(2.0 + 0.5 * 30)
     assert _runs(np.array([0, 1, 1, 0, 0, 1, 0, 1], dtype=bool)) == [(1, 2), (5, 5), (7, 7)]
     assert _runs(np.array([0, 1, 1, 0, 0, 1, 0, 1], dtype=bool), merge_gap=1) == [(1, 2), (5, 7)]
+
+
+def _one_unit_result(prob: np.ndarray, sig: np.ndarray, labels: np.ndarray) -> ReplayResult:
+    T = len(prob)
+    shape = (1, T, 1)
+    return ReplayResult(t=T0 + np.arange(T, dtype=float), step_s=1.0, horizon_s=120.0, units=["u"],
+                        failure_types=("kv_cache_exhaustion",),
+                        probability=prob.reshape(shape).astype(np.float32),
+                        time_to_failure=np.full(shape, np.nan, dtype=np.float32),
+                        labels=labels.reshape(shape), present=np.ones((1, T), dtype=bool),
+                        signal=sig.reshape(shape), threshold=np.full(shape, 0.95))
+
+
+def test_only_fresh_alarm_episodes_are_credited() -> None:
+    """An alarm still on from the previous failure, or begun before the horizon, catches nothing."""
+    T = 400
+    labels = np.zeros(T, dtype=bool)
+    labels[100:111] = labels[300:311] = True
+    # detector: warns 10 s ahead of the first failure, then stays on until 200 (lingering: it
+    # started before the first failure ended, so it is no warning of the second).
+    prob = np.zeros(T)
+    prob[90:201] = 0.9
+    # the static baseline (0.8 x 0.95 = 0.76): on from 95 through 200, then again from 290.
+    sig = np.full(T, 0.5)
+    sig[95:201] = 0.9
+    sig[100:111] = sig[300:311] = 0.96
+    sig[290:300] = 0.9
+    rows = {r.method: r for r in score(_one_unit_result(prob, sig, labels), threshold=0.7)}
+    det, static = rows["detector"], rows["static"]
+    assert (det.events, det.caught, det.median_lead_s) == (2, 1, 10.0)
+    assert (static.events, static.caught, static.median_lead_s) == (2, 2, 7.5)  # leads 5 and 10
+    # an episode that starts after the first failure but more than the horizon before the
+    # second one is not credited either; one that starts inside the horizon is, from its start.
+    prob[:] = 0.0
+    prob[150:161] = 0.9   # 150 s before the second onset
+    prob[250:256] = 0.9   # 50 s before it: a warning, even though it stopped again
+    det = {r.method: r for r in score(_one_unit_result(prob, sig, labels), threshold=0.7)}["detector"]
+    assert (det.events, det.caught, det.median_lead_s, det.alarms, det.false_alarms) == (2, 1, 50.0, 4, 1)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,10 @@ window extrapolated by the same horizon, with the same threshold; a static early
 at a fraction of the failure threshold):
 
 * an **event** is a run of failing steps (runs closer than ``merge_gap_s`` are one event);
-  it is *caught* when the method alarmed at some step in the horizon before its onset, and the
-  **lead time** is onset minus the first such alarm;
+  it is *caught* when an alarm episode (a run of alarming steps) of the method *started* within
+  the horizon before its onset and after the previous event of that type (on that instance)
+  ended, and the **lead time** is onset minus the start of the first such episode. An alarm
+  still on from an earlier failure, or one that began before the horizon, does not count;
 * an **alarm** is a run of alarming steps; it is *true* when a failure is under way during it or
   begins within the horizon after it ends, else it is a **false alarm**;
 * recall = caught / events, precision = true alarms / alarms, false alarms per instance-hour
@@ -175,13 +177,20 @@ def _score_one(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np
     events = caught = alarms = false = 0
     leads: list[float] = []
     for u in range(labels.shape[0]):
-        for onset, _ in _runs(labels[u], merge_gap):
+        episodes = _runs(alarm[u])
+        prev_end = -1  # index of the last failing step of the previous event (none yet)
+        for onset, end in _runs(labels[u], merge_gap):
             events += 1
-            before = np.flatnonzero(alarm[u, max(onset - horizon, 0):onset])
-            if len(before):
+            # Only an alarm episode that *starts* after the previous failure ended and within the
+            # horizon before this onset warns of it: an alarm lingering on from an earlier failure
+            # (or started before the horizon) says nothing about this one.
+            lo = max(onset - horizon, prev_end + 1, 0)
+            starts = [s for s, _ in episodes if lo <= s < onset]
+            if starts:
                 caught += 1
-                leads.append(float(t[onset] - t[max(onset - horizon, 0) + before[0]]))
-        for start, end in _runs(alarm[u]):
+                leads.append(float(t[onset] - t[starts[0]]))
+            prev_end = end
+        for start, end in episodes:
             alarms += 1
             if not labels[u, start:end + horizon + 1].any():
                 false += 1
