@@ -119,8 +119,63 @@ def test_engine_stall_detected_within_two_scrapes() -> None:
     assert not (p[:onset] >= 0.7).any()
     preds = results[first].predictions()
     stall = next(x for x in preds if x.failure_type == "engine_stall")
-    assert "tokens_flat_while_running" in stall.precursors and stall.source == "state_graph"
+    assert "tokens_flat_while_running" in stall.precursors and stall.source == "precursor"
     assert stall.time_to_failure is not None and 0 < stall.time_to_failure <= 2 * STEP
+
+
+def test_no_prediction_during_warm_up_at_short_steps() -> None:
+    """At a 1 s scrape, nothing is predicted before half the horizon of data (not 12 points),
+    and a healthy server raises no alarm afterwards (the state graph prior used to)."""
+    det = PredictiveFailureDetector({**FAST, "step_s": 1.0})
+    assert det.warmup_steps == 60
+    n = 150
+    series = _healthy(n)
+    res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()}) for k in range(n)]
+    assert all(np.isnan(r.probability).all() for r in res[:59])
+    assert np.isfinite(res[60].probability).any()
+    assert max(np.nanmax(r.probability) for r in res[60:]) < 0.7
+
+
+def test_stall_probability_is_learned_from_flat_spells() -> None:
+    """Short flat spells that end on their own teach the detector that one flat scrape is no stall."""
+    det = PredictiveFailureDetector({**FAST, "step_s": 1.0})
+    K = det.stall_steps
+    assert K == 20
+    prior = det.stall_probability(np.array([0, 1, 14, 20]))[0]
+    assert prior[0] == 0.0 and prior[1] == pytest.approx(0.05) and prior[2] == pytest.approx(0.7)
+    assert prior[3] == 1.0
+    n = 300
+    series = _healthy(n)
+    gen = np.cumsum(np.where(np.arange(n) % 10 == 5, 0.0, 100.0))  # a one-scrape pause every 10 s
+    series["generation_tokens"] = gen
+    for k in range(n):
+        det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()})
+    learned, steps = det.stall_probability(np.array([1, 2]))
+    assert learned[0] < 0.01 < prior[1]  # 30 one-step spells, none became a stall
+    assert learned[1] == pytest.approx(prior[1] * 2)  # nothing seen at 2 steps: still the prior
+    assert steps[0] == K - 1
+
+
+def test_load_trend_ignores_a_frozen_engine() -> None:
+    """After a freeze, the backlog flooding in is no trend: the fit starts when the engine moves."""
+    step, n = 1.0, 240
+    rng = np.random.default_rng(3)
+    series = _healthy(n)
+    series["kv_usage"] = np.clip(0.25 + rng.normal(0, 0.03, n), 0, 1)
+    series["kv_usage"][170:] = np.clip(0.6 + rng.normal(0, 0.03, n - 170), 0, 1)  # backlog after resume
+    gen = 100.0 * np.arange(n)
+    gen[130:170] = gen[129]                                                   # frozen 40 s
+    series["generation_tokens"] = gen
+    det = PredictiveFailureDetector({**FAST, "step_s": step})
+    res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()}) for k in range(n)]
+    j = res[0].failure_types.index("kv_cache_exhaustion")
+    p = np.array([r.probability[0, j] for r in res])
+    assert not (p[60:] >= 0.7).any()
+    # the same jump without the freeze before it reads as a steep rise
+    series["generation_tokens"] = 100.0 * np.arange(n)
+    det = PredictiveFailureDetector({**FAST, "step_s": step})
+    res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()}) for k in range(n)]
+    assert max(r.probability[0, j] for r in res[170:200]) >= 0.7
 
 
 def test_memory_steady_slope_precursor() -> None:

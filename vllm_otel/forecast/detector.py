@@ -33,7 +33,10 @@ from vllm_otel.forecast.statespace import Innovations, InnovationsBank, filter_s
 from vllm_otel.forecast.stategraph import GraphPrior, StateGraph, classify, state_names
 
 __all__ = ["PredictiveFailureDetector", "DetectorConfig", "Prediction", "Checkpoint", "StepResult",
-           "PRECURSORS", "SOURCES"]
+           "PRECURSORS", "SOURCES", "TREND_PRECURSORS"]
+
+# Gauss-Hermite nodes and weights (probabilists'), for integrating over a standard normal.
+_GH = (lambda zw: (zw[0], zw[1] / zw[1].sum()))(np.polynomial.hermite_e.hermegauss(9))
 
 # Which model families suit which signal: bounded load signals mean-revert (damped), memory
 # climbs steadily (Holt), bursty queues and latencies may have autocorrelated changes (ARIMA).
@@ -51,6 +54,13 @@ PRECURSORS: dict[str, tuple[str, ...]] = {
     "kv_rising_with_preemptions": ("kv_cache_exhaustion", "preemption_storm"),
     "memory_steady_slope": ("memory_exhaustion",),
     "tokens_flat_while_running": ("engine_stall",),
+    "kv_usage_rising": ("kv_cache_exhaustion",),
+    "waiting_rising": ("queue_overload",),
+}
+# load signal -> (its failure, the precursor its recent trend raises); see ``_load_trend``
+TREND_PRECURSORS: dict[str, tuple[str, str]] = {
+    "kv_usage": ("kv_cache_exhaustion", "kv_usage_rising"),
+    "waiting": ("queue_overload", "waiting_rising"),
 }
 SOURCES = ("none", "breach", "forecast", "state_graph", "precursor")
 
@@ -61,6 +71,10 @@ class DetectorConfig(BaseModel):
     step_s: float = Field(5.0, gt=0.0, description="nominal time between observations")
     horizon_s: float = Field(120.0, gt=0.0)
     min_points: int = Field(12, ge=2, description="observations of a signal before it is forecast")
+    min_history_s: float | None = Field(
+        None, ge=0.0, description="seconds of data (observations x step) an instance needs before "
+                                  "any forecast or learned probability; None: half the horizon. "
+                                  "At a 1 s scrape, 12 points are far too few to extrapolate 120 s")
     fit_window: int = Field(360, ge=20, description="points kept per series, and fit on")
     min_fit_points: int = Field(30, ge=10)
     refit_every_s: float = Field(900.0, gt=0.0)
@@ -94,6 +108,17 @@ class DetectorConfig(BaseModel):
     thermal_margin_c: float = Field(5.0, ge=0.0)
     memory_slope_points: int = Field(60, ge=5)
     memory_slope_r2: float = Field(0.9, gt=0.0, le=1.0)
+    # Trend precursors on load signals (KV usage, waiting requests): a straight line through
+    # block means of the recent window, extrapolated with its prediction interval, plus the
+    # signal's own scrape-to-scrape noise around the line (a noisy signal touches the threshold
+    # before its mean does).
+    trend_window_s: float = Field(60.0, gt=0.0, description="recent data the load trend is fit on")
+    trend_block_s: float = Field(5.0, gt=0.0, description="averaged into blocks this long first")
+    trend_signals: list[str] = Field(default_factory=lambda: list(TREND_PRECURSORS))
+    # Engine stalls: a flat spell of k steps (tokens flat, requests present) reaches the stall
+    # definition with a probability learned from the spells seen so far (fleet-wide), starting
+    # from a prior mean of k / (steps that make a stall) with this many pseudo-spells.
+    stall_prior_strength: float = Field(2.0, gt=0.0)
     catalog: FailureCatalog = Field(default_factory=FailureCatalog)
     inputs: InputSeries = Field(default_factory=InputSeries)
 
@@ -222,12 +247,32 @@ class PredictiveFailureDetector:
         self._units_cache: tuple[list[str], np.ndarray] | None = None
         self._mem_prob: np.ndarray | None = None
         self._mem_ttf: np.ndarray | None = None
+        self._trend: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.stall_steps = stall_steps
+        self._flat_k = np.zeros(0, dtype=np.int64)
+        self._flat_broken = np.zeros(stall_steps + 1)   # flat spells that ended after k steps
+        self._flat_stalls = 0.0                         # spells that reached the stall definition
+        self._flowing_steps = 0.0                       # instance-steps with tokens not flat
+        # Which recent steps were inside a flat spell (a frozen engine freezes its gauges: those
+        # samples say nothing about load, and the trend fit leaves them out). A ring per row,
+        # pushed once per step like the banks' histories, so the two line up.
+        self._trend_len = max(3, int(round(cfg.trend_window_s / cfg.step_s)))
+        self._frozen = np.zeros((0, self._trend_len), dtype=bool)
+        self._frozen_pos = np.zeros(0, dtype=np.int64)
+        hist_s = cfg.min_history_s if cfg.min_history_s is not None else cfg.horizon_s / 2
+        self.warmup_steps = max(cfg.min_points, int(math.ceil(hist_s / cfg.step_s - 1e-9)))
         self._grow(16)
 
     # -- rows ------------------------------------------------------------------------------
     def _grow(self, cap: int) -> None:
         if cap <= self.cap:
             return
+        frozen = np.zeros((cap, self._trend_len), dtype=bool)
+        frozen[: self.cap] = self._frozen
+        self._frozen = frozen
+        pos = np.zeros(cap, dtype=np.int64)
+        pos[: self.cap] = self._frozen_pos
+        self._frozen_pos = pos
         self.extractor.grow(cap)
         for s, b in self.banks.items():
             b.grow(cap)
@@ -235,7 +280,7 @@ class PredictiveFailureDetector:
             fit_n[: self.cap] = self._fit_n[s]
             self._fit_n[s] = fit_n
         for name, fill, dt in (("_last_seen", -np.inf, float), ("_n_steps", 0, np.int64),
-                               ("_prev_state", -1, np.int64)):
+                               ("_prev_state", -1, np.int64), ("_flat_k", 0, np.int64)):
             new = np.full(cap, fill, dtype=dt)
             new[: self.cap] = getattr(self, name)
             setattr(self, name, new)
@@ -279,6 +324,8 @@ class PredictiveFailureDetector:
         self._last_seen[rows] = -np.inf
         self._n_steps[rows] = 0
         self._prev_state[rows] = -1
+        self._flat_k[rows] = 0
+        self._frozen[rows] = False
 
     def forget_stale(self, t: float) -> list[str]:
         """Drop instances not seen for ``forget_after_s`` (they disappeared); returns their names."""
@@ -332,6 +379,7 @@ class PredictiveFailureDetector:
         self._last_seen[rows] = np.where(has, t, self._last_seen[rows])
         self._n_steps[rows] += has
         breached = self.catalog.breached(sig)
+        self._observe_flat(rows, sig["flat_seconds"])
         precursors = self._precursors(rows, sig)
         states = classify(self.state_names, sig, breached, precursors, cfg.step_s)
         if cfg.use_state_graph:
@@ -380,7 +428,119 @@ class PredictiveFailureDetector:
                 "ecc_corrected": sig["ecc_corrected_window"] > 0,
             }
         out["memory_steady_slope"], self._mem_prob, self._mem_ttf = self._memory_trend(rows)
+        self._trend = {}
+        for s in cfg.trend_signals:
+            if s in self.banks and s in TREND_PRECURSORS:
+                f, name = TREND_PRECURSORS[s]
+                if f in self.failure_types:
+                    thr = self.catalog.threshold(f, sig)
+                    active, prob, ttf = self._load_trend(rows, s, thr)
+                    out[name] = active
+                    self._trend[f] = (prob, ttf)
+        for name in ("kv_usage_rising", "waiting_rising"):
+            out.setdefault(name, np.zeros(len(rows), dtype=bool))
         return out
+
+    # -- engine stalls: a direct rule on flat spells, its probabilities learned ---------------
+    def _observe_flat(self, rows: np.ndarray, flat_seconds: np.ndarray) -> None:
+        """Follow each instance's flat spell (steps with tokens flat while requests are present)
+        and count, fleet-wide, how long spells last: the survival the stall probability uses."""
+        K, step = self.stall_steps, self.config.step_s
+        known = np.isfinite(flat_seconds)
+        k_now = np.where(known, np.floor(np.nan_to_num(flat_seconds) / step + 1e-6), 0).astype(np.int64)
+        prev = self._flat_k[rows]
+        k_now = np.where(known, k_now, prev)  # unknown data: the spell neither grows nor ends
+        broke = known & (prev > 0) & (prev < K) & (k_now < prev)
+        if broke.any():
+            np.add.at(self._flat_broken, prev[broke], 1.0)
+        self._flat_stalls += float(((prev < K) & (k_now >= K)).sum())
+        self._flowing_steps += float((known & (k_now == 0)).sum())
+        self._flat_k[rows] = k_now
+        pos = self._frozen_pos[rows]
+        self._frozen[rows, pos] = k_now > 0
+        self._frozen_pos[rows] = (pos + 1) % self._trend_len
+
+    def stall_probability(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(a spell flat for ``k`` steps reaches the stall definition) and steps left.
+
+        Beta-binomial on the spells seen: of those that lasted at least k steps, how many went
+        on to a stall; prior mean k/K with ``stall_prior_strength`` pseudo-spells. Not flat
+        (k = 0): the learned rate of stall onsets per instance-step, over the horizon.
+        """
+        K, H = self.stall_steps, self.horizon_steps
+        reached_by_len = np.concatenate([np.cumsum(self._flat_broken[::-1])[::-1], [0.0]])  # sum_{L>=k}
+        kk = np.clip(k, 0, K)
+        reached = self._flat_stalls + reached_by_len[np.minimum(kk, K)]
+        s = self.config.stall_prior_strength
+        flat_p = (self._flat_stalls + s * kk / K) / (reached + s)
+        rate = self._flat_stalls / (self._flowing_steps + 1.0)
+        base = 1.0 - (1.0 - rate) ** H
+        prob = np.where(kk >= K, 1.0, np.where(kk > 0, flat_p, base))
+        steps = np.where(kk > 0, np.maximum(K - kk, 0).astype(float), np.nan)
+        return prob, steps
+
+    def _load_trend(self, rows: np.ndarray, signal: str, thr: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P(threshold reached within the horizon) from the recent trend of a noisy load signal.
+
+        The last ``trend_window_s`` of observations are averaged into blocks of ``trend_block_s``
+        (scrape noise and short bursts averaged out), a least-squares line is fit through the
+        block means, and the future blocks' means come from the line with its prediction
+        interval (one common error for the whole path, integrated by Gauss-Hermite quadrature).
+        Given the line, each future block touches the threshold with the probability that the
+        signal's own noise around the line carries it there, independently per block. Returns
+        (rising, probability, time to failure), NaN where too little data.
+        """
+        cfg, bank = self.config, self.banks[signal]
+        n = len(rows)
+        B = max(1, int(round(cfg.trend_block_s / cfg.step_s)))
+        nb = max(3, int(round(cfg.trend_window_s / cfg.step_s)) // B)
+        N = nb * B
+        Hb = max(1, int(math.ceil(self.horizon_steps / B)))
+        back = np.arange(N)[::-1]                        # oldest first
+        idx = (bank.hpos[rows, None] - 1 - back[None, :]) % bank.history
+        y = bank.hist[rows[:, None], idx]
+        fidx = (self._frozen_pos[rows, None] - 1 - back[None, :]) % self._trend_len
+        frozen = self._frozen[rows[:, None], fidx]
+        # Only data since the engine last moved: a frozen spell and what came before it are a
+        # different regime (the backlog that floods in after a freeze is no trend either).
+        frozen = np.maximum.accumulate(frozen[:, ::-1], axis=1)[:, ::-1]
+        y = np.where((back[None, :] < bank.hlen[rows][:, None]) & ~frozen, y, np.nan).reshape(n, nb, B)
+        cnt = np.isfinite(y).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # a block needs half its points; the line needs half the window (too little data:
+            # no trend rather than one drawn through two noisy points)
+            means = np.where(2 * cnt >= B, np.nansum(y, axis=2) / np.maximum(cnt, 1), np.nan)
+            use = np.isfinite(means)
+            x = np.arange(nb, dtype=float) - (nb - 1)         # block index relative to now
+            m = use.sum(axis=1).astype(float)
+            xm = np.where(use, x, 0).sum(axis=1) / m
+            ym = np.where(use, means, 0).sum(axis=1) / m
+            dx = np.where(use, x[None, :] - xm[:, None], 0.0)
+            dy = np.where(use, means - ym[:, None], 0.0)
+            sxx = (dx * dx).sum(axis=1)
+            slope = (dx * dy).sum(axis=1) / sxx
+            fit = ym[:, None] + slope[:, None] * (x[None, :] - xm[:, None])
+            s2 = np.where(use, (means - fit) ** 2, 0).sum(axis=1) / np.maximum(m - 2, 1)
+            raw = np.where(np.isfinite(y), y - fit[:, :, None], 0.0).reshape(n, -1)
+            noise = np.sqrt((raw * raw).sum(axis=1) / np.maximum(cnt.sum(axis=1), 1))
+            # Damped: a rise seen for the window is expected to go on for about as long again
+            # (phi = 1 - block/window), not forever; load signals are bounded and rises end.
+            phi = 1.0 - 1.0 / nb
+            hb = np.cumsum(phi ** np.arange(1, Hb + 1, dtype=float))
+            mean = ym[:, None] + slope[:, None] * (hb[None, :] - xm[:, None])
+            se = np.sqrt(s2[:, None] * (1.0 / m[:, None] + (hb[None, :] - xm[:, None]) ** 2 / sxx[:, None]))
+            z, w = _GH
+            level = mean[:, None, :] + z[None, :, None] * se[:, None, :]          # (n, Q, Hb)
+            sd = np.maximum(noise, 1e-9)[:, None, None]
+            p_blk = ndtr((level - thr[:, None, None]) / sd)
+            p_none = np.exp(np.log1p(-np.minimum(p_blk, 1 - 1e-12)).sum(axis=2))
+            prob = ((1.0 - p_none) * w[None, :]).sum(axis=1)
+            crossed = mean >= thr[:, None]
+            ttf = np.where(crossed.any(axis=1), (np.argmax(crossed, axis=1) + 1) * B * cfg.step_s, np.nan)
+        ok = (m >= max(3, nb // 2)) & (sxx > 0) & np.isfinite(thr) & np.isfinite(prob) & (bank.gap[rows] <= 1)
+        prob, ttf = np.where(ok, prob, np.nan), np.where(ok, ttf, np.nan)
+        return ok & (slope > 0) & (prob >= 0.5), prob, ttf
 
     def _memory_trend(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The "memory steady slope" precursor and what it implies.
@@ -430,7 +590,8 @@ class PredictiveFailureDetector:
         ttf = np.full((n, len(fts)), np.nan)
         source = np.zeros((n, len(fts)), dtype=np.int8)
         forecast_p = np.full((n, len(fts)), np.nan)
-        enough = self._n_steps[rows] >= cfg.min_points
+        enough = self._n_steps[rows] >= cfg.min_points      # the memory regression's own bar
+        warm = self._n_steps[rows] >= self.warmup_steps     # forecasts and learned probabilities
         g_prob = g_steps = None
         if cfg.use_state_graph:
             g_prob, g_steps = self.graph.predict(states)
@@ -440,7 +601,7 @@ class PredictiveFailureDetector:
             if s is not None and s in self.banks:
                 bank = self.banks[s]
                 thr = self._transform(s, self.catalog.threshold(f, sig))
-                ok = (bank.nobs[rows] >= cfg.min_points) & (bank.gap[rows] <= 1) & np.isfinite(thr) & enough
+                ok = (bank.nobs[rows] >= self.warmup_steps) & (bank.gap[rows] <= 1) & np.isfinite(thr) & warm
                 if ok.any():
                     mean, std = bank.forecast(rows[ok], H)
                     # P(the path crosses within H) lies between max_h P(y_h >= thr) (paths driven by
@@ -460,12 +621,12 @@ class PredictiveFailureDetector:
                     forecast_p[ok, j] = prob[ok, j]
                 codes = bank.model[rows]
                 models[s] = [self._model_names[c] if c >= 0 else self._default_name for c in codes]
-            if g_prob is not None and f in self.graph.failures:
+            if g_prob is not None and f in self.graph.failures and f != "engine_stall":
                 gi = self.graph.failures.index(f)
                 # Only where the failure is defined now: a queue limit not learned yet means
                 # no prediction, not a guess.
                 score_known = (np.isfinite(sig[SCORE_SIGNAL[f]]) & np.isfinite(self.catalog.threshold(f, sig))
-                               & enough)
+                               & warm)
                 gp = np.where(score_known, g_prob[:, gi], np.nan)
                 # A learned probability beats a lower (or missing) model probability: each is a
                 # calibrated estimate of the same event, and precursors are what the graph adds.
@@ -473,6 +634,21 @@ class PredictiveFailureDetector:
                 prob[:, j] = np.where(better, gp, prob[:, j])
                 ttf[:, j] = np.where(better, g_steps[:, gi] * cfg.step_s, ttf[:, j])
                 source[:, j] = np.where(better, 3, source[:, j])
+            if f == "engine_stall":
+                # A direct rule: the flat spell's learned chance of reaching the definition.
+                sp, ss = self.stall_probability(self._flat_k[rows])
+                known = np.isfinite(sig["flat_seconds"]) & warm
+                flat = known & (self._flat_k[rows] > 0)
+                prob[:, j] = np.where(known, sp, np.nan)
+                ttf[:, j] = np.where(known, ss * cfg.step_s, np.nan)
+                source[:, j] = np.where(flat, 4, np.where(known, 3, 0))
+            if f in self._trend:
+                tp, tt = self._trend[f]
+                tp = np.where(warm, tp, np.nan)
+                better = np.isfinite(tp) & ~(prob[:, j] >= tp)
+                prob[:, j] = np.where(better, tp, prob[:, j])
+                ttf[:, j] = np.where(better, tt, ttf[:, j])
+                source[:, j] = np.where(better, 4, source[:, j])
             if f == "memory_exhaustion" and self._mem_prob is not None:
                 mp = np.where(enough, self._mem_prob, np.nan)
                 better = np.isfinite(mp) & ~(prob[:, j] >= mp)
