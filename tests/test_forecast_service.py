@@ -37,7 +37,7 @@ SAMPLE = Path(__file__).parent / "data" / "vllm_metrics_sample.txt"
 SAMPLE_TEXT = SAMPLE.read_text()
 T0 = 1_800_000_000.0
 # Small warm-up so the tests run few cycles; the rest are DetectorConfig defaults.
-FAST = {"min_points": 4, "step_s": 5.0}
+FAST = {"min_points": 4, "min_history_s": 0.0, "step_s": 5.0}
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -497,7 +497,7 @@ def test_cli_once_json_and_errors(fake_vllm: FakeVllm, tmp_path: Path, capsys: p
     from vllm_otel.cli import main
 
     cfg = tmp_path / "detector.yaml"
-    cfg.write_text("horizon_s: 60\nmin_points: 3\n")
+    cfg.write_text("horizon_s: 60\nmin_points: 3\nmin_history_s: 0\n")
     assert main(["forecaster", "--once", "--json", "--scrape", fake_vllm.url, "--config", str(cfg)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["source"] == "scrape" and doc["up"] and doc["horizon_s"] == 60
@@ -585,7 +585,7 @@ def test_prometheus_source_live_predictions_on_metrics(vllm_server, prometheus) 
     prometheus.wait_for(f'count_over_time(vllm:num_requests_running{{instance="{inst}"}}[1m])',
                         lambda r: bool(r) and float(r[0]["value"][1]) >= 10, timeout_s=40)
     src = PrometheusSource(prometheus.url, 'job="vllm"', 5.0, step_s=1.0, backfill_s=120)
-    svc = ForecasterService(src, {"min_points": 6}, interval_s=1.0)
+    svc = ForecasterService(src, {"min_points": 6, "min_history_s": 0.0}, interval_s=1.0)
     svc.serve(port=0)
     try:
         rep = svc.run_cycle()
