@@ -178,9 +178,9 @@ def event_leads(rec: Recording, args: argparse.Namespace) -> list[dict[str, Any]
     """Per failure event (target types), each method's *fresh* warning: the length of the alarm run
     that leads without a break into the onset and began after the previous failure had ended.
 
-    The backtest counts any alarm within the horizon before an onset, so an alarm still on after an
-    earlier failure (or a warm-up alarm) can "catch" a later one with a long lead; this view does
-    not, and it is reported beside the backtest's numbers.
+    The backtest credits an alarm episode that starts within the horizon before the onset and after
+    the previous failure ended, even if it stopped again before the onset; this view asks for an
+    alarm that is still on at the onset, and it is reported beside the backtest's numbers.
     """
     res = rec.result
     H = int(round(res.horizon_s / res.step_s))
