@@ -19,28 +19,33 @@ Times are unix seconds (floats) everywhere: portable across both databases and e
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, delete, event, func, or_, select, update)
+                        bindparam, create_engine, delete, event, func, insert, or_, select,
+                        update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from vllm_otel.mitigate.models import (EXECUTED_OUTCOMES, FAILED_OUTCOMES, ActionRecord,
-                                       AlertmanagerAlert, AlertmanagerWebhook, AlertRecord,
+                                       AlertmanagerAlert, AlertmanagerWebhook, AlertRecord, AlertStatus,
                                        JobRecord, JobState, KillSwitchState, Outcome,
                                        OutcomeRecord, to_unix)
 from vllm_otel.redact import redact_mapping, redact_text
 
-__all__ = ["Store", "StoreError", "IngestResult", "DEFAULT_DB_URL", "normalize_db_url"]
+__all__ = ["Store", "StoreError", "IngestResult", "Notification", "NotificationResult", "DEFAULT_DB_URL",
+           "normalize_db_url"]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +222,17 @@ class LockRow(Base):
     expires_at: Mapped[float] = mapped_column(Float)
 
 
+# The hot insert path: Core statements built once, executed with bound parameters (no ORM unit
+# of work, no per-call statement construction or cache-key computation).
+_WEBHOOKS = WebhookRow.__table__
+_ACTIVITY = AlertActivityRow.__table__
+_JOBS = JobRow.__table__
+_INSERTS = {t.name: insert(t) for t in (_WEBHOOKS, _ACTIVITY, _JOBS)}
+_ALERT_ID_BY_KEY = select(AlertRow.id).where(AlertRow.key == bindparam("k"))
+_TOUCH_ACTIVITY = (update(AlertActivityRow).where(AlertActivityRow.alert_id == bindparam("aid"))
+                   .values(last_seen_at=bindparam("now")))
+
+
 # --- results --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -229,10 +245,29 @@ class IngestResult:
     cancelled_actions: tuple[str | None, ...] = ()  # strategies of awaiting actions cancelled
 
 
+@dataclass(frozen=True)
+class Notification:
+    """One webhook for :meth:`Store.ingest`; ``unmapped``: per alert, why no policy rule matches
+    (None: mapped; firing alerts only), as the receiver's policy decided before the write."""
+
+    hook: AlertmanagerWebhook
+    received_at: float
+    unmapped: Sequence[str | None] = ()
+    target_label: str = "instance"
+    failure_type_label: str = "failure_type"
+    create_jobs: bool = True
+
+
+@dataclass(frozen=True)
+class NotificationResult:
+    webhook_id: int
+    alerts: tuple[IngestResult, ...]  # one per alert of the notification, in order
+
+
 # --- the store ------------------------------------------------------------------------------------
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # Driver-level autocommit so that our "begin" hook decides how transactions start.
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") -> None:
+    # Driver-level autocommit so that our "begin" hooks decide how transactions start.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
@@ -241,6 +276,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     except Exception:  # noqa: BLE001 - in-memory databases have no WAL; harmless
         pass
+    # In WAL mode, synchronous=NORMAL makes a commit durable against a crash or kill of the
+    # process (a receiver restart, OOM kill, SIGKILL): the commit is in the WAL file, in the OS's
+    # page cache, before COMMIT returns, and the next opener replays it. Only a crash of the
+    # whole machine (power loss, kernel panic) can lose the last transactions; the WAL is synced
+    # at each checkpoint. FULL adds one fsync per commit (the receiver's group commit shares it
+    # among the alerts of a batch). Who needs durability against power loss on one SQLite file
+    # adds ?synchronous=FULL to the URL; PostgreSQL (several replicas) syncs as its server says.
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.close()
 
 
@@ -248,6 +291,12 @@ def _sqlite_begin(conn: Any) -> None:
     # BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that reads, then writes
     # fails with "database is locked" instead of waiting when another connection wrote meanwhile.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_read(conn: Any) -> None:
+    # Readers: a deferred transaction, so the queries of one read see one snapshot. In WAL mode it
+    # neither takes nor waits for the write lock: the worker's reads never delay the intake.
+    conn.exec_driver_sql("BEGIN")
 
 
 class Store:
@@ -260,16 +309,43 @@ class Store:
         u = make_url(self.url)
         self.dialect = u.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        # One write transaction at a time in this process. On SQLite the database lock allows only
+        # one writer anyway, and a connection that finds it taken polls with growing sleeps
+        # (busy_timeout: 1, 2, 5, 10 ... 100 ms): queueing on a Python lock instead hands the
+        # lock over the moment it is free. On PostgreSQL writers run concurrently: no lock.
+        self._write_lock: threading.RLock | None = None
         if self.dialect == "sqlite":
+            sync = str(u.query.get("synchronous", "NORMAL")).upper()
+            if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+                raise StoreError(f"synchronous={sync!r}: expected NORMAL, FULL, EXTRA or OFF")
+            u = u.difference_update_query(["synchronous"])
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
-            if u.database in (None, "", ":memory:"):
+            memory = u.database in (None, "", ":memory:")
+            if memory:
                 kwargs["poolclass"] = StaticPool  # one shared in-memory database
+            self._write_lock = threading.RLock()
         else:
             kwargs["pool_pre_ping"] = True
-        self.engine: Engine = create_engine(self.url, **kwargs)
+        self.engine: Engine = create_engine(u, **kwargs)
+        # Reads: on a SQLite file their own engine (deferred transactions, no write lock); the
+        # in-memory database has one connection, shared.
+        self.read_engine: Engine = self.engine
         if self.dialect == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            pragmas = functools.partial(_sqlite_pragmas, synchronous=sync)
+            event.listen(self.engine, "connect", pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
+            if not memory:
+                self.read_engine = create_engine(u, **kwargs)
+                event.listen(self.read_engine, "connect", pragmas)
+                event.listen(self.read_engine, "begin", _sqlite_begin_read)
+        self._insert_ignore_factory: Any = None
+        self._stmts: dict[Any, Any] = {}
+        if self.dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            self._insert_ignore_factory = sqlite_insert
+        elif self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+            self._insert_ignore_factory = pg_insert
         if create_schema:
             self.create_schema()
 
@@ -283,6 +359,8 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
     def ping(self) -> bool:
         with self.engine.connect() as c:
@@ -290,29 +368,68 @@ class Store:
         return True
 
     def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+        """A session for reads (no transaction block: it ends when the session closes)."""
+        return Session(self.read_engine, expire_on_commit=False)
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction: committed when the block ends, rolled back if it raises."""
+        with self._write_lock if self._write_lock is not None else nullcontext():
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+
+    def _insert_ignore(self, s: Session, model: Any, values: Mapping[str, Any],
+                       conflict: Sequence[str]) -> int | None:
+        """INSERT a row unless a unique key in ``conflict`` exists: its id, or None if it did.
+
+        ON CONFLICT DO NOTHING keeps the surrounding transaction alive (an IntegrityError would
+        abort it on PostgreSQL), so one transaction can hold many alerts, duplicates included.
+        On PostgreSQL a concurrent insert of the same key waits for the other transaction and then
+        does nothing if it committed."""
+        table = model.__table__
+        if self._insert_ignore_factory is not None:
+            key = ("insert_ignore", table.name, tuple(conflict))
+            stmt = self._stmts.get(key)
+            if stmt is None:
+                stmt = self._stmts[key] = (
+                    self._insert_ignore_factory(table)
+                    .on_conflict_do_nothing(index_elements=list(conflict)).returning(table.c.id))
+            return s.connection().execute(stmt, dict(values)).scalar_one_or_none()
+        try:  # pragma: no cover - other databases: a savepoint around a plain insert
+            with s.begin_nested():
+                return s.connection().execute(insert(table), dict(values)).inserted_primary_key[0]
+        except IntegrityError:  # pragma: no cover
+            return None
+
+    @staticmethod
+    def _insert(s: Session, table: Any, values: Mapping[str, Any]) -> int:
+        """A plain INSERT of one row (Core, prebuilt statement, parameters bound): its id."""
+        return s.connection().execute(_INSERTS[table.name], dict(values)).inserted_primary_key[0]
 
     # --- webhooks and alerts ----------------------------------------------------------------------
 
-    def record_webhook(self, hook: AlertmanagerWebhook, *, received_at: float | None = None) -> int:
-        row = WebhookRow(received_at=time.time() if received_at is None else received_at,
-                         group_key=_text(hook.group_key), status=hook.status.value, receiver=hook.receiver[:255],
-                         n_alerts=len(hook.alerts), truncated_alerts=hook.truncated_alerts,
-                         replica=self.replica_id)
-        with self._session() as s, s.begin():
-            s.add(row)
-            s.flush()
-            return row.id
+    def _webhook_values(self, hook: AlertmanagerWebhook, received_at: float | None) -> dict[str, Any]:
+        return {"received_at": time.time() if received_at is None else received_at,
+                "group_key": _text(hook.group_key), "status": hook.status.value,
+                "receiver": hook.receiver[:255], "n_alerts": len(hook.alerts),
+                "truncated_alerts": hook.truncated_alerts, "replica": self.replica_id}
 
-    def _alert_row(self, alert: AlertmanagerAlert, *, group_key: str, received_at: float,
-                   target_label: str, failure_type_label: str) -> AlertRow:
+    def record_webhook(self, hook: AlertmanagerWebhook, *, received_at: float | None = None) -> int:
+        values = self._webhook_values(hook, received_at)
+        with self._write() as s:
+            return self._insert(s, _WEBHOOKS, values)
+
+    def _alert_values(self, alert: AlertmanagerAlert, *, group_key: str, received_at: float,
+                      target_label: str, failure_type_label: str) -> dict[str, Any]:
+        """An alert's row, redacted (pure: computed before the write lock is taken)."""
         labels = redact_mapping(alert.labels)
-        return AlertRow(
-            key=alert.dedupe_key, fingerprint=alert.fingerprint, alertname=alert.alertname[:255],
-            instance=(labels.get(target_label) or None), failure_type=labels.get(failure_type_label),
-            severity=labels.get("severity"), starts_at=to_unix(alert.starts_at), labels=labels,
-            annotations=redact_mapping(alert.annotations), generator_url=_text(alert.generator_url),
-            group_key=_text(group_key), received_at=received_at, replica=self.replica_id)
+        return {"key": alert.dedupe_key, "fingerprint": alert.fingerprint,
+                "alertname": alert.alertname[:255], "instance": labels.get(target_label) or None,
+                "failure_type": labels.get(failure_type_label), "severity": labels.get("severity"),
+                "starts_at": to_unix(alert.starts_at), "labels": labels,
+                "annotations": redact_mapping(alert.annotations),
+                "generator_url": _text(alert.generator_url), "group_key": _text(group_key),
+                "received_at": received_at, "replica": self.replica_id}
 
     def add_firing_alert(self, alert: AlertmanagerAlert, *, group_key: str = "",
                          received_at: float | None = None, create_job: bool = True,
@@ -324,98 +441,124 @@ class Store:
         retries) or the alert with its work.
         """
         now = time.time() if received_at is None else received_at
-        row = self._alert_row(alert, group_key=group_key, received_at=now, target_label=target_label,
-                              failure_type_label=failure_type_label)
-        try:
-            with self._session() as s, s.begin():
-                s.add(row)
-                s.flush()
-                s.add(AlertActivityRow(alert_id=row.id, instance=row.instance, last_seen_at=now,
-                                       resolved=False))
-                job_id = None
-                if unmapped_reason is not None:
-                    action = self._new_action(s, alert_id=row.id, job_id=None, strategy=None,
-                                              target=row.instance, mode="none", why=unmapped_reason,
-                                              confidence=None, params={}, guards=[], state={},
-                                              errors=[], metrics_before={}, at=now)
-                    self._finish(s, action, Outcome.UNMAPPED.value, detail=unmapped_reason, at=now,
-                                 alert=row)
-                elif create_job:
-                    job = JobRow(alert_id=row.id, target=row.instance, state=JobState.PENDING.value,
-                                 attempts=0, cancel_requested=False, created_at=now, updated_at=now)
-                    s.add(job)
-                    s.flush()
-                    job_id = job.id
-                return IngestResult(alert_id=row.id, new=True, job_id=job_id)
-        except IntegrityError:
-            # Seen before (a group resend, an HA peer, another replica): only note it is alive.
-            with self._session() as s, s.begin():
-                existing = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
-                if existing is None:  # pragma: no cover - the constraint that fired was another one
-                    raise
-                s.execute(update(AlertActivityRow).where(AlertActivityRow.alert_id == existing)
-                          .values(last_seen_at=now))
-                return IngestResult(alert_id=existing, new=False)
+        values = self._alert_values(alert, group_key=group_key, received_at=now,
+                                    target_label=target_label, failure_type_label=failure_type_label)
+        with self._write() as s:
+            return self._firing(s, values, now=now, unmapped_reason=unmapped_reason,
+                                create_job=create_job)
 
     def add_resolution(self, alert: AlertmanagerAlert, *, group_key: str = "",
                        received_at: float | None = None, target_label: str = "instance",
                        failure_type_label: str = "failure_type") -> IngestResult:
         """Record that an alert resolved (once), cancel its pending work, note time to resolve."""
         now = time.time() if received_at is None else received_at
+        values = self._alert_values(alert, group_key=group_key, received_at=now,
+                                    target_label=target_label, failure_type_label=failure_type_label)
+        ends = to_unix(alert.ends_at) if alert.ends_at is not None else None
+        with self._write() as s:
+            return self._resolution(s, values, ends=ends, now=now)
+
+    def ingest(self, notifications: Sequence["Notification"]) -> list["NotificationResult"]:
+        """Record whole notifications, in order, in ONE transaction (one commit for all of them).
+
+        The receiver's group commit: the webhooks that arrive while the previous commit runs are
+        written together, and each is answered only after this returns. Same rows, same dedupe
+        as :meth:`record_webhook` + :meth:`add_firing_alert` / :meth:`add_resolution` per alert.
+        If it raises, nothing of the batch was written.
+        """
+        prepared = []
+        for n in notifications:
+            alerts = []
+            for i, a in enumerate(n.hook.alerts):
+                values = self._alert_values(a, group_key=n.hook.group_key, received_at=n.received_at,
+                                            target_label=n.target_label,
+                                            failure_type_label=n.failure_type_label)
+                ends = to_unix(a.ends_at) if a.ends_at is not None else None
+                unmapped = n.unmapped[i] if i < len(n.unmapped) else None
+                alerts.append((a.status is AlertStatus.FIRING, values, ends, unmapped))
+            prepared.append((n, self._webhook_values(n.hook, n.received_at), alerts))
+        out: list[NotificationResult] = []
+        with self._write() as s:
+            for n, webhook, alerts in prepared:
+                wid = self._insert(s, _WEBHOOKS, webhook)
+                results = tuple(
+                    self._firing(s, values, now=n.received_at, unmapped_reason=unmapped,
+                                 create_job=n.create_jobs) if firing
+                    else self._resolution(s, values, ends=ends, now=n.received_at)
+                    for firing, values, ends, unmapped in alerts)
+                out.append(NotificationResult(webhook_id=wid, alerts=results))
+        return out
+
+    def _firing(self, s: Session, values: Mapping[str, Any], *, now: float,
+                unmapped_reason: str | None, create_job: bool) -> IngestResult:
+        alert_id = self._insert_ignore(s, AlertRow, values, ["key"])
+        if alert_id is None:
+            # Seen before (a group resend, an HA peer, another replica): only note it is alive.
+            conn = s.connection()
+            existing = conn.execute(_ALERT_ID_BY_KEY, {"k": values["key"]}).scalar()
+            if existing is None:  # pragma: no cover - the conflict was on the key
+                raise StoreError(f"alert {values['key']!r} conflicted but is not there")
+            conn.execute(_TOUCH_ACTIVITY, {"aid": existing, "now": now})
+            return IngestResult(alert_id=existing, new=False)
+        self._insert(s, _ACTIVITY, {"alert_id": alert_id, "instance": values["instance"],
+                                    "last_seen_at": now, "resolved": False})
+        job_id = None
+        if unmapped_reason is not None:
+            action = self._new_action(s, alert_id=alert_id, job_id=None, strategy=None,
+                                      target=values["instance"], mode="none", why=unmapped_reason,
+                                      confidence=None, params={}, guards=[], state={}, errors=[],
+                                      metrics_before={}, at=now)
+            self._finish(s, action, Outcome.UNMAPPED.value, detail=unmapped_reason, at=now,
+                         alert=AlertRow(alertname=values["alertname"],
+                                        failure_type=values["failure_type"]))
+        elif create_job:
+            job_id = self._insert(s, _JOBS, {
+                "alert_id": alert_id, "target": values["instance"], "state": JobState.PENDING.value,
+                "owner": None, "lease_until": None, "attempts": 0, "action_id": None,
+                "cancel_requested": False, "created_at": now, "updated_at": now})
+        return IngestResult(alert_id=alert_id, new=True, job_id=job_id)
+
+    def _resolution(self, s: Session, values: Mapping[str, Any], *, ends: float | None,
+                    now: float) -> IngestResult:
         new = False
-        with self._session() as s, s.begin():
-            alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
+        alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == values["key"]))
         if alert_id is None:
             # Resolved before we ever saw it firing (receiver was down): keep it for the record.
-            try:
-                with self._session() as s, s.begin():
-                    row = self._alert_row(alert, group_key=group_key, received_at=now,
-                                          target_label=target_label,
-                                          failure_type_label=failure_type_label)
-                    s.add(row)
-                    s.flush()
-                    s.add(AlertActivityRow(alert_id=row.id, instance=row.instance,
-                                           last_seen_at=now, resolved=True))
-                    alert_id, new = row.id, True
-            except IntegrityError:
-                with self._session() as s, s.begin():
-                    alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == alert.dedupe_key))
-        assert alert_id is not None
-        starts = to_unix(alert.starts_at)
-        ends = to_unix(alert.ends_at) if alert.ends_at is not None else None
-        resolved_now = False
-        try:
-            with self._session() as s, s.begin():
-                s.add(AlertResolutionRow(alert_id=alert_id, ends_at=ends, received_at=now,
-                                         time_to_resolve_s=max(0.0, (ends or now) - starts)))
-                s.flush()
-                resolved_now = True
-        except IntegrityError:
-            pass  # resent resolution
-        cancelled = 0
+            alert_id = self._insert_ignore(s, AlertRow, values, ["key"])
+            if alert_id is None:  # a peer recorded it just now
+                alert_id = s.scalar(select(AlertRow.id).where(AlertRow.key == values["key"]))
+            else:
+                new = True
+                self._insert(s, _ACTIVITY, {"alert_id": alert_id, "instance": values["instance"],
+                                            "last_seen_at": now, "resolved": True})
+        if alert_id is None:  # pragma: no cover
+            raise StoreError(f"alert {values['key']!r} conflicted but is not there")
+        resolution = self._insert_ignore(s, AlertResolutionRow, {
+            "alert_id": alert_id, "ends_at": ends, "received_at": now,
+            "time_to_resolve_s": max(0.0, (ends or now) - values["starts_at"])}, ["alert_id"])
+        resolved_now = resolution is not None  # None: a resent resolution
         cancelled_actions: list[str | None] = []
-        with self._session() as s, s.begin():
-            s.execute(update(AlertActivityRow).where(AlertActivityRow.alert_id == alert_id)
-                      .values(resolved=True, last_seen_at=now))
-            res = s.execute(update(JobRow).where(
-                JobRow.alert_id == alert_id,
-                JobRow.state.in_([JobState.PENDING.value, JobState.WAITING_APPROVAL.value]))
-                .values(state=JobState.CANCELLED.value, updated_at=now))
-            cancelled = res.rowcount or 0
-            # Work already running finishes its step; it checks this flag before acting.
-            s.execute(update(JobRow).where(JobRow.alert_id == alert_id,
-                                           JobRow.state == JobState.RUNNING.value)
-                      .values(cancel_requested=True, updated_at=now))
-            if cancelled:
-                # Awaiting-approval actions of cancelled jobs get their (final) outcome now.
-                for job in s.scalars(select(JobRow).where(JobRow.alert_id == alert_id,
-                                                          JobRow.state == JobState.CANCELLED.value,
-                                                          JobRow.action_id.is_not(None))):
-                    action = s.get(ActionRow, job.action_id)
-                    if action is not None and not self._has_event(s, action.id, "finished"):
-                        self._finish(s, action, Outcome.CANCELLED.value,
-                                     detail="alert resolved before the action ran", at=now)
-                        cancelled_actions.append(action.strategy)
+        s.execute(update(AlertActivityRow).where(AlertActivityRow.alert_id == alert_id)
+                  .values(resolved=True, last_seen_at=now))
+        res = s.execute(update(JobRow).where(
+            JobRow.alert_id == alert_id,
+            JobRow.state.in_([JobState.PENDING.value, JobState.WAITING_APPROVAL.value]))
+            .values(state=JobState.CANCELLED.value, updated_at=now))
+        cancelled = res.rowcount or 0
+        # Work already running finishes its step; it checks this flag before acting.
+        s.execute(update(JobRow).where(JobRow.alert_id == alert_id,
+                                       JobRow.state == JobState.RUNNING.value)
+                  .values(cancel_requested=True, updated_at=now))
+        if cancelled:
+            # Awaiting-approval actions of cancelled jobs get their (final) outcome now.
+            for job in s.scalars(select(JobRow).where(JobRow.alert_id == alert_id,
+                                                      JobRow.state == JobState.CANCELLED.value,
+                                                      JobRow.action_id.is_not(None))):
+                action = s.get(ActionRow, job.action_id)
+                if action is not None and not self._has_event(s, action.id, "finished"):
+                    self._finish(s, action, Outcome.CANCELLED.value,
+                                 detail="alert resolved before the action ran", at=now)
+                    cancelled_actions.append(action.strategy)
         return IngestResult(alert_id=alert_id, new=new, resolved_now=resolved_now,
                             cancelled_jobs=cancelled, cancelled_actions=tuple(cancelled_actions))
 
@@ -477,7 +620,7 @@ class Store:
         with self._session() as s:
             ids = list(s.scalars(select(JobRow.id).where(claimable).order_by(JobRow.id).limit(20)))
         for job_id in ids:
-            with self._session() as s, s.begin():
+            with self._write() as s:
                 res = s.execute(update(JobRow).where(JobRow.id == job_id, claimable).values(
                     state=JobState.RUNNING.value, owner=owner, lease_until=now + lease_s,
                     attempts=JobRow.attempts + 1, updated_at=now))
@@ -504,7 +647,7 @@ class Store:
             values.update(owner=None, lease_until=None)
         if action_id is not None:
             values["action_id"] = action_id
-        with self._session() as s, s.begin():
+        with self._write() as s:
             res = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
                                                  JobRow.state == JobState.RUNNING.value)
                             .values(**values))
@@ -514,7 +657,7 @@ class Store:
                        now: float | None = None) -> bool:
         """Move a job not held by a runner (approval: waiting -> pending / done)."""
         now = time.time() if now is None else now
-        with self._session() as s, s.begin():
+        with self._write() as s:
             res = s.execute(update(JobRow).where(JobRow.id == job_id,
                                                  JobRow.state.in_([f.value for f in from_states]))
                             .values(state=to_state.value, owner=None, lease_until=None, updated_at=now))
@@ -552,7 +695,7 @@ class Store:
                       job_owner: str | None = None, now: float | None = None) -> int:
         """Append a decision; with ``job_id``/``job_owner`` it is also tied to its job."""
         now = time.time() if now is None else now
-        with self._session() as s, s.begin():
+        with self._write() as s:
             row = self._new_action(s, alert_id=alert_id, job_id=job_id, strategy=strategy,
                                    target=target, mode=mode, why=why, confidence=confidence,
                                    params=params or {}, guards=list(guards), state=state or {},
@@ -571,7 +714,7 @@ class Store:
                          now: float | None = None) -> bool:
         """Append ``kind`` for an action; False when it already happened (another replica won)."""
         try:
-            with self._session() as s, s.begin():
+            with self._write() as s:
                 s.add(ActionEventRow(action_id=action_id, kind=kind, at=time.time() if now is None else now,
                                      data=redact_mapping(data or {}), replica=self.replica_id))
                 s.flush()
@@ -615,7 +758,7 @@ class Store:
         ``guards``: decisions taken after the action was recorded (an approved action's checks)."""
         outcome = outcome.value if isinstance(outcome, Outcome) else str(outcome)
         try:
-            with self._session() as s, s.begin():
+            with self._write() as s:
                 action = s.get(ActionRow, action_id)
                 if action is None:
                     raise StoreError(f"no action {action_id}")
@@ -767,7 +910,7 @@ class Store:
 
     def set_kill_switch(self, engaged: bool, *, by: str | None = None, reason: str = "",
                         now: float | None = None) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.add(KillSwitchEventRow(at=time.time() if now is None else now, engaged=engaged,
                                      by=None if by is None else _text(by)[:255], reason=_text(reason)))
 
@@ -785,20 +928,20 @@ class Store:
         """Take (or renew, or take over an expired) named lease; False when someone else holds it."""
         now = time.time() if now is None else now
         try:
-            with self._session() as s, s.begin():
+            with self._write() as s:
                 s.add(LockRow(name=name, owner=owner, expires_at=now + ttl_s))
                 s.flush()
             return True
         except IntegrityError:
             pass
-        with self._session() as s, s.begin():
+        with self._write() as s:
             res = s.execute(update(LockRow).where(LockRow.name == name, or_(
                 LockRow.expires_at < now, LockRow.owner == owner)).values(owner=owner,
                                                                           expires_at=now + ttl_s))
             return res.rowcount == 1
 
     def release_lock(self, name: str, owner: str) -> None:
-        with self._session() as s, s.begin():
+        with self._write() as s:
             s.execute(delete(LockRow).where(LockRow.name == name, LockRow.owner == owner))
 
     def lock_holder(self, name: str, now: float | None = None) -> str | None:

@@ -17,9 +17,11 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
+import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -33,9 +35,9 @@ from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.strategies import Actuator, MetricsSource
 from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
-from vllm_otel.store import Store
+from vllm_otel.store import Notification, NotificationResult, Store
 
-__all__ = ["Receiver", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
+__all__ = ["Receiver", "GroupCommit", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,94 @@ class KillSwitchBody(BaseModel):
     by: str = Field("api", max_length=200)
 
 
+class GroupCommit:
+    """Group commit for the webhook intake: one writer thread stores, in ONE transaction, every
+    notification that arrived while its previous commit ran, then answers each of them.
+
+    Durable before 202 still holds alert by alert: a request's future resolves only after the
+    transaction holding its notification committed. Under load many requests share one commit
+    (and one fsync where the database does one), and the event loop never waits on the database;
+    when idle a batch is one notification and the latency is one commit's.
+    """
+
+    def __init__(self, store_many: Callable[[list[Any]], list[Any]], *, max_batch: int = 256,
+                 after_batch: Callable[[], None] | None = None) -> None:
+        self._store_many = store_many
+        self._after_batch = after_batch
+        self.max_batch = max_batch
+        self._q: queue.SimpleQueue[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[Any]] | None] = \
+            queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    async def submit(self, item: Any) -> Any:
+        """Store ``item`` with the next batch; its result, or the exception that kept it out."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if self._thread is None or not self._thread.is_alive():
+            with self._start_lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="receiver-group-commit",
+                                                    daemon=True)
+                    self._thread.start()
+        self._q.put((item, loop, fut))
+        return await fut
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Store what is queued, then stop the writer thread (it restarts on the next submit)."""
+        t = self._thread
+        if t is not None and t.is_alive():
+            self._q.put(None)
+            t.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                results: list[Any] = list(self._store_many([item for item, _, _ in batch]))
+                if len(results) != len(batch):  # pragma: no cover - a bug, not an outage
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} notifications")
+            except Exception as e:  # noqa: BLE001 - the writer must outlive any failure
+                results = [e] * len(batch)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+            for (_, loop, fut), res in zip(batch, results):
+                by_loop.setdefault(loop, []).append((fut, res))
+            for loop, done in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve_all, done)
+                except RuntimeError:  # its loop closed meanwhile: nobody waits for the answer
+                    pass
+            if self._after_batch is not None:
+                try:
+                    self._after_batch()
+                except Exception:  # noqa: BLE001
+                    log.exception("after-batch hook failed")
+            if stop:
+                return
+
+
+def _resolve_all(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for fut, res in done:
+        if fut.done():  # the request was cancelled (client went away); it is stored regardless
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
 class Receiver:
     """The receiving side: ingest notifications, operator actions; the :class:`Worker` acts."""
 
@@ -75,6 +165,8 @@ class Receiver:
                              learner=learner, registry=registry, clock=clock)
         self.metrics = self.worker.metrics
         self.replica_id = store.replica_id
+        # The webhook intake: group commit on one writer thread; wakes the worker per batch.
+        self.intake = GroupCommit(self.ingest_many, after_batch=self.wake)
 
     @property
     def learner(self) -> Learner:
@@ -88,17 +180,61 @@ class Receiver:
         return await self.worker.drain()
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
+        await asyncio.to_thread(self.intake.close)
         await self.worker.shutdown(grace_s)
 
     def sync_learner(self) -> int:
         return self.worker.sync_learner()
 
-    # --- ingest (sync: called in a thread) ---------------------------------------------------------------
+    # --- ingest ---------------------------------------------------------------------------------------------
 
     def ingest(self, hook: AlertmanagerWebhook) -> dict[str, int]:
-        """Persist a notification alert by alert; returns counts for the 202 body."""
+        """Persist a notification alert by alert (sync); returns counts for the 202 body."""
+        got = self.ingest_many([hook])[0]
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def ingest_many(self, hooks: Sequence[AlertmanagerWebhook]) -> list[dict[str, int] | Exception]:
+        """Persist several notifications in one transaction (group commit); per notification its
+        counts, or the exception that kept it from being stored (then nothing of it was).
+
+        If the shared transaction fails (a bad row, a deadlock with a peer replica), each
+        notification is retried alone, so one cannot make the others fail."""
         now = self.clock()
-        self.store.record_webhook(hook, received_at=now)
+        notes = [self._notification(h, now) for h in hooks]
+        try:
+            stored: list[NotificationResult | Exception] = list(self.store.ingest(notes))
+        except Exception as e:  # noqa: BLE001
+            if len(notes) == 1:
+                return [e]
+            log.warning("group commit of %d notifications failed (%s); storing them one by one",
+                        len(notes), type(e).__name__)
+            stored = []
+            for n in notes:
+                try:
+                    stored.append(self.store.ingest([n])[0])
+                except Exception as e1:  # noqa: BLE001
+                    stored.append(e1)
+        return [r if isinstance(r, Exception) else self._counted(h, n, r)
+                for h, n, r in zip(hooks, notes, stored)]
+
+    def _notification(self, hook: AlertmanagerWebhook, now: float) -> Notification:
+        cfg = self.policy.config
+        unmapped: list[str | None] = []
+        for a in hook.alerts:
+            if a.status is AlertStatus.FIRING and self.policy.candidates(a.alertname, a.labels) is None:
+                unmapped.append(f"no policy rule matches alertname={a.alertname!r}"
+                                + (f" {cfg.failure_type_label}={a.labels[cfg.failure_type_label]!r}"
+                                   if cfg.failure_type_label in a.labels else ""))
+            else:
+                unmapped.append(None)
+        return Notification(hook=hook, received_at=now, unmapped=tuple(unmapped),
+                            target_label=cfg.target_label, failure_type_label=cfg.failure_type_label)
+
+    def _counted(self, hook: AlertmanagerWebhook, note: Notification,
+                 stored: NotificationResult) -> dict[str, int]:
+        """Metrics, log and the 202 body of a stored notification."""
         if hook.truncated_alerts:
             # Alertmanager's max_alerts cut the group: those alerts never reach us; say so loudly.
             log.warning("notification for %s left out %d alerts (truncatedAlerts); raise max_alerts",
@@ -106,17 +242,8 @@ class Receiver:
             self.metrics.truncated.inc(hook.truncated_alerts)
         counts = {"alerts": len(hook.alerts), "new": 0, "duplicate": 0, "unmapped": 0,
                   "resolved": 0, "cancelled": 0}
-        cfg = self.policy.config
-        for a in hook.alerts:
+        for a, unmapped, res in zip(hook.alerts, note.unmapped, stored.alerts):
             if a.status is AlertStatus.FIRING:
-                cands = self.policy.candidates(a.alertname, a.labels)
-                unmapped = None if cands is not None else (
-                    f"no policy rule matches alertname={a.alertname!r}"
-                    + (f" {cfg.failure_type_label}={a.labels[cfg.failure_type_label]!r}"
-                       if cfg.failure_type_label in a.labels else ""))
-                res = self.store.add_firing_alert(
-                    a, group_key=hook.group_key, received_at=now, unmapped_reason=unmapped,
-                    target_label=cfg.target_label, failure_type_label=cfg.failure_type_label)
                 if not res.new:
                     counts["duplicate"] += 1
                     result = "duplicate"
@@ -129,9 +256,6 @@ class Receiver:
                     result = "new"
                 self.metrics.alerts.labels("firing", result).inc()
             else:
-                res = self.store.add_resolution(a, group_key=hook.group_key, received_at=now,
-                                                target_label=cfg.target_label,
-                                                failure_type_label=cfg.failure_type_label)
                 counts["resolved"] += int(res.resolved_now)
                 counts["cancelled"] += res.cancelled_jobs
                 for strat in res.cancelled_actions:
@@ -204,8 +328,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if start_worker:
-            receiver.worker.task = asyncio.create_task(receiver.worker.run_forever(),
-                                                       name="mitigation-worker")
+            receiver.worker.start()  # its own event loop and thread: this loop only answers HTTP
         try:
             yield
         finally:
@@ -271,12 +394,12 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             return _json(400, {"detail": "not an Alertmanager webhook (version 4): "
                                          + describe_validation_error(e)})
         try:
-            counts = await asyncio.to_thread(receiver.ingest, hook)
+            # Returns once the transaction holding this notification committed (group commit).
+            counts = await receiver.intake.submit(hook)
         except Exception as e:  # noqa: BLE001 - 503 makes Alertmanager retry; nothing was lost
             log.exception("could not persist notification")
             receiver.metrics.store_errors.inc()
             return _json(503, {"detail": f"store unavailable: {type(e).__name__}"})
-        receiver.wake()
         return _json(202, {"status": "accepted", **counts})
 
     @app.get("/actions")
@@ -369,13 +492,9 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             out["store"] = "ok"
         except Exception as e:  # noqa: BLE001
             out["store"], out["status"], code = f"error: {type(e).__name__}", "degraded", 503
-        task = receiver.worker.task
-        if task is None:
-            out["worker"] = "disabled"
-        elif task.done():
-            out["worker"], out["status"], code = "stopped", "degraded", 503
-        else:
-            out["worker"] = "running"
+        out["worker"] = receiver.worker.status()
+        if out["worker"] == "stopped":
+            out["status"], code = "degraded", 503
         return _json(code, out)
 
     return app

@@ -51,6 +51,7 @@ class _StoreCollector:
     def collect(self) -> Iterable[GaugeMetricFamily]:
         up = GaugeMetricFamily("vllm_otel_receiver_store_up", "1 when the store answered this scrape")
         try:
+            self.r.store.ping()  # the write side: reads may still be served from open connections
             circuit = GaugeMetricFamily(
                 "vllm_otel_mitigation_circuit_open",
                 "1 while the strategy's circuit breaker is open (repeated failures): page a human",
@@ -133,6 +134,8 @@ class Worker:
         self.guards = Guardrails(policy, store, clock)
         self.metrics = MitigationMetrics(registry or CollectorRegistry(), self)
         self.task: asyncio.Task[None] | None = None  # run_forever, when started by the app
+        self._thread: threading.Thread | None = None  # start(): the worker's own loop and thread
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +162,7 @@ class Worker:
         self._wake = asyncio.Event()
         await asyncio.to_thread(self.sync_learner)
         while not self._stopping:
+            self._wake.clear()  # before looking: a wake during _fill makes the next wait return
             try:
                 await self._fill()
             except Exception:  # noqa: BLE001 - the loop must survive a bad job or a store blip
@@ -169,7 +173,46 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self.wcfg.poll_s)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
+
+    def start(self) -> None:
+        """Run :meth:`run_forever` on an event loop of its own, in a thread of its own.
+
+        The receiver's HTTP event loop then only answers webhooks: nothing the worker does
+        (metrics scrapes and actions through HTTP clients whose set-up alone costs tens of ms
+        of CPU, verification, database calls) can hold up a POST. Stop with :meth:`shutdown`."""
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._thread_loop = loop
+            self.task = loop.create_task(self.run_forever(), name="mitigation-worker")
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                try:
+                    left = asyncio.all_tasks(loop)
+                    for t in left:
+                        t.cancel()
+                    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+                    loop.run_until_complete(loop.shutdown_default_executor())
+                finally:
+                    loop.close()
+
+        self._thread = threading.Thread(target=main, name="mitigation-worker", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def status(self) -> str:
+        """'disabled' (never started), 'running', or 'stopped' (its loop ended or crashed)."""
+        if self.task is None:
+            return "disabled"
+        if self._thread is not None and not self._thread.is_alive():
+            return "stopped"
+        return "stopped" if self.task.done() else "running"
 
     async def drain(self) -> int:
         """Process every job that can be claimed now, to completion (tests, one-shot runs)."""
@@ -182,6 +225,26 @@ class Worker:
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop taking jobs, give running ones ``grace_s`` to finish, hand back the rest."""
+        thread, loop = self._thread, self._thread_loop
+        if thread is not None and loop is not None and threading.current_thread() is not thread:
+            # Started with start(): shut down on the worker's own loop, then end its thread.
+            if thread.is_alive() and not loop.is_closed():
+                try:
+                    fut = asyncio.run_coroutine_threadsafe(self._shutdown(grace_s), loop)
+                    await asyncio.wrap_future(fut)
+                except RuntimeError:  # its loop stopped meanwhile
+                    pass
+                finally:
+                    try:
+                        loop.call_soon_threadsafe(loop.stop)
+                    except RuntimeError:
+                        pass
+            await asyncio.to_thread(thread.join, grace_s + 10.0)
+            return
+        await self._shutdown(grace_s)
+
+    async def _shutdown(self, grace_s: float) -> None:
         self._stopping = True
         self.wake()
         if self.task is not None:
@@ -611,6 +674,9 @@ class Worker:
                 metrics_after=ctx.metrics_after, duration_s=round(duration, 6), now=self.clock())
             finished = True
             self.count(name, outcome)
+            # Hand the outcome to the learner now, not at the next decision: what it learnt is
+            # visible (and survives in the store) as soon as the action is done.
+            await asyncio.to_thread(self.sync_learner)
             self.metrics.action_seconds.labels(name).observe(duration)
             if job_id is not None:
                 await asyncio.to_thread(self._done, job_id)
