@@ -72,11 +72,15 @@ def complete(url: str, max_tokens: int = 4) -> httpx.Response:
 
 @pytest.mark.vllm
 def test_set_max_running_shows_in_status(actuator: HttpActuator, target: Target) -> None:
+    slots = status(actuator, target)["engine"]["max_num_running_reqs"]
     out = run(actuator.call(target, "control.set_max_running", {"max_num_seqs": 3}))
-    assert out["action"] == "set_max_running" and out["result"]["after"]["max_num_running_reqs"] == 3
-    assert status(actuator, target)["engine"]["max_num_running_reqs"] == 3
-    run(actuator.call(target, "control.set_max_running", {"max_num_seqs": 128}))
-    assert status(actuator, target)["engine"]["max_num_running_reqs"] == 128
+    # The admission limit moves; the model runner's slot count stays.
+    assert out["action"] == "set_max_running" and out["result"]["after"]["max_num_active_reqs"] == 3
+    assert status(actuator, target)["engine"] == {**status(actuator, target)["engine"],
+                                                  "max_num_active_reqs": 3, "max_num_running_reqs": slots}
+    # Never above the slot count.
+    run(actuator.call(target, "control.set_max_running", {"max_num_seqs": slots + 100}))
+    assert status(actuator, target)["engine"]["max_num_active_reqs"] == slots
 
 
 @pytest.mark.vllm

@@ -99,7 +99,8 @@ RESTARTED = {"ok": True, "old_pid": 100, "new_pid": 200, "argv": ["vllm", "--mod
 # metrics after that verify, metrics after that do not, metrics before that do not apply.
 CASES: list[tuple[str, dict, dict, dict, list, dict, dict, dict]] = [
     ("reduce_batch_size", {}, {"running": 8, "waiting": 2},
-     {"control.set_max_running": ctl({"before": {"max_num_running_reqs": 128}, "after": {"max_num_running_reqs": 4}})},
+     {"control.set_max_running": ctl({"before": {"max_num_running_reqs": 128, "max_num_active_reqs": 128},
+                                       "after": {"max_num_running_reqs": 128, "max_num_active_reqs": 4}})},
      [("control.set_max_running", {"max_num_seqs": 4})],
      {"running": 4}, {"running": 6}, {"running": 1, "waiting": 0}),
     ("optimize_scheduler", {}, {"running": 2, "waiting": 3, "kv_cache_usage": 0.5},
@@ -382,3 +383,12 @@ def test_every_strategy_has_a_precondition_reason_and_a_summary() -> None:
         assert cls.summary() and cls.__doc__ and len(cls.__doc__.split()) > 30, name
         c = REGISTRY.create(name, {"url": "http://h/x"} if name == "escalate_to_human" else {}).applies(context({}))
         assert c.reason, name
+
+
+def test_running_limit_is_the_admission_limit_where_vllm_has_one() -> None:
+    from vllm_otel.mitigate.strategies.live_limits import _admission
+
+    # vLLM >= 0.3x: the admission limit; the slot count stays (lowering it crashes the engine).
+    assert _admission({"max_num_running_reqs": 256, "max_num_active_reqs": 4}) == 4
+    assert _admission({"max_num_running_reqs": 4}) == 4  # older vLLM: one limit
+    assert _admission(None) is None

@@ -1,7 +1,7 @@
 """The supervisor: argument patching (pure), a real `vllm-otel supervise` process around a small
 real HTTP server (restart with patched arguments, crash restarts with backoff, rollback, only its
-own process group signalled), the compose / Kubernetes command builders, and one real vLLM whose
-stopped engine core is detected and restarted by the restart_engine strategy through it.
+own process group signalled), and the compose / Kubernetes command builders. The real vLLM
+whose stopped engine core is restarted through the supervisor is in tests/test_closed_loop.py.
 
 There is no Docker engine and no Kubernetes cluster here: the compose and Kubernetes backends are
 tested by the exact commands they build (run by a recording runner), nothing more.
@@ -9,7 +9,6 @@ tested by the exact commands they build (run by a recording runner), nothing mor
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -26,11 +25,11 @@ import psutil
 import pytest
 import yaml
 
-from vllm_otel.mitigate.models import AlertRecord, Mode, Target
-from vllm_otel.mitigate.supervisor import (ComposeBackend, HttpSupervisorBackend, KubernetesBackend,
+from vllm_otel.mitigate.supervisor import (ComposeBackend, KubernetesBackend,
                                            RestartError, RestartRequest, check_allowed, get_arg,
                                            health_url_for, patch_args, redact_argv)
-from vllm_otel.testing.processes import ManagedProcess, free_port, wait_http
+from vllm_otel.testing.processes import free_port
+from vllm_otel.testing.services import SupervisorProcess
 
 TOKEN = "supervisor-test-token"
 
@@ -85,31 +84,12 @@ def wait_until(pred: Any, timeout_s: float, what: str, step: float = 0.1) -> Any
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-class Supervised:
+class Supervised(SupervisorProcess):
     """`python -m vllm_otel.mitigate.supervise_cli ... -- <command>` as a real process."""
 
     def __init__(self, tmp: Path, command: list[str], *, env: dict[str, str] | None = None,
                  extra: list[str] = (), name: str = "supervise") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        tok = tmp / f"{name}-token"
-        tok.write_text(TOKEN + "\n")
-        argv = [sys.executable, "-m", "vllm_otel.mitigate.supervise_cli", "--listen", f"127.0.0.1:{self.port}",
-                "--token-file", str(tok), *extra, "--", *command]
-        self.proc = ManagedProcess(name, argv, tmp / f"{name}.log", env={**os.environ, **(env or {})})
-        self.client = HttpSupervisorBackend(self.url, TOKEN, timeout_s=600)
-
-    def start(self, timeout_s: float = 30.0) -> "Supervised":
-        self.proc.start()
-        wait_http(f"{self.url}/healthz", timeout_s=30, alive=self.proc.alive)
-        wait_until(lambda: self.client.status()["state"] == "running", timeout_s, "state running", 0.2)
-        return self
-
-    def status(self) -> dict[str, Any]:
-        return self.client.status()
-
-    def stop(self) -> None:
-        self.proc.stop()
+        super().__init__(tmp, command, token=TOKEN, env=env, extra=extra, name=name)
 
 
 @pytest.fixture
@@ -382,92 +362,3 @@ def test_kubernetes_backend_patches_the_deployment_and_waits_for_the_rollout() -
     with pytest.raises(RestartError) as e:
         b.restart(RestartRequest(set_args={"--model": "/other"}))
     assert e.value.status == 400
-
-
-# --- the stall, handled for real ----------------------------------------------------------------------------
-
-def _engine_core(pid: int) -> psutil.Process:
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError("engine-core process not found")
-
-
-@pytest.mark.vllm
-def test_stalled_engine_is_restarted_by_restart_engine_through_the_supervisor(tiny_model: Path,
-                                                                               tmp_path: Path) -> None:
-    pytest.importorskip("vllm")
-    from vllm_otel.mitigate.actuators import build_actuator, build_metrics_source
-    from vllm_otel.mitigate.policy import Policy
-    from vllm_otel.mitigate.strategies import StrategyContext
-    from vllm_otel.testing.services import VllmServer
-
-    ctl_token = tmp_path / "control-token"
-    ctl_token.write_text("ctl-secret\n")
-    # The server is not started here: its command line and environment go to the supervisor.
-    srv = VllmServer(tiny_model, tmp_path, num_gpu_blocks=24, max_model_len=2048,
-                     env={"VLLM_OTEL_CONTROL_TOKEN_FILE": str(ctl_token), "VLLM_MONITOR_STALL_TIMEOUT_S": "3"})
-    sup = Supervised(tmp_path, srv.proc.argv, env=srv.env, name="supervise-vllm",
-                     extra=["--start-timeout", "300", "--stop-grace", "10"])
-    sup.start(timeout_s=300)
-    try:
-        instance = f"127.0.0.1:{srv.port}"
-        policy = Policy.from_mapping({
-            "targets": [{"instance": instance}], "escalation": {"strategy": None},
-            "rules": [{"alertname": "VllmEngineStalled", "strategies": ["restart_engine"]}],
-            "strategies": {"restart_engine": {"params": {"verify_window_s": 120}}},
-            "actuator": {"control": {"token_file": str(ctl_token)},
-                         "supervisors": {instance: {"url": sup.url, "token_file": str(tmp_path / "supervise-vllm-token")}}}})
-        actuator, metrics = build_actuator(policy), build_metrics_source(policy)
-        target = policy.target(instance)
-        old_pid = sup.status()["pid"]
-        core = _engine_core(old_pid)
-
-        def request() -> None:
-            try:
-                httpx.post(f"{srv.url}/v1/completions", timeout=120,
-                           json={"model": "tiny", "prompt": [40, 41, 42], "max_tokens": 1900, "ignore_eos": True})
-            except httpx.HTTPError:
-                pass  # these die with the old engine
-
-        load = [threading.Thread(target=request, daemon=True) for _ in range(3)]
-        for t in load:
-            t.start()
-        time.sleep(1.0)  # mid-generation: three 1900-token requests take several seconds
-        os.kill(core.pid, signal.SIGSTOP)
-
-        async def handle() -> tuple[Any, Any, Any]:
-            snap = await metrics.snapshot(target)
-            for _ in range(60):
-                if snap.values.get("stalled") == 1:
-                    break
-                await asyncio.sleep(0.25)
-                snap = await metrics.snapshot(target)
-            alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmEngineStalled", instance=instance,
-                                failure_type=None, severity="critical", starts_at=time.time(),
-                                labels={"alertname": "VllmEngineStalled", "instance": instance}, annotations={},
-                                generator_url="", group_key="", received_at=time.time())
-            ctx = StrategyContext(alert=alert, target=target, mode=Mode.AUTO, why="engine stalled",
-                                  metrics_before=dict(snap.values), metrics_at=snap.at, metrics_source=metrics)
-            strat = policy.strategy("restart_engine")
-            pre = strat.applies(ctx)
-            result = await strat.execute(ctx, actuator)
-            ctx.result = result
-            ctx.metrics_after = await ctx.fresh_metrics()
-            return pre, result, await strat.verify(ctx)
-
-        pre, result, verdict = asyncio.run(handle())
-        assert pre, pre.reason
-        assert pre.reason == "the engine is stalled"  # detected by the metric, not by the alert name
-        assert result.ok, result.detail
-        assert result.data["old_pid"] == old_pid and result.data["new_pid"] != old_pid
-        assert verdict.ok, verdict.detail
-        assert gone(core.pid)
-        assert srv.complete([1, 2, 3], max_tokens=4)["choices"]  # vLLM serves again
-        st = sup.status()
-        assert st["pid"] == result.data["new_pid"] and st["restarts"] == 1 and st["state"] == "running"
-    finally:
-        sup.stop()

@@ -3,7 +3,7 @@
 Two halves, both installed by our plugins:
 - engine side (every process; only the engine core and workers use it): a utility method
   ``EngineCore.vllm_otel_control(action, params)`` that changes what the scheduler holds at run
-  time (running-request limit, token budget), and ``WorkerBase.vllm_otel_gc()`` for garbage
+  time (admission limit of running requests, token budget), and ``WorkerBase.vllm_otel_gc()`` for garbage
   collection and cache emptying on workers. vLLM dispatches utility calls and collective RPCs
   by method name, so adding a method is enough; nothing of vLLM is replaced.
 - API side: :class:`ControlPlane` maps an action name to the engine client's own async API
@@ -36,29 +36,52 @@ class ControlError(ValueError):
 
 
 # ---- engine side -------------------------------------------------------------------------------
+def _limits(sched: Any) -> dict:
+    return {"max_num_running_reqs": getattr(sched, "max_num_running_reqs", None),
+            "max_num_active_reqs": getattr(sched, "max_num_active_reqs", None),
+            "max_num_scheduled_tokens": getattr(sched, "max_num_scheduled_tokens", None)}
+
+
 def _engine_control(self: Any, action: str, params: dict | None = None) -> dict:
     """Runs inside the engine-core process, between scheduler steps (vLLM's utility path)."""
     params = params or {}
     sched = self.scheduler
-    before = {"max_num_running_reqs": getattr(sched, "max_num_running_reqs", None),
-              "max_num_scheduled_tokens": getattr(sched, "max_num_scheduled_tokens", None)}
+    before = _limits(sched)
     if action == "set_max_running":
         n = int(params["max_num_seqs"])
         if n < 1:
             raise ValueError("max_num_seqs must be >= 1")
-        # Running requests above the new limit finish normally; the scheduler admits no new
-        # ones until the batch is under it (its own check: len(running) < max_num_running_reqs).
-        sched.max_num_running_reqs = n
+        slots = sched.max_num_running_reqs
+        if hasattr(sched, "max_num_active_reqs"):
+            # The admission limit (vLLM's --max-num-active-seqs), not max_num_running_reqs:
+            # the latter is the model runner's slot count and the scheduler asserts
+            # len(running) <= it every step, so lowering it below the running batch kills the
+            # engine. Admission stops at len(running) >= max_num_active_reqs: requests above
+            # the new limit finish normally and no new one starts until the batch is under it.
+            sched.max_num_active_reqs = min(n, slots)
+        elif len(sched.running) <= n:
+            sched.max_num_running_reqs = n  # older vLLM: only safe when the batch already fits
+        else:
+            raise ValueError(f"this vLLM has no admission limit (max_num_active_reqs) and "
+                             f"{len(sched.running)} requests run: lowering the slot count to {n} "
+                             "would crash the engine; retry when fewer run")
     elif action == "set_token_budget":
         n = int(params["max_num_batched_tokens"])
         if n < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        cfg = getattr(self, "vllm_config", None)
+        sc = getattr(cfg, "scheduler_config", None)
+        max_len = getattr(getattr(cfg, "model_config", None), "max_model_len", None)
+        if sc is not None and not getattr(sc, "enable_chunked_prefill", True) and max_len and n < max_len:
+            # Without chunked prefill a prompt longer than the budget is never scheduled: it
+            # would wait forever (a stall we would have caused).
+            raise ValueError(f"chunked prefill is off: a budget under max_model_len ({max_len}) "
+                             "would starve long prompts")
         sched.max_num_scheduled_tokens = n
     elif action != "get_limits":
         raise ValueError(f"unknown engine action {action!r}")
-    after = {"max_num_running_reqs": getattr(sched, "max_num_running_reqs", None),
-             "max_num_scheduled_tokens": getattr(sched, "max_num_scheduled_tokens", None),
-             "running": len(getattr(sched, "running", ())), "waiting": len(getattr(sched, "waiting", ()))}
+    after = {**_limits(sched), "running": len(getattr(sched, "running", ())),
+             "waiting": len(getattr(sched, "waiting", ()))}
     return {"before": before, "after": after}
 
 

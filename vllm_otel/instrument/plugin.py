@@ -95,9 +95,11 @@ def _install_abort_hook() -> None:
 
     def abort_requests(self, request_ids, internal, *args, **kwargs):  # noqa: ANN001, ANN202
         external: list[str] = []
+        # A one-shot iterable must reach vLLM whole: read it once, hand vLLM the list.
+        request_ids = list(request_ids)
         try:
             states = self.request_states
-            for rid in list(request_ids):
+            for rid in request_ids:
                 st = states.get(rid) if internal else None
                 if st is not None:
                     external.append(st.external_req_id)

@@ -145,3 +145,9 @@ class RuleBasedLearner:
         tally = self._tally[(strategy, self._situation(state))]
         tally.attempts += 1
         tally.successes += outcome == "success"
+
+    def stats(self) -> list[dict[str, Any]]:
+        """What it has learnt, per (strategy, situation): attempts, successes, smoothed rate."""
+        return [{"strategy": strategy, "situation": situation, "attempts": t.attempts,
+                 "successes": t.successes, "success_rate": round(t.rate, 4)}
+                for (strategy, situation), t in sorted(self._tally.items()) if t.attempts]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,8 @@ import yaml
 
 from vllm_otel.testing.processes import ManagedProcess, ProcessFailed, free_port, wait_http
 
-__all__ = ["VllmServer", "PrometheusServer", "AlertmanagerServer", "find_binary", "BinaryNotFound"]
+__all__ = ["VllmServer", "PrometheusServer", "AlertmanagerServer", "SupervisorProcess", "UvicornThread",
+           "find_binary", "BinaryNotFound"]
 
 
 class BinaryNotFound(RuntimeError):
@@ -251,3 +253,62 @@ class AlertmanagerServer(_Server):
         r = httpx.get(f"{self.url}/api/v2/alerts", timeout=10)
         r.raise_for_status()
         return r.json()
+
+
+class SupervisorProcess(_Server):
+    """``vllm-otel supervise`` (``python -m vllm_otel.mitigate.supervise_cli``) as a real process
+    owning ``command``; :attr:`client` is the HTTP backend the restart strategies use."""
+
+    def __init__(self, workdir: str | Path, command: Sequence[str], *, token: str,
+                 env: Mapping[str, str] | None = None, extra: Sequence[str] = (),
+                 name: str = "supervise", port: int | None = None) -> None:
+        from vllm_otel.mitigate.supervisor import HttpSupervisorBackend
+
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token_file = self.workdir / f"{name}-token"
+        self.token_file.write_text(token + "\n")
+        argv = [sys.executable, "-m", "vllm_otel.mitigate.supervise_cli", "--listen", f"127.0.0.1:{self.port}",
+                "--token-file", str(self.token_file), *extra, "--", *command]
+        self.proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env={**os.environ, **(env or {})})
+        self.client = HttpSupervisorBackend(self.url, token, timeout_s=600)
+
+    def start(self, timeout_s: float = 30.0) -> "SupervisorProcess":
+        self.proc.start()
+        wait_http(f"{self.url}/healthz", timeout_s=30, alive=self.proc.alive)
+        deadline = time.monotonic() + timeout_s
+        while self.client.status()["state"] != "running":
+            if time.monotonic() > deadline or not self.proc.alive():
+                tail = self.proc.log_tail()
+                self.proc.stop()
+                raise ProcessFailed(f"supervised command not running after {timeout_s:.0f} s\n{tail}")
+            time.sleep(0.2)
+        return self
+
+    def status(self) -> dict[str, Any]:
+        return self.client.status()
+
+
+class UvicornThread:
+    """An ASGI app served by a real uvicorn server in a daemon thread (``port``: fixed or free)."""
+
+    def __init__(self, app: Any, port: int | None = None, health_path: str = "/healthz") -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.health_path = health_path
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{self.port}")
+
+    def __enter__(self) -> "UvicornThread":
+        self.thread.start()
+        wait_http(f"{self.url}{self.health_path}", timeout_s=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -27,6 +27,14 @@ def _target(ctx: StrategyContext) -> Check | None:
     return None if ctx.target is not None else Check(False, "needs a target instance")
 
 
+def _admission(limits: Mapping[str, Any] | None) -> int | None:
+    """The running-request limit the scheduler admits up to: vLLM's admission limit
+    (``max_num_active_reqs``) where it has one, else its slot count."""
+    limits = limits or {}
+    active = limits.get("max_num_active_reqs")
+    return active if active is not None else limits.get("max_num_running_reqs")
+
+
 def _improved(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[bool, str]:
     """Queue shorter, or KV-cache use lower, than before the action."""
     wb, wa = metric(before, WAITING), metric(after, WAITING)
@@ -50,9 +58,9 @@ class ReduceBatchSizeParams(VerifyParams):
 class ReduceBatchSize(Strategy):
     """Lower the number of requests the scheduler runs at once (spec: ReduceBatchSize).
 
-    Sets the engine scheduler's ``max_num_running_reqs`` live (``control.set_max_running``):
-    running requests above the new limit finish normally, no new one is admitted until the batch
-    is under it. Fewer concurrent sequences need less KV cache, which stops preemption storms and
+    Sets the engine scheduler's admission limit live (``control.set_max_running``; vLLM's
+    ``max_num_active_reqs``, what ``--max-num-active-seqs`` sets): running requests above the new
+    limit finish normally, no new one is admitted until the batch is under it. Fewer concurrent sequences need less KV cache, which stops preemption storms and
     KV exhaustion at the price of throughput. Applies when running > the new limit or requests
     wait; verified when ``running <= limit`` within the window.
     """
@@ -87,10 +95,9 @@ class ReduceBatchSize(Strategy):
         if limit is None:
             return ActionResult(ok=False, detail="cannot compute a limit without metrics")
         out = await control(actuator, ctx, "set_max_running", {"max_num_seqs": limit})
-        now = (out.get("after") or {}).get("max_num_running_reqs")
-        before = (out.get("before") or {}).get("max_num_running_reqs")
+        now, before = _admission(out.get("after")), _admission(out.get("before"))
         ok = now == limit
-        return ActionResult(ok=ok, detail=f"max_num_running_reqs {before} -> {now}",
+        return ActionResult(ok=ok, detail=f"running-request limit {before} -> {now}",
                             data={"limit": limit, "before": before, "after": now})
 
     async def verify(self, ctx: StrategyContext) -> Verification:
