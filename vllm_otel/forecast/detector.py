@@ -380,7 +380,7 @@ class PredictiveFailureDetector:
         self._n_steps[rows] += has
         breached = self.catalog.breached(sig)
         self._observe_flat(rows, sig["flat_seconds"])
-        precursors = self._precursors(rows, sig)
+        precursors = self._precursors(rows, sig, trend=predict)
         states = classify(self.state_names, sig, breached, precursors, cfg.step_s)
         if cfg.use_state_graph:
             self.graph.observe(self._prev_state[rows], states)
@@ -414,7 +414,8 @@ class PredictiveFailureDetector:
                 return np.log(np.maximum(x, 1e-4))  # NaN stays NaN; 0.1 ms floor for empty buckets
         return x
 
-    def _precursors(self, rows: np.ndarray, sig: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _precursors(self, rows: np.ndarray, sig: Mapping[str, np.ndarray],
+                    trend: bool = True) -> dict[str, np.ndarray]:
         cfg, cat = self.config, self.catalog
         with np.errstate(invalid="ignore"):
             kv_high = sig["kv_usage"] >= cfg.kv_high_fraction * cat.kv_cache_exhaustion.threshold
@@ -429,7 +430,7 @@ class PredictiveFailureDetector:
             }
         out["memory_steady_slope"], self._mem_prob, self._mem_ttf = self._memory_trend(rows)
         self._trend = {}
-        for s in cfg.trend_signals:
+        for s in (cfg.trend_signals if trend else ()):  # only what a prediction uses: not while ingesting
             if s in self.banks and s in TREND_PRECURSORS:
                 f, name = TREND_PRECURSORS[s]
                 if f in self.failure_types:
