@@ -153,6 +153,7 @@ class Load:
     speed: float
     max_input_tokens: int = 256
     max_output_tokens: int = 128
+    concurrency: int | None = None
     results: list[tuple[float, RequestResult]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -168,6 +169,7 @@ class Load:
             self._ready.set()
             await replay(self.requests, self.url, speed=self.speed, max_input_tokens=self.max_input_tokens,
                          max_output_tokens=self.max_output_tokens, progress=False, timeout_s=300,
+                         concurrency=self.concurrency,
                          on_result=lambda r: self.results.append((time.time(), r)))
 
         try:
@@ -202,6 +204,11 @@ def control(lp: Loop, action: str, params: dict[str, Any]) -> dict[str, Any]:
 def series(lp: Loop, promql: str, start: float, end: float) -> list[tuple[float, float]]:
     data = lp.prom.query_range(promql, start, end, step=1.0)["result"]
     return [(float(t), float(v)) for s in data for t, v in s["values"]]
+
+
+def lp_waiting(lp: Loop) -> float | None:
+    got = lp.prom.query('vllm:num_requests_waiting{job="vllm"}')
+    return float(got[0]["value"][1]) if got else None
 
 
 def ts(iso: str | None) -> float:
@@ -250,12 +257,16 @@ def test_kv_overload_is_met_with_reduce_batch_size(loop: Loop, traces_dir: Path)
             assert load.running(), "the load ended too early to show the limit binding"
             end = time.time()
             running_before = series(loop, 'vllm:num_requests_running{job="vllm"}', t0, started)
-            # Requests running when the limit came down finish normally: allow them 3 s.
-            running_after = series(loop, 'vllm:num_requests_running{job="vllm"}', started + 3, end)
-            waiting_after = series(loop, 'vllm:num_requests_waiting{job="vllm"}', started + 3, end)
+            running_after = series(loop, 'vllm:num_requests_running{job="vllm"}', started, end)
             assert max(v for _, v in running_before) > limit
-            assert running_after and max(v for _, v in running_after) <= limit, running_after
-            assert max(v for _, v in waiting_after) > 0, "the limit never had to hold anything back"
+            # Requests running when the limit came down finish normally; once the batch is under
+            # the limit, it stays there while requests wait.
+            held_from = next((t for t, v in running_after if v <= limit), None)
+            assert held_from is not None and held_from - started <= 10, running_after
+            held = [v for t, v in running_after if t >= held_from]
+            waiting = series(loop, 'vllm:num_requests_waiting{job="vllm"}', held_from, end)
+            assert len(held) >= 5 and max(held) <= limit, running_after
+            assert max(v for _, v in waiting) > 0, "the limit never had to hold anything back"
             load.stop()
             # The load is gone: KV usage falls, Prometheus resolves, Alertmanager tells the receiver.
             act = rx.wait_action(lambda a: a["id"] == act["id"] and a["alert"]["resolved_at"],
@@ -283,28 +294,38 @@ def test_queue_overload_is_met_with_backpressure(loop: Loop, traces_dir: Path) -
                                                        "verify_window_s": 60}}})
     t0 = time.time()
     try:
-        with receiver(loop, policy, "rx-queue") as rx, Load(loop.url, trace(traces_dir, 400), speed=20.0) as load:
+        # The trace at 20x through a client that keeps at most 40 requests open (a load
+        # balancer's connection cap): many times what this vLLM serves, so about 30 requests
+        # wait all the time, a steady queue rather than bursts.
+        with receiver(loop, policy, "rx-queue") as rx, Load(loop.url, trace(traces_dir, 1500), speed=20.0,
+                                                          concurrency=40) as load:
             act = rx.wait_action(lambda a: a["strategy"] == "enable_backpressure" and a["outcome"],
                                  timeout_s=120, what="enable_backpressure with an outcome")
             assert act["alert"]["alertname"] == "VllmRequestsQueueing" and ts(act["alert"]["starts_at"]) >= t0 - 5
             assert act["outcome"] == "success", act
             assert act["metrics_before"]["waiting"] > 0
             started = ts(act["timings"]["started_at"])
-            time.sleep(15)
-            assert load.running(), "the load ended too early to show the queue draining under it"
-            end = time.time()
             waiting_before = series(loop, 'vllm:num_requests_waiting{job="vllm"}', t0, started)
-            waiting_after = series(loop, 'vllm:num_requests_waiting{job="vllm"}', started + 5, end)
+            assert max(v for _, v in waiting_before) >= 3
+            # The backlog admitted before the action drains (bounded by vLLM's own speed) while
+            # the load goes on, and then stays short.
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                now = lp_waiting(loop)
+                if now is not None and now <= 1:
+                    break
+                time.sleep(1)
+            drained_at = time.time()
+            assert now is not None and now <= 1, f"queue still {now} after 90 s of backpressure"
+            time.sleep(6)
+            assert load.running(), "the load ended: the drain was not shown under load"
+            tail = series(loop, 'vllm:num_requests_waiting{job="vllm"}', drained_at, time.time())
+            assert tail and max(v for _, v in tail) <= 2, tail
+            # Excess requests were pushed back with 503 (the load balancer's cue to go elsewhere),
+            # and what was admitted meanwhile was served.
             rejected = [r for at, r in load.results if at > started and r.error == "http_503"]
-            served = [r for at, r in load.results if at > started + 5 and r.ok]
-            # Excess requests are pushed back with 503 (the load balancer's cue to go elsewhere) ...
+            served = [r for at, r in load.results if at > started and r.ok]
             assert len(rejected) >= 5, [r.error for _, r in load.results[-20:]]
-            assert "too many" in (rejected[0].detail or "").lower() or rejected[0].status == 503
-            # ... the queue that built up drains and stays short although the load goes on ...
-            assert max(v for _, v in waiting_before) >= 5
-            assert max(v for _, v in waiting_after) < max(v for _, v in waiting_before) / 2, waiting_after
-            assert waiting_after[-1][1] <= 1
-            # ... and what is admitted is served.
             assert served, "nothing was served under backpressure"
             load.stop()
             act = rx.wait_action(lambda a: a["id"] == act["id"] and a["alert"]["resolved_at"],

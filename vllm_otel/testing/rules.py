@@ -1,6 +1,6 @@
 """Load the project's alert rules with shorter hold times for live tests and the demo.
 
-The expressions are exactly the shipped ones; only ``for:`` changes, so an alert that would page
+The expressions are exactly the shipped ones; only ``for:`` (and ``keep_firing_for:``) change, so an alert that would page
 after minutes in production fires within seconds on a short run. The real hold times are covered
 by the promtool unit tests in ``alerts/tests/``.
 """
@@ -36,12 +36,16 @@ def default_traces_dir() -> Path | None:
     return cand if cand and cand.is_dir() else None
 
 
-def rules_with_short_for(rule_file: str | Path, out_file: str | Path, hold: str = "1s") -> Path:
+def rules_with_short_for(rule_file: str | Path, out_file: str | Path, hold: str = "1s",
+                         keep_firing: str = "5s") -> Path:
+    """``for:`` becomes ``hold`` and ``keep_firing_for:`` becomes ``keep_firing``."""
     doc = yaml.safe_load(Path(rule_file).read_text())
     for group in doc.get("groups", []):
         for rule in group.get("rules", []):
             if "alert" in rule and "for" in rule:
                 rule["for"] = hold
+            if "alert" in rule and "keep_firing_for" in rule:
+                rule["keep_firing_for"] = keep_firing
     out = Path(out_file)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
