@@ -5,8 +5,9 @@ A real ``vllm-otel receiver`` process (uvicorn, SQLite store, token auth, the ex
 every action in dry-run so nothing acts, its background worker running) receives an open-loop
 stream of Alertmanager v4 notifications (one new alert each) at ``--rate`` per second. Halfway
 through, the receiver's process group gets SIGTERM and a new receiver starts on the same port and
-database; senders retry like Alertmanager does (transport errors and 5xx are retried after a short
-back-off, the same alert again: the receiver dedupes on fingerprint + startsAt). At the end every
+database; senders retry like Alertmanager does (transport errors and 5xx are retried, the same alert
+again, with Alertmanager's exponential back-off: 0.5 s, x1.5, +-50 % jitter; the receiver dedupes
+on fingerprint + startsAt). At the end every
 alert must be in the store (read straight from the SQLite file).
 
 The client is a small raw HTTP/1.1 keep-alive client on asyncio (uvloop when installed), not
@@ -21,12 +22,23 @@ What it prints, per rate:
   every accepted alert of the run (restart included);
 * ``steady p99``: the same, leaving out alerts scheduled from 1 s before the restart to 2 s after
   the new receiver answered (cold start and the retry wave);
+* ``server p99`` / ``server <= 20 ms``: the receiver's own histogram
+  (``vllm_otel_receiver_webhook_duration_seconds``: request handed to the app -> answer ready,
+  commit included), summed over both receivers; p99 interpolated within its bucket. It leaves out
+  the kernel, uvicorn's parsing and the client, so on a busy host it shows whose time it was;
 * ``delivery p99``: from the alert's scheduled send time to its 202, retries and client queueing
   included (what Alertmanager would see);
 * ``sustained/s``: accepted alerts / (last 202 - first send); ``lost``: alerts sent but not in
   the store (must be 0); ``retried``: alerts that needed more than one attempt (the restart);
 * ``client lag p99``: how late the client sent against its schedule (large: the client, not the
-  receiver, was the bottleneck on this host).
+  receiver, was the bottleneck on this host);
+* ``receiver CPU ms/alert``: user + system CPU of the receiver processes (intake and worker, start-up
+  left out) per accepted alert; ``host CPU pressure``: share of the run in which some task of the
+  host waited for a CPU (/proc/pressure/cpu): other work on a shared host shows here;
+* ``jobs done/all``: the worker's progress; it yields to the intake while alerts arrive, so a
+  storm's jobs are mostly still pending at the end (they are durable and resumed).
+
+Each run's per-alert latencies are written to ``<workdir>/latencies.csv``.
 
     .venv/bin/python benchmarks/receiver_load.py                      # 200/s and 800/s, 20 s each
     .venv/bin/python benchmarks/receiver_load.py --rates 200 --seconds 30 --repeat 2
@@ -39,6 +51,8 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
+import random
 import sqlite3
 import statistics
 import sys
@@ -48,6 +62,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +71,9 @@ sys.path.insert(0, str(ROOT))
 from vllm_otel.testing.processes import ManagedProcess, free_port, wait_http  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
-RETRY_BACKOFF_S = 0.2   # Alertmanager backs off between retries
+# Alertmanager's retry (notify.RetryStage): backoff.NewExponentialBackOff() of cenkalti/backoff with
+# MaxElapsedTime 0 (always retry): first retry after 0.5 s, x1.5 each time, +-50 % jitter, <= 60 s.
+RETRY_INITIAL_S, RETRY_MULTIPLIER, RETRY_JITTER, RETRY_MAX_S = 0.5, 1.5, 0.5, 60.0
 GIVE_UP_S = 60.0        # an alert not accepted this long after the run counts as lost
 
 
@@ -91,11 +108,24 @@ class Pool:
         self.opened = 0
 
     async def post(self, data: bytes) -> int:
-        if self.idle:
+        while self.idle:
             reader, writer = self.idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            self.opened += 1
+            if reader.at_eof() or writer.is_closing():  # the server closed it while idle
+                writer.close()
+                continue
+            try:
+                return await self._post(reader, writer, data)
+            except (OSError, asyncio.IncompleteReadError) as e:
+                if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                    raise
+                # Closed by the server (keep-alive timeout) just as we reused it, before any byte
+                # of an answer: like Go's HTTP client, send again on a fresh connection.
+                continue
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.opened += 1
+        return await self._post(reader, writer, data)
+
+    async def _post(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> int:
         try:
             writer.write(data)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -137,11 +167,66 @@ class Run:
     lag_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     restart_window: tuple[float, float] | None = None
+    extra: list[str] = field(default_factory=list)  # receiver arguments
+    receiver_cpu_s: float = 0.0                     # CPU of the receivers that were stopped
+    cpu_base: float = 0.0                           # the running receiver's CPU when it was ready
+    stop_s: float = 0.0                             # SIGTERM -> old receiver gone
+    server_hist: dict[float, float] = field(default_factory=dict)  # receivers' own histograms
 
 
-def start_receiver(wd: Path, port: int, n: int) -> ManagedProcess:
+def cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def cpu_pressure_us() -> float:
+    """/proc/pressure/cpu 'some' total: microseconds in which a task of this host waited for a CPU."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some "):
+                return float(line.rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return float("nan")
+
+
+def server_histogram(port: int) -> dict[float, float]:
+    """The receiver's own POST /webhook duration histogram (cumulative bucket counts by bound)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm_otel_receiver_webhook_duration_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def hist_quantile(h: dict[float, float], q: float) -> float:
+    """Prometheus-style histogram_quantile (linear within the bucket)."""
+    bounds = sorted(h)
+    if not bounds or h[bounds[-1]] == 0:
+        return float("nan")
+    rank, prev_b, prev_c = q * h[bounds[-1]], 0.0, 0.0
+    for b in bounds:
+        if h[b] >= rank:
+            if b == float("inf"):
+                return prev_b
+            return prev_b + (b - prev_b) * (rank - prev_c) / max(h[b] - prev_c, 1e-12)
+        prev_b, prev_c = b, h[b]
+    return bounds[-1]
+
+
+def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProcess:
     argv = [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(wd / "policy.yaml"),
-            "--port", str(port), "--token-file", str(wd / "token"), "--db-url", f"sqlite:///{wd / 'r.db'}"]
+            "--port", str(port), "--token-file", str(wd / "token"), "--db-url", f"sqlite:///{wd / 'r.db'}",
+            *extra]
     proc = ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log").start()
     wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60, alive=proc.alive)
     return proc
@@ -187,12 +272,18 @@ async def drive(run: Run, wd: Path, port: int, procs: list[ManagedProcess]) -> t
             if time.perf_counter() > deadline[0]:
                 run.attempts[i] = n
                 return
-            await asyncio.sleep(RETRY_BACKOFF_S)
+            backoff = min(RETRY_MAX_S, RETRY_INITIAL_S * RETRY_MULTIPLIER ** (n - 1))
+            await asyncio.sleep(backoff * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
 
     async def restart() -> None:
         t_stop = time.perf_counter()
+        run.receiver_cpu_s += cpu_s(procs[0].pid) - run.cpu_base
+        for b, c in (await asyncio.to_thread(server_histogram, port)).items():
+            run.server_hist[b] = run.server_hist.get(b, 0.0) + c
         await asyncio.to_thread(procs[0].stop)
-        procs[0] = await asyncio.to_thread(start_receiver, wd, port, 1)
+        run.stop_s = time.perf_counter() - t_stop
+        procs[0] = await asyncio.to_thread(start_receiver, wd, port, 1, run.extra)
+        run.cpu_base = cpu_s(procs[0].pid)  # start-up (imports) is not per-alert work
         run.restart_window = (t_stop, time.perf_counter())
 
     tasks = []
@@ -230,20 +321,31 @@ def pct(xs: list[float], p: float) -> float:
     return statistics.quantiles(xs, n=1000, method="inclusive")[int(p * 10) - 1]
 
 
-def one_run(rate: float, seconds: float, restart: bool) -> dict:
+def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dict:
     wd = Path(tempfile.mkdtemp(prefix="vllm-otel-recv-bench-"))
     (wd / "token").write_text(TOKEN)
     write_policy(wd)
     port = free_port()
-    procs = [start_receiver(wd, port, 0)]
-    run = Run(rate=rate, seconds=seconds, restart=restart)
+    procs = [start_receiver(wd, port, 0, extra)]
+    run = Run(rate=rate, seconds=seconds, restart=restart, extra=extra)
+    run.cpu_base, psi0, wall0 = cpu_s(procs[0].pid), cpu_pressure_us(), time.monotonic()
     try:
         t_start, t_end = asyncio.run(drive(run, wd, port, procs))
+        run.receiver_cpu_s += cpu_s(procs[0].pid) - run.cpu_base
+        for b, c in server_histogram(port).items():
+            run.server_hist[b] = run.server_hist.get(b, 0.0) + c
+        psi = (cpu_pressure_us() - psi0) / ((time.monotonic() - wall0) * 1e6)
         time.sleep(2.0)  # let the worker take some of the backlog (reported, not required)
     finally:
         procs[0].stop()  # never leave a receiver behind, even on Ctrl-C or a timeout
     total = int(rate * seconds)
     stored, jobs = count_stored(wd / "r.db", total)
+    with open(wd / "latencies.csv", "w") as f:  # per alert, for plots and for finding the spikes
+        f.write("alert,scheduled_s,attempt_ms,delivery_ms,attempts\n")
+        for i in sorted(run.attempt_s):
+            sched = i / rate
+            f.write(f"{i},{sched:.4f},{run.attempt_s[i] * 1e3:.3f},"
+                    f"{(run.delivered_at[i] - t_start - sched) * 1e3:.3f},{run.attempts[i]}\n")
     acc = sorted(run.attempt_s.values())
     steady = acc
     if run.restart_window is not None:
@@ -260,7 +362,14 @@ def one_run(rate: float, seconds: float, restart: bool) -> dict:
         "steady_p50_ms": pct(steady, 50) * 1e3, "steady_p99_ms": pct(steady, 99) * 1e3,
         "delivery_p50_ms": pct(delivery, 50) * 1e3, "delivery_p99_ms": pct(delivery, 99) * 1e3,
         "client_lag_p99_ms": pct(sorted(run.lag_s), 99) * 1e3,
+        "server_p50_ms": hist_quantile(run.server_hist, 0.5) * 1e3,
+        "server_p99_ms": hist_quantile(run.server_hist, 0.99) * 1e3,
+        "server_within_20ms": (run.server_hist.get(0.02, float("nan"))
+                               / max(1.0, run.server_hist.get(float("inf"), 0.0))),
+        "receiver_cpu_ms_per_alert": run.receiver_cpu_s * 1e3 / max(1, len(run.attempt_s)),
+        "host_cpu_pressure": psi,
         "restart_gap_s": None if run.restart_window is None else run.restart_window[1] - run.restart_window[0],
+        "restart_stop_s": run.stop_s if run.restart_window is not None else None,
         "jobs_at_end": jobs, "workdir": str(wd),
     }
 
@@ -273,6 +382,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each run (default 20)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per rate (default 1)")
     ap.add_argument("--no-restart", dest="restart", action="store_false")
+    ap.add_argument("--no-worker", action="store_true",
+                    help="receiver with --no-worker: the intake alone, nothing acts on the alerts")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -283,21 +394,25 @@ def main() -> int:
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
     results = []
     if not args.json:
-        print("| offered/s | sustained/s | p50 ms | p99 ms | max ms | steady p99 ms | delivery p99 ms "
-              "| lost | retried | restart gap s | client lag p99 ms | jobs done/all |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| offered/s | sustained/s | p50 ms | p99 ms | steady p99 ms | server p99 ms "
+              "| server <= 20 ms | max ms | delivery p99 ms | lost | retried | restart gap s "
+              "| client lag p99 ms | receiver CPU ms/alert | host CPU pressure | jobs done/all |")
+        print("|" + "---|" * 16)
     for rate in rates:
         for _ in range(args.repeat):
-            out = one_run(rate, args.seconds, args.restart)
+            out = one_run(rate, args.seconds, args.restart, ["--no-worker"] if args.no_worker else [])
             results.append(out)
             if args.json:
                 continue
-            gap = "-" if out["restart_gap_s"] is None else f"{out['restart_gap_s']:.1f}"
+            gap = ("-" if out["restart_gap_s"] is None
+                   else f"{out['restart_gap_s']:.1f} ({out['restart_stop_s']:.1f} stop)")
             jobs = out["jobs_at_end"]
             print(f"| {rate:.0f} | {out['rate_sustained_per_s']:.0f} | {out['p50_ms']:.1f} | "
-                  f"{out['p99_ms']:.1f} | {out['max_ms']:.0f} | {out['steady_p99_ms']:.1f} | "
+                  f"{out['p99_ms']:.1f} | {out['steady_p99_ms']:.1f} | {out['server_p99_ms']:.1f} | "
+                  f"{out['server_within_20ms']:.2%} | {out['max_ms']:.0f} | "
                   f"{out['delivery_p99_ms']:.0f} | {out['lost']} | {out['retried']} | {gap} | "
-                  f"{out['client_lag_p99_ms']:.1f} | {jobs.get('done', 0)}/{sum(jobs.values())} |",
+                  f"{out['client_lag_p99_ms']:.1f} | {out['receiver_cpu_ms_per_alert']:.2f} | "
+                  f"{out['host_cpu_pressure']:.0%} | {jobs.get('done', 0)}/{sum(jobs.values())} |",
                   flush=True)
             if out["http_errors"]:
                 print(f"  ! {out['http_errors']} alerts answered with a 4xx (see {out['workdir']})")

@@ -28,7 +28,7 @@ import time
 import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         bindparam, create_engine, delete, event, func, insert, or_, select,
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 DEFAULT_DB_URL = "sqlite:///vllm-otel-receiver.sqlite3"
 # Free text (details, reasons) is bounded: an exception message can be a whole HTTP body.
 _MAX_TEXT = 4000
+
+
+_thread_state = threading.local()
 
 
 class StoreError(RuntimeError):
@@ -290,13 +293,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") 
 def _sqlite_begin(conn: Any) -> None:
     # BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that reads, then writes
     # fails with "database is locked" instead of waiting when another connection wrote meanwhile.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # straight to sqlite3: cheaper
 
 
 def _sqlite_begin_read(conn: Any) -> None:
     # Readers: a deferred transaction, so the queries of one read see one snapshot. In WAL mode it
     # neither takes nor waits for the write lock: the worker's reads never delay the intake.
-    conn.exec_driver_sql("BEGIN")
+    conn.connection.driver_connection.execute("BEGIN")
 
 
 class Store:
@@ -367,13 +370,29 @@ class Store:
             c.exec_driver_sql("SELECT 1")
         return True
 
+    # Foreground work (the receiver's webhook intake) has priority: ``background_gate``, when
+    # set, is called before every database call of any other thread and may block for a while
+    # (the receiver makes it wait, bounded, for a moment without webhooks in flight).
+    background_gate: Callable[[], None] | None = None
+
+    def mark_foreground_thread(self) -> None:
+        """The calling thread's database calls never wait for ``background_gate``."""
+        _thread_state.foreground = True
+
+    def _yield_to_foreground(self) -> None:
+        gate = self.background_gate
+        if gate is not None and not getattr(_thread_state, "foreground", False):
+            gate()
+
     def _session(self) -> Session:
         """A session for reads (no transaction block: it ends when the session closes)."""
+        self._yield_to_foreground()
         return Session(self.read_engine, expire_on_commit=False)
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
         """One write transaction: committed when the block ends, rolled back if it raises."""
+        self._yield_to_foreground()
         with self._write_lock if self._write_lock is not None else nullcontext():
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
                 yield s

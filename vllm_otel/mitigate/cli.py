@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "postgresql://... for several replicas")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest webhook body (default 1 MiB)")
     p.add_argument("--replica-id", help="name of this replica in the audit trail (default host:pid)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="only receive and store alerts; act on nothing (another replica sharing "
+                        "the PostgreSQL store does the work)")
     p.add_argument("--check-config", action="store_true", help="validate the policy and exit")
     p.set_defaults(func=run)
 
@@ -103,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
         "no actuator installed (vllm_otel.mitigate.actuators.build_actuator)")
     app = create_app(policy, store, actuator=actuator,
                      metrics_source=_hook(policy, "build_metrics_source"), token=token,
-                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, close_store=True)
+                     max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, close_store=True,
+                     start_worker=not args.no_worker)
+    # The webhook intake and the worker share this process's GIL. A thread that wants it waits up
+    # to the switch interval for whoever holds it (5 ms by default, per hand-over; a webhook takes
+    # three: loop -> group-commit writer -> loop). 1 ms keeps the worker's CPU from adding up to
+    # ~15 ms to a POST; the price is more frequent switching, only while threads contend.
+    sys.setswitchinterval(0.001)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
                 ssl_keyfile=args.tls_key, log_level="info", server_header=False, access_log=False)
     return 0

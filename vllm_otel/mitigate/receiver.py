@@ -37,7 +37,7 @@ from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
 from vllm_otel.store import Notification, NotificationResult, Store
 
-__all__ = ["Receiver", "GroupCommit", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
+__all__ = ["Receiver", "GroupCommit", "IntakeGate", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,45 @@ class KillSwitchBody(BaseModel):
     by: str = Field("api", max_length=200)
 
 
+class IntakeGate:
+    """Webhooks in flight; background database work waits for a moment without any.
+
+    The worker shares this process (and its GIL) with the intake. Before each of its database
+    calls it waits until no webhook is being handled, at most ``max_wait_s``: under a steady
+    alert stream it runs in the gaps between requests; under a storm that leaves no gaps it
+    still makes progress (one call per ``max_wait_s``) while the intake keeps its latency.
+    """
+
+    def __init__(self, max_wait_s: float = 0.05, busy_window_s: float = 1.0) -> None:
+        self.max_wait_s = max_wait_s
+        self.busy_window_s = busy_window_s
+        self._cond = threading.Condition(threading.Lock())
+        self._inflight = 0
+        self._last = float("-inf")  # monotonic time a webhook was last seen
+
+    def enter(self) -> None:
+        with self._cond:
+            self._inflight += 1
+            self._last = time.monotonic()
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self._last = time.monotonic()
+            if self._inflight <= 0:
+                self._inflight = 0
+                self._cond.notify_all()
+
+    def busy(self) -> bool:
+        """Webhooks in flight now, or one ended less than ``busy_window_s`` ago."""
+        return self._inflight > 0 or time.monotonic() - self._last < self.busy_window_s
+
+    def wait_idle(self) -> None:
+        with self._cond:
+            if self._inflight:
+                self._cond.wait_for(lambda: self._inflight == 0, timeout=self.max_wait_s)
+
+
 class GroupCommit:
     """Group commit for the webhook intake: one writer thread stores, in ONE transaction, every
     notification that arrived while its previous commit ran, then answers each of them.
@@ -71,9 +110,11 @@ class GroupCommit:
     """
 
     def __init__(self, store_many: Callable[[list[Any]], list[Any]], *, max_batch: int = 256,
-                 after_batch: Callable[[], None] | None = None) -> None:
+                 after_batch: Callable[[], None] | None = None,
+                 thread_init: Callable[[], None] | None = None) -> None:
         self._store_many = store_many
         self._after_batch = after_batch
+        self._thread_init = thread_init
         self.max_batch = max_batch
         self._q: queue.SimpleQueue[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[Any]] | None] = \
             queue.SimpleQueue()
@@ -101,6 +142,8 @@ class GroupCommit:
             t.join(timeout_s)
 
     def _run(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
         while True:
             first = self._q.get()
             if first is None:
@@ -166,7 +209,12 @@ class Receiver:
         self.metrics = self.worker.metrics
         self.replica_id = store.replica_id
         # The webhook intake: group commit on one writer thread; wakes the worker per batch.
-        self.intake = GroupCommit(self.ingest_many, after_batch=self.wake)
+        # Its database calls come first: the worker's wait for a gap between webhooks.
+        self.intake = GroupCommit(self.ingest_many, after_batch=self.wake,
+                                  thread_init=store.mark_foreground_thread)
+        self.intake_gate = IntakeGate()
+        store.background_gate = self.intake_gate.wait_idle
+        self.worker.foreground_busy = self.intake_gate.busy
 
     @property
     def learner(self) -> Learner:
@@ -373,7 +421,14 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
 
     @app.post("/webhook")
     async def webhook(request: Request) -> Response:
-        resp = await _webhook(request)
+        gate = receiver.intake_gate
+        gate.enter()
+        t0 = time.perf_counter()
+        try:
+            resp = await _webhook(request)
+        finally:
+            gate.leave()
+        receiver.metrics.webhook_seconds.observe(time.perf_counter() - t0)
         receiver.metrics.webhooks.labels(str(resp.status_code)).inc()
         return resp
 

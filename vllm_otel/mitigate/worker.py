@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -37,6 +38,11 @@ __all__ = ["Worker", "MitigationMetrics"]
 log = logging.getLogger(__name__)
 
 _DECIDE_LOCK = "decide"
+# While webhooks keep arriving, the background loop takes at most this share of the wall time
+# (one job at a time, then a pause of 3x its duration). The worker shares the process, its GIL and,
+# on small hosts, the CPUs with the intake: a storm of alerts must be stored first and quickly;
+# the work queue is durable, so the jobs wait, and the worker catches up when the storm ends.
+BUSY_SHARE = 0.25
 _NOT_LOCKED = object()
 
 
@@ -89,6 +95,11 @@ class MitigationMetrics:
                                         registry=registry)
         self.webhooks = Counter("vllm_otel_receiver_webhooks", "webhook requests by HTTP status",
                                 ["code"], registry=registry)
+        self.webhook_seconds = Histogram(
+            "vllm_otel_receiver_webhook_duration_seconds",
+            "POST /webhook in the receiver: request handed to the app -> answer ready (202: stored "
+            "and committed)", buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry)
         self.alerts = Counter("vllm_otel_receiver_alerts", "alerts received",
                               ["status", "result"], registry=registry)
         self.truncated = Counter("vllm_otel_receiver_truncated_alerts",
@@ -135,6 +146,11 @@ class Worker:
         self.metrics = MitigationMetrics(registry or CollectorRegistry(), self)
         self.task: asyncio.Task[None] | None = None  # run_forever, when started by the app
         self._thread: threading.Thread | None = None  # start(): the worker's own loop and thread
+        # True while the foreground (the receiver's webhook intake) is busy: the background loop
+        # then paces itself (see _fill). None: never paced.
+        self.foreground_busy: Callable[[], bool] | None = None
+        self._next_paced_start = 0.0
+        self._started_at: dict[asyncio.Task[None], float] = {}
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
@@ -164,7 +180,7 @@ class Worker:
         while not self._stopping:
             self._wake.clear()  # before looking: a wake during _fill makes the next wait return
             try:
-                await self._fill()
+                await self._fill(paced=True)
             except Exception:  # noqa: BLE001 - the loop must survive a bad job or a store blip
                 log.exception("mitigation worker error")
                 self.metrics.worker_errors.inc()
@@ -187,6 +203,10 @@ class Worker:
         def main() -> None:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
+            # Few threads for its blocking calls: each is one more contender for the GIL the
+            # webhook intake needs; the decision lock serialises most of the work anyway.
+            loop.set_default_executor(ThreadPoolExecutor(max_workers=2,
+                                                         thread_name_prefix="mitigation-worker-io"))
             self._thread_loop = loop
             self.task = loop.create_task(self.run_forever(), name="mitigation-worker")
             ready.set()
@@ -256,21 +276,38 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _fill(self) -> int:
+    async def _fill(self, paced: bool = False) -> int:
+        """Start jobs up to the concurrency limit. ``paced`` (the background loop): while the
+        foreground is busy (``foreground_busy``: webhooks arriving), one job at a time, each
+        followed by a pause, so that the worker takes at most ``BUSY_SHARE`` of the time."""
         started = 0
-        while len(self._tasks) < self.wcfg.concurrency and not self._stopping:
+        while not self._stopping:
+            busy = paced and self.foreground_busy is not None and self.foreground_busy()
+            if len(self._tasks) >= (1 if busy else self.wcfg.concurrency):
+                break
+            if busy:
+                wait = self._next_paced_start - time.monotonic()
+                if wait > 0:
+                    if self._loop is not None and self._wake is not None:
+                        self._loop.call_later(wait, self._wake.set)
+                    break
             job = await asyncio.to_thread(self.store.claim_job, self.replica_id, self.wcfg.lease_s,
                                           self.clock())
             if job is None:
                 break
             task = asyncio.create_task(self._process_job(job), name=f"mitigation-job-{job.id}")
             self._tasks.add(task)
+            self._started_at[task] = time.monotonic()
             task.add_done_callback(self._task_done)
             started += 1
         return started
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        t0 = self._started_at.pop(task, None)
+        if t0 is not None:
+            took = time.monotonic() - t0
+            self._next_paced_start = time.monotonic() + took * (1.0 - BUSY_SHARE) / BUSY_SHARE
         if self._wake is not None:
             self._wake.set()
 
