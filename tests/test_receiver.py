@@ -352,6 +352,57 @@ def test_durable_before_202_then_background_action(env: Env) -> None:
     assert env.mitigations("poke", "success") == 1
 
 
+def test_concurrent_webhooks_share_commits_and_each_202_means_stored(env: Env) -> None:
+    """Group commit: webhooks arriving together are stored in one transaction, and every 202
+    comes after the commit that holds its alert."""
+    batches: list[int] = []
+    real_ingest = env.store.ingest
+
+    def ingest(notes: Any) -> Any:
+        out = real_ingest(notes)
+        batches.append(len(notes))
+        return out
+
+    env.store.ingest = ingest  # type: ignore[method-assign]
+    alerts = [am_alert(instance=I1, seq=str(i)) for i in range(60)]
+
+    async def go() -> None:
+        async with env.client() as c:
+            async def one(a: dict[str, Any]) -> None:
+                r = await c.post("/webhook", json=am_payload(a))
+                assert r.status_code == 202 and r.json()["new"] == 1
+                # Durable before the answer: the alert is in the database already.
+                assert any(x.fingerprint == a["fingerprint"] for x in env.store.alerts(limit=1000))
+            await asyncio.gather(*(one(a) for a in alerts))
+    run(go())
+    assert sum(batches) == 60 and max(batches) > 1, batches
+    assert env.store.table_counts()["alerts"] == 60 and env.store.table_counts()["jobs"] == 60
+    assert env.metric("vllm_otel_receiver_webhook_duration_seconds_count") == 60
+
+
+def test_a_failing_batch_is_retried_notification_by_notification(env: Env) -> None:
+    """One notification the store rejects makes only its own POST a 503 (Alertmanager retries it)."""
+    real_ingest = env.store.ingest
+
+    def ingest(notes: Any) -> Any:
+        if any(n.hook.alerts[0].labels.get("poison") for n in notes):
+            raise RuntimeError("constraint violated")
+        return real_ingest(notes)
+
+    env.store.ingest = ingest  # type: ignore[method-assign]
+    good = [am_alert(instance=I1, seq=str(i)) for i in range(20)]
+    bad = am_alert(instance=I2, poison="1")
+
+    async def go() -> list[int]:
+        async with env.client() as c:
+            rs = await asyncio.gather(*(c.post("/webhook", json=am_payload(a)) for a in [*good, bad]))
+            return [r.status_code for r in rs]
+    codes = run(go())
+    assert codes == [202] * 20 + [503]
+    assert env.store.table_counts()["alerts"] == 20
+    assert env.metric("vllm_otel_receiver_store_errors_total") == 1
+
+
 def test_group_resends_and_ha_duplicates_act_once(env: Env) -> None:
     a, b = am_alert(instance=I1), am_alert(instance=I2)
     for _ in range(3):  # Alertmanager resends the whole group on every change / repeat_interval

@@ -100,6 +100,95 @@ def test_unmapped_alert_is_an_outcome_without_a_job(store: Store) -> None:
     assert store.table_counts()["actions"] == 1
 
 
+def test_ingest_stores_many_notifications_in_one_transaction(store: Store) -> None:
+    """The receiver's group commit: same rows and dedupe as alert by alert, one commit."""
+    from vllm_otel.store import Notification
+
+    a, b = alert(fingerprint="a" * 16), alert(fingerprint="b" * 16, instance="10.0.0.2:8000")
+    other = alert("Other", fingerprint="c" * 16)
+
+    def hook(*alerts: AlertmanagerAlert) -> AlertmanagerWebhook:
+        return AlertmanagerWebhook.model_validate({
+            "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
+            "alerts": [x.model_dump(mode="json", by_alias=True) for x in alerts]})
+
+    res_a = AlertmanagerAlert.model_validate(dict(a.model_dump(mode="json", by_alias=True),
+                                                  status="resolved", endsAt="2026-01-01T12:00:30Z"))
+    out = store.ingest([
+        Notification(hook(a, b), received_at=T0, unmapped=(None, None)),
+        Notification(hook(a), received_at=T0 + 1, unmapped=(None,)),            # a resend
+        Notification(hook(other), received_at=T0 + 2, unmapped=("no rule",)),   # unmapped
+        Notification(hook(res_a), received_at=T0 + 3),                           # a resolves
+    ])
+    assert [len(n.alerts) for n in out] == [2, 1, 1, 1]
+    first_a, first_b = out[0].alerts
+    assert first_a.new and first_b.new and first_a.job_id and first_b.job_id
+    assert not out[1].alerts[0].new and out[1].alerts[0].alert_id == first_a.alert_id
+    assert out[2].alerts[0].new and out[2].alerts[0].job_id is None
+    assert out[3].alerts[0].resolved_now and out[3].alerts[0].cancelled_jobs == 1
+    counts = store.table_counts()
+    assert counts["webhooks"] == 4 and counts["alerts"] == 3 and counts["jobs"] == 2
+    assert counts["alert_resolutions"] == 1 and counts["outcomes"] == 1  # the unmapped one
+    assert store.job_for_alert(first_a.alert_id).state is JobState.CANCELLED
+    assert store.job_for_alert(first_b.alert_id).state is JobState.PENDING
+    # The same again: all duplicates, nothing new, the resolution not recorded twice.
+    again = store.ingest([Notification(hook(a, b), received_at=T0 + 4),
+                          Notification(hook(res_a), received_at=T0 + 5)])
+    assert not any(r.new for n in again for r in n.alerts)
+    assert not again[1].alerts[0].resolved_now
+    assert store.table_counts()["alerts"] == 3 and store.table_counts()["alert_resolutions"] == 1
+
+
+def test_ingest_is_all_or_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_otel.store import Notification
+
+    hook = AlertmanagerWebhook.model_validate({
+        "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
+        "alerts": [alert(fingerprint=f"{i:016d}").model_dump(mode="json", by_alias=True)
+                   for i in range(3)]})
+    calls = {"n": 0}
+    real = Store._firing
+
+    def flaky(self: Store, *a: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk full")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Store, "_firing", flaky)
+    with pytest.raises(RuntimeError):
+        store.ingest([Notification(hook, received_at=T0)])
+    assert store.table_counts()["alerts"] == 0 and store.table_counts()["webhooks"] == 0
+
+
+def test_sqlite_reads_do_not_take_the_write_lock(tmp_path: Path) -> None:
+    """WAL + deferred read transactions: a reader never waits for (or blocks) the writer."""
+    s = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        s.add_firing_alert(alert())
+        with s._write() as w:  # a write transaction stays open ...
+            w.connection().exec_driver_sql("UPDATE jobs SET attempts = attempts")
+            t0 = time.monotonic()
+            assert len(s.alerts()) == 1  # ... and a read still answers at once
+            assert s.job_counts()["pending"] == 1
+            assert time.monotonic() - t0 < 2.0
+    finally:
+        s.close()
+
+
+def test_sqlite_synchronous_from_the_url(tmp_path: Path) -> None:
+    for url, want in ((f"sqlite:///{tmp_path / 'a.db'}", 1), (f"sqlite:///{tmp_path / 'b.db'}?synchronous=FULL", 2)):
+        s = Store(url)
+        try:
+            with s.engine.connect() as c:
+                assert c.exec_driver_sql("PRAGMA synchronous").scalar() == want  # 1 NORMAL, 2 FULL
+                assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        finally:
+            s.close()
+    with pytest.raises(Exception, match="synchronous"):
+        Store(f"sqlite:///{tmp_path / 'c.db'}?synchronous=sometimes")
+
+
 def test_resolution_once_cancels_pending_and_flags_running(store: Store) -> None:
     a, b = alert(fingerprint="a" * 16), alert(fingerprint="b" * 16, instance="10.0.0.2:8000")
     ra, rb = store.add_firing_alert(a), store.add_firing_alert(b)
