@@ -74,7 +74,9 @@ class IntakeGate:
         self.busy_window_s = busy_window_s
         self._cond = threading.Condition(threading.Lock())
         self._inflight = 0
-        self._last = float("-inf")  # monotonic time a webhook was last seen
+        # When a webhook was last seen (monotonic). Starting "busy": a receiver that starts after
+        # an outage gets Alertmanager's retries all at once, and they come first.
+        self._last = time.monotonic()
 
     def enter(self) -> None:
         with self._cond:
