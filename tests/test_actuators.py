@@ -98,33 +98,52 @@ def test_queue_limit_zero_rejects_with_503_until_lifted(actuator: HttpActuator, 
     assert complete(control_vllm.url).status_code == 200
 
 
-@pytest.mark.vllm
-@pytest.mark.xfail(strict=False, reason="flaky under CPU contention: the front end's request table and "
-                   "the engine's counts race (issue 5 follow-up; passes in a quiet full run)")
-def test_abort_requests_ends_the_oldest(actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
-    answers: list[Any] = []
-    t = threading.Thread(target=lambda: answers.append(complete(control_vllm.url, max_tokens=1900)))
-    t.start()
-    src = ScrapeMetricsSource()
-    # Wait until vLLM really runs it (one 1900-token generation takes several seconds).
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not run(src.snapshot(target)).values.get("running"):
+def wait_until(pred: Any, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-    # The front end's request table can lag the engine's running count by a step: ask again
-    # (bounded) until the request is visible there.
-    for _ in range(50):
+
+
+def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, float]:
+    src = ScrapeMetricsSource()
+    deadline = time.monotonic() + timeout_s
+    values = run(src.snapshot(target)).values
+    while time.monotonic() < deadline and not pred(values):
+        time.sleep(0.1)
+        values = run(src.snapshot(target)).values
+    assert pred(values), values
+    return values
+
+
+@pytest.mark.vllm
+def test_abort_requests_ends_the_oldest(actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
+    # The tiny model generates 1,900 tokens in well under a second: to have requests in flight
+    # for as long as the test needs, the scheduler is paused ("keep": requests stay queued).
+    run(actuator.call(target, "control.pause", {"mode": "keep"}))
+    answers: dict[int, httpx.Response] = {}
+
+    def send(i: int) -> None:
+        answers[i] = complete(control_vllm.url, max_tokens=1900)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+            time.sleep(0.3)  # distinct arrival times: "oldest" is well defined
+        # A paused engine takes no steps, so vLLM's gauges do not move: ask the scheduler.
+        wait_until(lambda: status(actuator, target)["engine"]["waiting"] == 3, "3 requests queued")
         out = run(actuator.call(target, "control.abort_requests", {"longest": 1}))["result"]
-        if out["aborted"]:
-            break
-        time.sleep(0.2)
-    assert len(out["aborted"]) == 1 and out["oldest_age_s"] >= 0
-    t.join(60)
-    body = answers[0].json()
-    assert body["choices"][0]["finish_reason"] == "abort" or answers[0].status_code >= 400
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and run(src.snapshot(target)).values.get("running") != 0:
-        time.sleep(0.2)
-    assert run(src.snapshot(target)).values["running"] == 0
+        assert len(out["aborted"]) == 1 and out["oldest_age_s"] > 0.5, out
+        threads[0].join(30)
+        assert answers[0].status_code == 200 and answers[0].json()["choices"][0]["finish_reason"] == "abort"
+        assert 1 not in answers and 2 not in answers  # the others are untouched
+    finally:
+        run(actuator.call(target, "control.resume", {}))
+    for t in threads:
+        t.join(60)
+    assert [answers[i].json()["choices"][0]["finish_reason"] for i in (1, 2)] == ["length", "length"]
+    wait_metric(target, lambda v: v.get("running") == 0 and v.get("waiting") == 0)
 
 
 @pytest.mark.vllm
@@ -201,8 +220,6 @@ def test_metrics_source_from_a_real_prometheus(target: Target, control_vllm: Any
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(strict=False, reason="flaky under CPU contention: the front end's request table and "
-                   "the engine's counts race (issue 5 follow-up; passes in a quiet full run)")
 def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
     """lower_queue_limits through the real actuator and metrics: precondition from real load,
     new requests rejected with 503, verified once the in-flight ones are done."""
@@ -212,16 +229,16 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         "strategies": {"lower_queue_limits": {"params": {"max_num_queued_reqs": 1, "verify_window_s": 90}}},
         "actuator": {"control": {"token_file": str(control_vllm.token_file)}}})
     act, src = build_actuator(policy), build_metrics_source(policy)
-    # 6 x 1900 tokens do not fit the 3072-token KV cache: requests run, wait and get preempted.
-    load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(6)]
+    # Eight requests through an engine that admits one at a time (our own live limit): vLLM's
+    # metrics show one running and the rest waiting for seconds, while the load runs.
+    run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
+    load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(8)]
     for t in load:
         t.start()
     try:
-        deadline = time.monotonic() + 30
+        snap_values = wait_metric(target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
         snap = run(src.snapshot(target))
-        while time.monotonic() < deadline and snap.values["running"] + snap.values["waiting"] < 2:
-            time.sleep(0.1)
-            snap = run(src.snapshot(target))
+        assert snap.values["running"] + snap.values["waiting"] >= 2, (snap.values, snap_values)
         alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
                             instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
                             labels={}, annotations={}, generator_url="", group_key="", received_at=0.0)
@@ -231,18 +248,16 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         assert strat.applies(ctx), snap.values
         result = run(strat.execute(ctx, act))
         assert result.ok, result.detail
-        # vLLM's admission count is approximate (it trails the engine's stats a little): a new
-        # request is turned away with 503 once it has caught up, while the load still runs.
-        deadline = time.monotonic() + 20
-        codes: list[int] = []
-        while time.monotonic() < deadline and 503 not in codes:
-            codes.append(complete(control_vllm.url, 1).status_code)
-        assert 503 in codes, (codes, status(act, target))
+        # A new request is turned away with 503 at once while the four are in flight.
+        r = httpx.post(f"{control_vllm.url}/v1/completions", timeout=10,
+                       json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 1})
+        assert r.status_code == 503, (r.status_code, r.text, status(act, target))
         ctx.result = result
         ctx.metrics_after = run(ctx.fresh_metrics())
         verdict = run(strat.verify(ctx))
         assert verdict.ok, verdict.detail
     finally:
+        run(act.call(target, "control.set_max_running", {"max_num_seqs": 1000}))  # clamped to the slots
         run(act.call(target, "control.set_queue_limits", {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
         for t in load:
             t.join(120)
