@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 import time
@@ -68,26 +70,42 @@ def main() -> int:
                         name="vllm-without", **common) as a, \
                 VllmServer(args.model, wd, plugins="vllm_otel", env=env_with, name="vllm-with", **common) as b:
             servers = {"without": a, "with": b}
-            for side in ("without", "with"):  # warm-up, not measured
-                run_replay(reqs[:20], servers[side].url, speed=1e6, concurrency=args.concurrency,
-                           max_input_tokens=args.max_input, max_output_tokens=args.max_output, progress=False)
-            for rnd in range(args.rounds):
-                for side in ("without", "with", "with", "without"):
-                    api0, all0 = cpu_seconds(servers[side])
-                    sink = ttfts[side]
-                    s = run_replay(reqs, servers[side].url, speed=1e6, concurrency=args.concurrency,
-                                   max_input_tokens=args.max_input, max_output_tokens=args.max_output,
-                                   progress=False,
-                                   on_result=lambda r, sink=sink: sink.append(r.ttft_s) if r.ok else None)
-                    api1, all1 = cpu_seconds(servers[side])
-                    if s.ok != len(reqs):
-                        console.print(f"[red]{side}: {s.errors}")
-                    results[side].append({"rps": s.throughput_rps, "tok_s": s.output_tokens_per_s,
-                                          "api_cpu_ms_per_req": (api1 - api0) / max(s.ok, 1) * 1000,
-                                          "cpu_ms_per_req": (all1 - all0) / max(s.ok, 1) * 1000})
-                    console.print(f"round {rnd + 1} {side:8s} {s.throughput_rps:6.2f} req/s "
-                                  f"API CPU {results[side][-1]['api_cpu_ms_per_req']:5.2f} ms/req "
-                                  f"TTFT p50 {s.ttft_p50_s * 1000:6.1f} ms p99 {s.ttft_p99_s * 1000:7.1f} ms")
+
+            def only(side: str) -> None:
+                """Run ``side`` alone: the other server's whole process group (our own child)
+                is frozen with SIGSTOP, so its idle threads (vLLM's CPU workers poll) take no
+                CPU from the measured one on these 2 cores; SIGCONT wakes it for its turn."""
+                for name, srv in servers.items():
+                    os.killpg(srv.proc.pid, signal.SIGCONT if name == side else signal.SIGSTOP)
+                time.sleep(1.0)  # let the woken server settle
+
+            try:
+                for side in ("without", "with"):  # warm-up, not measured
+                    only(side)
+                    run_replay(reqs[:20], servers[side].url, speed=1e6, concurrency=args.concurrency,
+                               max_input_tokens=args.max_input, max_output_tokens=args.max_output, progress=False)
+                for rnd in range(args.rounds):
+                    for side in ("without", "with", "with", "without"):
+                        only(side)
+                        api0, all0 = cpu_seconds(servers[side])
+                        sink = ttfts[side]
+                        s = run_replay(reqs, servers[side].url, speed=1e6, concurrency=args.concurrency,
+                                       max_input_tokens=args.max_input, max_output_tokens=args.max_output,
+                                       progress=False,
+                                       on_result=lambda r, sink=sink: sink.append(r.ttft_s) if r.ok else None)
+                        api1, all1 = cpu_seconds(servers[side])
+                        if s.ok != len(reqs):
+                            console.print(f"[red]{side}: {s.errors}")
+                        results[side].append({"rps": s.throughput_rps, "tok_s": s.output_tokens_per_s,
+                                              "api_cpu_ms_per_req": (api1 - api0) / max(s.ok, 1) * 1000,
+                                              "cpu_ms_per_req": (all1 - all0) / max(s.ok, 1) * 1000})
+                        console.print(f"round {rnd + 1} {side:8s} {s.throughput_rps:6.2f} req/s "
+                                      f"API CPU {results[side][-1]['api_cpu_ms_per_req']:5.2f} ms/req "
+                                      f"TTFT p50 {s.ttft_p50_s * 1000:6.1f} ms p99 {s.ttft_p99_s * 1000:7.1f} ms")
+            finally:
+                for srv in servers.values():  # both awake again, so that they stop cleanly
+                    os.killpg(srv.proc.pid, signal.SIGCONT)
+            time.sleep(6)  # one more OTLP export interval: spans of the last run arrive
             spans = len(rx.spans())
     med = {side: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for side, rows in results.items()}
     for side, vals in ttfts.items():  # percentiles over every request of every run, pooled

@@ -118,6 +118,13 @@ class Rx:
         r.raise_for_status()
         return r.json()["actions"]
 
+    def learned(self) -> list[dict[str, Any]]:
+        """GET /learner: what the receiver's learner has taken in."""
+        r = httpx.get(f"{self.url}/learner", timeout=10, headers={"Authorization": f"Bearer {RX_TOKEN}"})
+        r.raise_for_status()
+        assert r.json()["learner"] == "RuleBasedLearner"
+        return r.json()["stats"]
+
     def wait_action(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         acts: list[dict[str, Any]] = []
@@ -273,7 +280,7 @@ def test_kv_overload_is_met_with_reduce_batch_size(loop: Loop, traces_dir: Path)
                                  timeout_s=90, what="whose alert resolved")
             assert act["alert"]["time_to_resolve_s"] > 0
             assert {"strategy": "reduce_batch_size", "situation": "VllmKvCacheNearlyFull", "attempts": 1,
-                    "successes": 1, "success_rate": 0.6667} in rx.learner.stats()
+                    "successes": 1, "success_rate": 0.6667} in rx.learned()
             assert rx.learner.select_best_strategy({"alertname": "VllmKvCacheNearlyFull"}, [], {},
                                                    ["reduce_batch_size"]) == ("reduce_batch_size", 0.6667)
             metrics = httpx.get(f"{rx.url}/metrics", timeout=10).text
@@ -330,7 +337,7 @@ def test_queue_overload_is_met_with_backpressure(loop: Loop, traces_dir: Path) -
             load.stop()
             act = rx.wait_action(lambda a: a["id"] == act["id"] and a["alert"]["resolved_at"],
                                  timeout_s=90, what="whose alert resolved")
-            assert [s for s in rx.learner.stats() if s["strategy"] == "enable_backpressure"] == [
+            assert [s for s in rx.learned() if s["strategy"] == "enable_backpressure"] == [
                 {"strategy": "enable_backpressure", "situation": "VllmRequestsQueueing", "attempts": 1,
                  "successes": 1, "success_rate": 0.6667}]
     finally:
@@ -386,4 +393,4 @@ def test_stalled_engine_is_restarted_through_the_supervisor(loop: Loop, traces_d
         act = rx.wait_action(lambda a: a["id"] == act["id"] and a["alert"]["resolved_at"], timeout_s=90,
                              what="whose alert resolved")
         assert {"strategy": "restart_engine", "situation": "VllmEngineStalled", "attempts": 1,
-                "successes": 1, "success_rate": 0.6667} in rx.learner.stats()
+                "successes": 1, "success_rate": 0.6667} in rx.learned()

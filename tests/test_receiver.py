@@ -754,6 +754,16 @@ def test_receiver_replays_stored_outcomes_into_a_fresh_learner(tmp_path: Path) -
     assert [c[1] for c in env.actuator.calls] == ["restart"]
     assert "skipped poke" in run(env.actions())[0]["why"]
 
+    async def learner(token: str | None = TOKEN) -> httpx.Response:
+        async with env.client(token) as c:
+            return await c.get("/learner")
+
+    assert run(learner(None)).status_code == 401
+    body = run(learner()).json()
+    assert body["learner"] == "RuleBasedLearner"
+    assert sorted((s["strategy"], s["attempts"], s["successes"]) for s in body["stats"]) == [
+        ("poke", 1, 0), ("restart", 1, 1)]
+
 
 # --- escalation hook -----------------------------------------------------------------------------------
 

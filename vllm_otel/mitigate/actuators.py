@@ -27,7 +27,9 @@ target's series) when ``metrics.prometheus_url`` is set, else by scraping the ta
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import ssl
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -52,6 +54,18 @@ __all__ = ["HttpActuator", "PrometheusMetricsSource", "ScrapeMetricsSource", "bu
 _VERB = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 USER_AGENT = "vllm-otel-receiver"
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA bundle is most of what a new httpx client costs (tens of ms of CPU, in the
+    # receiver's process, per scrape or action): load it once. Clients stay per call, so they
+    # are never shared across event loops (the worker's loop, asyncio.run in scripts).
+    return httpx.create_ssl_context()
+
+
+def _client(timeout: float, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=timeout, transport=transport, verify=_tls_context())
 
 
 def target_base_url(target: Target, scheme: str = "http") -> str:
@@ -146,7 +160,7 @@ class HttpActuator:
         token = _secret(cc.token_file, "control token file (actuator.control.token_file)")
         url = f"{target_base_url(target, cc.scheme)}/monitoring/control/{verb}"
         try:
-            async with httpx.AsyncClient(timeout=timeout or cc.timeout_s, transport=self._transport) as c:
+            async with _client(timeout or cc.timeout_s, self._transport) as c:
                 r = await c.post(url, json=body, headers={"Authorization": f"Bearer {token}",
                                                           "User-Agent": USER_AGENT})
         except httpx.HTTPError as e:
@@ -223,7 +237,7 @@ class HttpActuator:
             headers["Authorization"] = f"Bearer {_secret(hc.token_file, f'hook {name} token file')}"
         payload = None if hc.body is None or hc.method in ("GET", "DELETE") else render_template(hc.body, variables)
         try:
-            async with httpx.AsyncClient(timeout=timeout or hc.timeout_s, transport=self._transport) as c:
+            async with _client(timeout or hc.timeout_s, self._transport) as c:
                 r = await c.request(hc.method, url, json=payload, headers=headers)
         except httpx.HTTPError as e:
             raise ActuatorError(f"hook {name}: {type(e).__name__}: {redact_text(e)}") from None
@@ -332,7 +346,7 @@ class PrometheusMetricsSource:
         if self.config.token_file is not None:
             headers["Authorization"] = f"Bearer {_secret(self.config.token_file, 'Prometheus token file')}"
         at = time.time()
-        async with httpx.AsyncClient(timeout=self.config.timeout_s, transport=self._transport) as c:
+        async with _client(self.config.timeout_s, self._transport) as c:
             r = await c.get(self.url, params={"query": self.query(target)}, headers=headers)
         r.raise_for_status()
         body = r.json()
@@ -359,7 +373,7 @@ class ScrapeMetricsSource:
 
         at = time.time()
         try:
-            async with httpx.AsyncClient(timeout=self.config.timeout_s, transport=self._transport) as c:
+            async with _client(self.config.timeout_s, self._transport) as c:
                 r = await c.get(f"{target_base_url(target, self.scheme)}/metrics",
                                 headers={"User-Agent": USER_AGENT})
         except httpx.HTTPError:

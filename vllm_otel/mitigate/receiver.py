@@ -540,6 +540,17 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         data = await asyncio.to_thread(generate_latest, receiver.metrics.registry)
         return Response(content=data, media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/learner")
+    async def learner(request: Request) -> Response:
+        """What the learner has learnt from the outcomes so far (per strategy and situation)."""
+        denied = unauthorized(request)
+        if denied is not None:
+            return denied
+        await asyncio.to_thread(receiver.sync_learner)
+        lrn = receiver.learner
+        stats = lrn.stats() if callable(getattr(lrn, "stats", None)) else None
+        return _json(200, {"learner": type(lrn).__name__, "stats": stats})
+
     @app.get("/healthz")
     async def healthz() -> Response:
         out: dict[str, Any] = {"status": "ok", "replica": receiver.replica_id}
