@@ -65,7 +65,8 @@ class Loop:
             "rules": rules,
             "strategies": strategies,
             # Restarting vLLM takes about a minute here; verification windows are the strategies'.
-            "worker": {"poll_s": 0.2, "verify_delay_s": 1, "action_timeout_s": 300, "lease_s": 900},
+            "worker": {"poll_s": 0.2, "verify_delay_s": 1, "action_timeout_s": 300, "lease_s": 900,
+                       "precondition_recheck_s": 2, "precondition_rechecks": 30},
             "metrics": {"prometheus_url": self.prom.url, "selector": 'job="vllm"'},
             "actuator": {"control": {"token_file": str(self.ctl_token_file)},
                          "supervisors": {self.instance: {"url": self.sup.url,

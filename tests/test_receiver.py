@@ -666,6 +666,46 @@ def test_precondition_and_least_invasive_first(tmp_path: Path) -> None:
     assert [c[1] for c in env.actuator.calls] == ["poke", "restart"]
 
 
+def test_a_failed_precondition_is_rechecked_while_the_alert_fires(tmp_path: Path) -> None:
+    """One snapshot without pressure does not drop a firing alert: the job is looked at again
+    (not an attempt, no action row meanwhile) until a precondition holds, the rechecks run out
+    (skipped, saying so) or the alert resolves (cancelled)."""
+    metrics = StaticMetrics({"kv": 0.1})  # restart needs kv >= 0.5
+    env = Env(tmp_path, metrics=metrics, guards={"cooldown_s": 0},
+              rules=[{"alertname": "VllmKvCacheNearlyFull", "strategies": ["restart"]}],
+              worker={"precondition_rechecks": 2, "precondition_recheck_s": 0.05})
+
+    def settle() -> None:
+        for _ in range(3):
+            time.sleep(0.06)
+            run(env.receiver.drain())
+
+    # 1. pressure comes back before the rechecks run out: the action runs
+    first = am_alert(instance=I1)
+    run(env.post(am_payload(first)))
+    run(env.receiver.drain())
+    assert run(env.actions()) == [] and env.actuator.calls == []
+    job = env.store.job_for_alert(1)
+    assert job is not None and job.state.value == "pending" and job.rechecks == 1 and job.attempts == 0
+    metrics.values = {"kv": 0.9}
+    settle()
+    assert env.actuator.calls == [(I1, "restart", {})]
+    # 2. it never comes back: skipped after the rechecks, and the audit trail says so
+    metrics.values = {"kv": 0.1}
+    run(env.post(am_payload(am_alert(instance=I2))))
+    settle()
+    [act] = run(env.actions(fingerprint=am_alert(instance=I2)["fingerprint"]))
+    assert act["outcome"] == "skipped" and "(after 2 re-checks)" in act["detail"]
+    # 3. the alert resolves while it waits: cancelled, nothing runs
+    again = _second_firing(I1, dt=5.0)
+    run(env.post(am_payload(again)))
+    run(env.receiver.drain())
+    run(env.post(am_payload(resolved(again))))
+    settle()
+    assert env.actuator.calls == [(I1, "restart", {})]
+    assert env.store.job_for_alert(3).state.value == "cancelled"  # alerts: 1 and 3 on I1, 2 on I2
+
+
 # --- restart, interruption ---------------------------------------------------------------------------
 
 def test_restart_resumes_pending_work(tmp_path: Path) -> None:

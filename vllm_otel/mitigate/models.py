@@ -207,6 +207,7 @@ class JobRecord(_Record):
     attempts: int
     action_id: int | None
     cancel_requested: bool
+    rechecks: int = 0  # times its preconditions were re-checked while the alert kept firing
 
 
 class OutcomeRecord(_Record):

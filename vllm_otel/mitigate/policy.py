@@ -123,6 +123,10 @@ class WorkerConfig(_Cfg):
     verify_delay_s: float = Field(10.0, ge=0.0, description="wait before verifying an action")
     action_timeout_s: float = Field(60.0, gt=0.0)
     max_attempts: int = Field(3, ge=1, description="a job picked up this often is given up")
+    precondition_rechecks: int = Field(
+        8, ge=0, description="no candidate's precondition holds (the pressure eased for a moment) "
+                             "while the alert still fires: look again this many times ...")
+    precondition_recheck_s: float = Field(15.0, gt=0.0, description="... this far apart")
     lease_s: float = Field(300.0, gt=0.0, description="a job's runner must finish within this")
     learner_history_s: float = Field(7 * 86400.0, gt=0.0, description="outcomes replayed at start")
 

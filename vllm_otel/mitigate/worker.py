@@ -517,8 +517,21 @@ class Worker:
             failed = [d for d in decisions if not d.ok]
             only_pre = all(d.guard in ("precondition", "mode") for d in failed)
             summary = "; ".join(f"{d.strategy}: {d.guard} ({d.detail})" for d in failed)
+            if (any(d.guard == "precondition" for d in failed) and only_pre
+                    and job.rechecks < self.wcfg.precondition_rechecks):
+                # The alert fired because its condition held for the rule's hold time; one
+                # snapshot where the pressure eased (a burst ended, a scrape in between) is not
+                # a reason to drop it. Look again later; a resolve cancels the job meanwhile.
+                when = now + self.wcfg.precondition_recheck_s
+                if self.store.defer_job(job.id, self.replica_id, when, now=now):
+                    log.info("alert %d (%s on %s): no precondition holds now (%s); re-check %d/%d in "
+                             "%.0f s", alert.id, alert.alertname, alert.instance, redact_text(summary),
+                             job.rechecks + 1, self.wcfg.precondition_rechecks,
+                             self.wcfg.precondition_recheck_s)
+                    return _Plan()  # the worker's poll (worker.poll_s) picks it up when due
+            rechecked = f" (after {job.rechecks} re-checks)" if job.rechecks else ""
             return stop(Outcome.SKIPPED if only_pre else Outcome.BLOCKED,
-                        f"no candidate strategy may run: {summary}")
+                        f"no candidate strategy may run{rechecked}: {summary}")
 
         # 3. The learner picks.
         with self._learner_mutex:
