@@ -414,3 +414,23 @@ def test_webhook_receipts_are_recorded(store: Store) -> None:
         "truncatedAlerts": 2, "alerts": [alert().model_dump(by_alias=True, mode="json")]})
     store.record_webhook(hook)
     assert store.table_counts()["webhooks"] == 1
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path: Path) -> None:
+    """A receiver database made before jobs.run_after / jobs.rechecks existed keeps working."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    Store(f"sqlite:///{db}").close()
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE jobs DROP COLUMN run_after")
+    con.execute("ALTER TABLE jobs DROP COLUMN rechecks")
+    con.commit()
+    con.close()
+    store = Store(f"sqlite:///{db}")
+    try:
+        cols = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(jobs)")}
+        assert {"run_after", "rechecks"} <= cols
+        assert store.claim_job("me", 60.0) is None  # the claim query uses them
+    finally:
+        store.close()

@@ -34,7 +34,7 @@ from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text,
                         bindparam, create_engine, delete, event, func, insert, or_, select,
                         update)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
@@ -401,6 +401,26 @@ class Store:
             # Two replicas creating the schema at once on PostgreSQL: the loser's CREATE TABLE
             # collides (pg_type unique key, or "already exists"); the tables exist either way.
             Base.metadata.create_all(self.engine)
+        self._add_new_columns()
+
+    # Columns added after the first release of the schema: (table, column, SQL type and default).
+    # create_all() makes missing tables, not missing columns of an existing database.
+    _ADDED_COLUMNS = (("jobs", "run_after", "FLOAT"), ("jobs", "rechecks", "INTEGER DEFAULT 0"))
+
+    def _add_new_columns(self) -> None:
+        from sqlalchemy import inspect
+
+        have: dict[str, set[str]] = {}
+        for table, column, ddl in self._ADDED_COLUMNS:
+            if table not in have:
+                have[table] = {c["name"] for c in inspect(self.engine).get_columns(table)}
+            if column not in have[table]:
+                try:
+                    with self.engine.begin() as c:
+                        c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+                except (OperationalError, ProgrammingError):
+                    pass  # another replica added it first
+                have[table].add(column)
 
     def close(self) -> None:
         if self._checkpointer is not None:
