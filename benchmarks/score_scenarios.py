@@ -18,7 +18,7 @@ hour, median lead), the same pooled over all scenarios, and pass/fail against th
   scrape intervals after the definition (tokens flat for 20 s with requests present) is met;
 * on every scenario where the failure occurs: better F1 and longer median lead than predict_linear.
 
-    .venv/bin/python benchmarks/score_scenarios.py [--dir benchmarks/out] [--scenario NAME]... [--markdown] [--json]
+    .venv/bin/python benchmarks/score_scenarios.py [--dir benchmarks/out] [--scenario NAME]... [--markdown] [--json] [--detector-config JSON]
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def load(path: Path, args: argparse.Namespace) -> Recording:
         catalog["queue_overload"] = {"running_limit": int(meta["max_num_seqs"])}
     if meta.get("memory_limit_bytes"):
         catalog["memory_exhaustion"] = {"process_limit_bytes": float(meta["memory_limit_bytes"])}
-    cfg = DetectorConfig(step_s=frame.step_s, horizon_s=args.horizon, catalog=FailureCatalog(**catalog))
+    extra = json.loads(args.detector_config) if args.detector_config else {}
+    cfg = DetectorConfig(step_s=frame.step_s, horizon_s=args.horizon, catalog=FailureCatalog(**catalog), **extra)
     result = replay(frame, cfg)
     rows = score(result, threshold=args.threshold, baseline_window_s=args.baseline_window,
                  static_fraction=args.static_fraction)
@@ -316,6 +317,8 @@ def main() -> int:
     ap.add_argument("--baseline-window", type=float, default=300.0, help="predict_linear lookback, s (default 300)")
     ap.add_argument("--static-fraction", type=float, default=0.8, help="static threshold fraction (default 0.8)")
     ap.add_argument("--step", type=float, help="resample to S seconds (default: the recording's 1 s)")
+    ap.add_argument("--detector-config", metavar="JSON", help='more DetectorConfig fields, e.g. '
+                    '\'{"use_capacity": true}\' (the offered-load-against-capacity experiment)')
     ap.add_argument("--markdown", action="store_true", help="print markdown tables (for the README)")
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
     args = ap.parse_args()

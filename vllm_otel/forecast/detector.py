@@ -56,6 +56,7 @@ PRECURSORS: dict[str, tuple[str, ...]] = {
     "tokens_flat_while_running": ("engine_stall",),
     "kv_usage_rising": ("kv_cache_exhaustion",),
     "waiting_rising": ("queue_overload",),
+    "arrivals_over_capacity": ("queue_overload",),
 }
 # load signal -> (its failure, the precursor its recent trend raises); see ``_load_trend``
 TREND_PRECURSORS: dict[str, tuple[str, str]] = {
@@ -119,6 +120,24 @@ class DetectorConfig(BaseModel):
     # definition with a probability learned from the spells seen so far (fleet-wide), starting
     # from a prior mean of k / (steps that make a stall) with this many pseudo-spells.
     stall_prior_strength: float = Field(2.0, gt=0.0)
+    # Queue overload from offered load against capacity (a leading signal, see ``_capacity``):
+    # arrivals = finished + growth of running + waiting over a short window; service time per
+    # running request = mean running / finish rate (Little's law), learned from the instance's
+    # own history; capacity = running-request limit / service time. Off by default: on the
+    # recorded scenarios it does not lengthen the warning without false alarms (benchmarks/README.md).
+    use_capacity: bool = False
+    arrival_window_s: float = Field(10.0, gt=0.0, description="arrivals are counted over this window")
+    capacity_halflife_s: float = Field(120.0, gt=0.0, description="memory of the learned service time")
+    capacity_min_finished: float = Field(10.0, gt=0.0, description="finished requests (decayed) "
+                                                                   "before the service time is trusted")
+    arrival_persist_s: float = Field(30.0, gt=0.0, description="the rate over this much of the future "
+                                                               "is predicted from the measured arrival "
+                                                               "rate by a regression learned per instance")
+    arrival_model: str = Field("regression", pattern="^(regression|measured)$",
+                               description="regression: the learned prediction of the coming rate; "
+                                           "measured: the measured rate held for the horizon with "
+                                           "Poisson error (short bursts are taken to last: false "
+                                           "alarms at a steady 0.8 x load, kept for comparison)")
     catalog: FailureCatalog = Field(default_factory=FailureCatalog)
     inputs: InputSeries = Field(default_factory=InputSeries)
 
@@ -259,6 +278,23 @@ class PredictiveFailureDetector:
         self._trend_len = max(3, int(round(cfg.trend_window_s / cfg.step_s)))
         self._frozen = np.zeros((0, self._trend_len), dtype=bool)
         self._frozen_pos = np.zeros(0, dtype=np.int64)
+        # Offered load against capacity: a ring of cumulative arrivals (finished so far + running +
+        # waiting; NaN where unknown or frozen), decayed sums for the service time and for the
+        # regression of the coming arrival rate on the measured one.
+        self._arr_w = max(2, int(round(cfg.arrival_window_s / cfg.step_s)))       # steps
+        self._arr_p = max(1, int(round(cfg.arrival_persist_s / cfg.step_s)))      # steps
+        self._arr_len = self._arr_w + self._arr_p + 1
+        self._arr_cum = np.full((0, self._arr_len), np.nan)  # finished so far + running + waiting
+        self._arr_pos = np.zeros(0, dtype=np.int64)
+        self._occ_now = np.zeros(0)
+        self._fin_cum = np.zeros(0)
+        self._cap_run = np.zeros(0)     # decayed sum of running x step (request-seconds in service)
+        self._cap_fin = np.zeros(0)     # decayed count of finished requests
+        # decayed regression sums: x = arrival rate measured then, y = the rate over the
+        # arrival_persist_s that followed; columns n, x, y, xx, xy, yy
+        self._reg = np.zeros((0, 6))
+        self._cap_decay = 0.5 ** (cfg.step_s / cfg.capacity_halflife_s)
+        self._cap: tuple[np.ndarray, np.ndarray] | None = None
         hist_s = cfg.min_history_s if cfg.min_history_s is not None else cfg.horizon_s / 2
         self.warmup_steps = max(cfg.min_points, int(math.ceil(hist_s / cfg.step_s - 1e-9)))
         self._grow(16)
@@ -273,6 +309,17 @@ class PredictiveFailureDetector:
         pos = np.zeros(cap, dtype=np.int64)
         pos[: self.cap] = self._frozen_pos
         self._frozen_pos = pos
+        new = np.full((cap, self._arr_len), np.nan)
+        new[: self.cap] = self._arr_cum
+        self._arr_cum = new
+        reg = np.zeros((cap, 6))
+        reg[: self.cap] = self._reg
+        self._reg = reg
+        for name in ("_arr_pos", "_occ_now", "_fin_cum", "_cap_run", "_cap_fin"):
+            old_a = getattr(self, name)
+            new = np.zeros(cap, dtype=old_a.dtype)
+            new[: self.cap] = old_a
+            setattr(self, name, new)
         self.extractor.grow(cap)
         for s, b in self.banks.items():
             b.grow(cap)
@@ -326,6 +373,12 @@ class PredictiveFailureDetector:
         self._prev_state[rows] = -1
         self._flat_k[rows] = 0
         self._frozen[rows] = False
+        self._reset_capacity(rows)
+
+    def _reset_capacity(self, rows: np.ndarray) -> None:
+        self._arr_cum[rows] = np.nan
+        for a in (self._arr_pos, self._occ_now, self._fin_cum, self._cap_run, self._cap_fin, self._reg):
+            a[rows] = 0
 
     def forget_stale(self, t: float) -> list[str]:
         """Drop instances not seen for ``forget_after_s`` (they disappeared); returns their names."""
@@ -368,6 +421,7 @@ class PredictiveFailureDetector:
             for s, b in self.banks.items():
                 b.reset(rows[restarted])
                 self._fit_n[s][rows[restarted]] = 0  # refit once the new run has enough points
+            self._reset_capacity(rows[restarted])
         for s, b in self.banks.items():
             b.update(rows, self._transform(s, sig[s]))
         # Only steps with data count (a unit passed with NaN is in a gap, not alive).
@@ -380,6 +434,7 @@ class PredictiveFailureDetector:
         self._n_steps[rows] += has
         breached = self.catalog.breached(sig)
         self._observe_flat(rows, sig["flat_seconds"])
+        self._observe_load(rows, sig)
         precursors = self._precursors(rows, sig, trend=predict)
         states = classify(self.state_names, sig, breached, precursors, cfg.step_s)
         if cfg.use_state_graph:
@@ -440,6 +495,12 @@ class PredictiveFailureDetector:
                     self._trend[f] = (prob, ttf)
         for name in ("kv_usage_rising", "waiting_rising"):
             out.setdefault(name, np.zeros(len(rows), dtype=bool))
+        self._cap = None
+        if trend and cfg.use_capacity and "queue_overload" in self.failure_types:
+            active, prob, ttf = self._capacity(rows, sig)
+            out["arrivals_over_capacity"] = active
+            self._cap = (prob, ttf)
+        out.setdefault("arrivals_over_capacity", np.zeros(len(rows), dtype=bool))
         return out
 
     # -- engine stalls: a direct rule on flat spells, its probabilities learned ---------------
@@ -542,6 +603,126 @@ class PredictiveFailureDetector:
         ok = (m >= max(3, nb // 2)) & (sxx > 0) & np.isfinite(thr) & np.isfinite(prob) & (bank.gap[rows] <= 1)
         prob, ttf = np.where(ok, prob, np.nan), np.where(ok, ttf, np.nan)
         return ok & (slope > 0) & (prob >= 0.5), prob, ttf
+
+    # -- offered load against capacity -----------------------------------------------------------
+    def _observe_load(self, rows: np.ndarray, sig: Mapping[str, np.ndarray]) -> None:
+        """Push this step's occupancy (running + waiting) and cumulative finished count into the
+        arrival rings, and learn the service time from steps where the engine was moving.
+
+        A step with unknown data, or inside a flat spell (a frozen engine freezes its gauges and
+        counters; the backlog released after it is no arrival rate either), is stored as NaN,
+        so no arrival rate is measured across it, and it teaches nothing about service time.
+        """
+        if not self.config.use_capacity:
+            return
+        running, waiting, fin = sig["running"], sig["waiting"], sig["finished"]
+        moving = self._flat_k[rows] == 0
+        ok = np.isfinite(running) & np.isfinite(waiting) & np.isfinite(fin) & moving
+        self._fin_cum[rows] += np.where(np.isfinite(fin), fin, 0.0)
+        pos = self._arr_pos[rows]
+        self._occ_now[rows] = np.where(ok, running + waiting, np.nan)
+        self._arr_cum[rows, pos] = np.where(ok, self._fin_cum[rows] + running + waiting, np.nan)
+        self._arr_pos[rows] = (pos + 1) % self._arr_len
+        d = self._cap_decay
+        # How well did the arrival rate measured arrival_persist_s ago predict the rate since?
+        # (A burst that does not last, or a rise that goes on, both show here.)
+        step, Wa, P = self.config.step_s, self._arr_w, self._arr_p
+        now = self._arr_cum[rows, pos]
+        then = self._arr_cum[rows, (pos - P) % self._arr_len]
+        before = self._arr_cum[rows, (pos - P - Wa) % self._arr_len]
+        with np.errstate(invalid="ignore"):
+            x = (then - before) / (Wa * step)
+            y = (now - then) / (P * step)
+        known = np.isfinite(x) & np.isfinite(y)
+        x, y = np.nan_to_num(x), np.nan_to_num(y)
+        terms = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+        self._reg[rows] = np.where(known[:, None], d * self._reg[rows] + terms, self._reg[rows])
+        self._cap_run[rows] = np.where(ok, d * self._cap_run[rows] + running * self.config.step_s,
+                                       self._cap_run[rows])
+        self._cap_fin[rows] = np.where(ok, d * self._cap_fin[rows] + fin, self._cap_fin[rows])
+
+    def _capacity(self, rows: np.ndarray, sig: Mapping[str, np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P(queue overload within the horizon) from offered load against learned capacity.
+
+        Arrival rate: requests finished over the last ``arrival_window_s`` plus the change in
+        running + waiting, per second (what entered the server). Service time per running
+        request: decayed request-seconds in service / decayed finished count (Little's law on
+        the running set), learned from this instance's own history; capacity = running-request
+        limit / service time. With the current arrival rate held constant (no trend: a rise may
+        stop), the fluid queue fills the running set (occupancy approaches arrivals x service
+        time) and, when arrivals exceed capacity, grows at their difference; the overload
+        threshold is reached after
+
+            t1 = W ln((lam W - L0) / (lam W - limit))   (only while L0 < limit)
+            t2 = (limit + threshold - max(L0, limit)) / (lam - mu)
+
+        and never when lam <= mu. The arrival rate's uncertainty (Poisson counts over the
+        window, plus the service time's, from the finished count it rests on) is integrated
+        by Gauss-Hermite quadrature. Returns (arrivals over capacity, probability, time to
+        failure), NaN where too little data (no full window since the last gap or frozen spell,
+        too few finished requests, or an unknown running-request limit).
+        """
+        cfg = self.config
+        n = len(rows)
+        nan = np.full(n, np.nan)
+        pos = self._arr_pos[rows]
+        back = (pos[:, None] - 1 - np.arange(self._arr_w + 1)[None, :]) % self._arr_len
+        recent = self._arr_cum[rows[:, None], back]          # newest first, arrival window + 1
+        complete = np.isfinite(recent).all(axis=1)
+        occ_now = self._occ_now[rows]
+        window = self._arr_w * cfg.step_s
+        q = self.catalog.queue_overload
+        limit = (np.full(n, float(q.running_limit)) if q.running_limit is not None
+                 else np.asarray(sig["running_limit"], dtype=float))
+        thr = np.asarray(self.catalog.threshold("queue_overload", sig), dtype=float)
+        H = cfg.horizon_s
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            lam = np.maximum((recent[:, 0] - recent[:, -1]) / window, 0.0)
+            n_fin = self._cap_fin[rows]
+            W = self._cap_run[rows] / n_fin
+            mu = limit / W
+            # What the measured rate says about the rate to come, learned from this instance's
+            # history: a short burst at a steady load does not last (slope ~0, the prediction
+            # stays near the usual rate), a rise that has gone on does (slope ~1).
+            rn, rx, ry, rxx, rxy, ryy = (self._reg[rows, i] for i in range(6))
+            xm, ym = rx / rn, ry / rn
+            vx = np.maximum(rxx / rn - xm * xm, 1e-12)
+            cxy = rxy / rn - xm * ym
+            vy = np.maximum(ryy / rn - ym * ym, 0.0)
+            beta = cxy / vx
+            resid = np.maximum(vy - beta * cxy, 0.0) * rn / np.maximum(rn - 2.0, 1.0)
+            pred = ym + beta * (lam - xm)
+            var_pred = resid * (1.0 + 1.0 / rn + (lam - xm) ** 2 / (rn * vx))
+            if cfg.arrival_model == "measured":
+                pred, var_pred = lam, lam / window
+            sd = np.sqrt(var_pred + mu * mu / n_fin)
+            need = np.maximum(limit + thr - np.maximum(occ_now, limit), 0.0)   # requests to queue
+
+            def time_to_overload(lq: np.ndarray) -> np.ndarray:
+                lw = lq * W
+                t1 = np.where(occ_now < limit, W * np.log((lw - occ_now) / (lw - limit)), 0.0)
+                t2 = need / (lq - mu)
+                tt = np.maximum(t1, 0.0) + t2
+                return np.where((lq > mu) & np.isfinite(tt), tt, np.inf)
+
+            # The time to overload falls as the arrival rate grows: the lowest rate that overloads
+            # within the horizon, by bisection (the crossing rate lies between mu and mu + the
+            # whole backlog over a fraction of the horizon).
+            lo = mu.copy()
+            hi = mu + (need + limit) / (0.25 * H) + 1e-9
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                fast = time_to_overload(mid) <= H
+                hi, lo = np.where(fast, mid, hi), np.where(fast, lo, mid)
+            prob = ndtr((pred - hi) / np.maximum(sd, 1e-9))
+            tt = time_to_overload(np.maximum(pred, 0.0))
+            ttf = np.where(tt <= H, np.maximum(np.ceil(tt / cfg.step_s), 1) * cfg.step_s, np.nan)
+        ok = (complete & (n_fin >= cfg.capacity_min_finished) & (W > 0) & np.isfinite(W) & np.isfinite(sd)
+              & (rn >= 10)
+              & np.isfinite(limit) & (limit > 0) & np.isfinite(thr) & np.isfinite(lam))
+        prob, ttf = np.where(ok, prob, nan), np.where(ok, ttf, nan)
+        return ok & (pred > mu), prob, ttf
 
     def _memory_trend(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The "memory steady slope" precursor and what it implies.
@@ -649,6 +830,13 @@ class PredictiveFailureDetector:
                 better = np.isfinite(tp) & ~(prob[:, j] >= tp)
                 prob[:, j] = np.where(better, tp, prob[:, j])
                 ttf[:, j] = np.where(better, tt, ttf[:, j])
+                source[:, j] = np.where(better, 4, source[:, j])
+            if f == "queue_overload" and self._cap is not None:
+                cp, ct = self._cap
+                cp = np.where(warm, cp, np.nan)
+                better = np.isfinite(cp) & ~(prob[:, j] >= cp)
+                prob[:, j] = np.where(better, cp, prob[:, j])
+                ttf[:, j] = np.where(better, ct, ttf[:, j])
                 source[:, j] = np.where(better, 4, source[:, j])
             if f == "memory_exhaustion" and self._mem_prob is not None:
                 mp = np.where(enough, self._mem_prob, np.nan)

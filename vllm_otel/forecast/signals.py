@@ -56,13 +56,14 @@ INPUT_KINDS: dict[str, tuple[Kind, Agg]] = {
     "gpu_ecc_uncorrected": ("counter", "sum"),
     "gpu_row_remap_failure": ("gauge", "max"),
     "gpu_ecc_corrected": ("counter", "sum"),
+    "finished": ("counter", "sum"),
 }
 
 # Every signal the extractor produces, in a fixed order (the backtest stores them by this order).
 SIGNALS: tuple[str, ...] = (
     "kv_usage", "waiting", "running", "running_limit", "preemptions_window", "generation_rate",
     "flat_seconds", "ttft_quantile", "memory_fraction", "gpu_temperature", "gpu_temperature_limit",
-    "gpu_throttle", "hardware_events", "ecc_corrected_window", "restarted",
+    "gpu_throttle", "hardware_events", "ecc_corrected_window", "restarted", "finished",
 )
 
 
@@ -111,6 +112,9 @@ class InputSeries(BaseModel):
     gpu_row_remap_failure: list[Selector] = [_sel("vllm_otel_gpu_row_remap_failure")]
     gpu_ecc_corrected: list[Selector] = [
         _sel("vllm_otel_gpu_ecc_errors_volatile_total", error_type="corrected")]
+    # requests that left the engine (every finished_reason): with the change in running + waiting,
+    # the arrival rate; with the running count, the service time (Little's law)
+    finished: list[Selector] = [_sel("vllm:request_success_total")]
 
     def metric_names(self) -> set[str]:
         return {s.metric for name in INPUT_KINDS for s in getattr(self, name)}
@@ -248,7 +252,7 @@ class SignalExtractor:
         self._hw_w = catalog.gpu_hardware.window_s
         self._counters = {k: _Counter((0,)) for k in
                           ("preemptions", "generation_tokens", "gpu_xid", "gpu_ecc_uncorrected",
-                           "gpu_ecc_corrected")}
+                           "gpu_ecc_corrected", "finished")}
         self._pre = _Window(0, _ring_len(self._pre_w, step_s))
         self._hw = _Window(0, _ring_len(self._hw_w, step_s))
         self._ecc = _Window(0, _ring_len(self._hw_w, step_s))
@@ -385,6 +389,7 @@ class SignalExtractor:
         out["ecc_corrected_window"] = self._ecc.total(rows, t, self._hw_w)
 
         out["restarted"] = restarted.astype(float)
+        out["finished"] = inc["finished"]   # requests finished since the last step (NaN: unknown)
         self._last_t[rows] = t
         return out
 
