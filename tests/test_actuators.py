@@ -229,23 +229,25 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         "strategies": {"lower_queue_limits": {"params": {"max_num_queued_reqs": 1, "verify_window_s": 90}}},
         "actuator": {"control": {"token_file": str(control_vllm.token_file)}}})
     act, src = build_actuator(policy), build_metrics_source(policy)
-    # Eight requests through an engine that admits one at a time (our own live limit): vLLM's
-    # metrics show one running and the rest waiting for seconds, while the load runs.
-    run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
+    # Eight requests queued while the scheduler is paused, then let through one at a time (our
+    # own live limit): vLLM's metrics show one running and the rest waiting for seconds. (Sent
+    # unpaused, a busy front end hands them to the fast tiny model one by one: no queue forms.)
+    run(act.call(target, "control.pause", {"mode": "keep"}))
     load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(8)]
     for t in load:
         t.start()
     try:
-        snap_values = wait_metric(target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
-        snap = run(src.snapshot(target))
-        assert snap.values["running"] + snap.values["waiting"] >= 2, (snap.values, snap_values)
+        wait_until(lambda: status(act, target)["engine"]["waiting"] == 8, "8 requests queued", 60)
+        run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
+        run(act.call(target, "control.resume", {}))
+        before = wait_metric(target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
         alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
                             instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
                             labels={}, annotations={}, generator_url="", group_key="", received_at=0.0)
-        ctx = StrategyContext(alert=alert, target=target, mode=Mode.AUTO, metrics_before=dict(snap.values),
+        ctx = StrategyContext(alert=alert, target=target, mode=Mode.AUTO, metrics_before=dict(before),
                               metrics_source=src)
         strat = policy.strategy("lower_queue_limits")
-        assert strat.applies(ctx), snap.values
+        assert strat.applies(ctx), before
         result = run(strat.execute(ctx, act))
         assert result.ok, result.detail
         # A new request is turned away with 503 at once while the four are in flight.
@@ -257,6 +259,7 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         verdict = run(strat.verify(ctx))
         assert verdict.ok, verdict.detail
     finally:
+        run(act.call(target, "control.resume", {}))
         run(act.call(target, "control.set_max_running", {"max_num_seqs": 1000}))  # clamped to the slots
         run(act.call(target, "control.set_queue_limits", {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
         for t in load:

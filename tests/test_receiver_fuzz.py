@@ -88,6 +88,14 @@ def test_after_the_fuzzing_valid_alerts_are_still_taken_and_kept(tmp_path_factor
     assert ("VllmPreemptionStorm", "after-fuzz") in stored
     # The valid payload the fuzzer started from was accepted too, once (dedupe), not lost.
     assert _post_raw(env, json.dumps(VALID).encode()) == 202
-    names = [a.labels.get("alertname") for a in env.store.alerts(limit=10_000)
-             if a.fingerprint in {x["fingerprint"] for x in VALID["alerts"]}]
-    assert sorted(set(names)) == ["VllmKvCacheNearlyFull", "VllmRequestsQueueing"]
+    # An alert is (fingerprint, startsAt): fuzzed variants may reuse a fingerprint with another
+    # start (a new alert, and rightly stored), so look the originals up by both.
+    from datetime import datetime
+
+    def start(a: dict) -> float:
+        return datetime.fromisoformat(a["startsAt"].replace("Z", "+00:00")).timestamp()
+
+    originals = {(x["fingerprint"], start(x)) for x in VALID["alerts"]}
+    names = [a.alertname for a in env.store.alerts(limit=10_000)
+             if (a.fingerprint, a.starts_at) in originals]
+    assert sorted(names) == ["VllmKvCacheNearlyFull", "VllmRequestsQueueing"]  # each once
