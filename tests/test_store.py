@@ -292,7 +292,7 @@ def test_secrets_never_reach_the_database(store: Store) -> None:
     store.add_firing_alert(a2)
     aid = store.create_action(alert_id=res.alert_id, job_id=None, strategy="s", target="t",
                               mode="auto", why=f"used {hf}", params={"api_token": "p4ss-w0rd-xyz"},
-                              errors=[f"401 with password=hunter2hunter2"])
+                              errors=["401 with password=hunter2hunter2"])
     store.finish_action(aid, Outcome.FAILURE, detail=f"failed with {hf}",
                         result={"headers": {"Authorization": "Bearer zzz-secret-zzz"}})
     store.add_action_event(aid, "approved", {"by": "alice", "comment": f"ok, key {hf}"})

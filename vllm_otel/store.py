@@ -272,8 +272,7 @@ class NotificationResult:
 
 # --- the store ------------------------------------------------------------------------------------
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL",
-                    checkpoint_in_background: bool = False) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") -> None:
     # Driver-level autocommit so that our "begin" hooks decide how transactions start.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
@@ -291,41 +290,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL",
     # among the alerts of a batch). Who needs durability against power loss on one SQLite file
     # adds ?synchronous=FULL to the URL; PostgreSQL (several replicas) syncs as its server says.
     cur.execute(f"PRAGMA synchronous={synchronous}")
-    if checkpoint_in_background:
-        # A commit that crosses the WAL's size threshold (1,000 pages) runs the checkpoint itself:
-        # copies the WAL into the database and syncs it, tens of ms, while every webhook of the
-        # batch waits for its 202. The store's checkpointer thread does that work instead.
-        cur.execute("PRAGMA wal_autocheckpoint=0")
-        cur.execute("PRAGMA journal_size_limit=67108864")  # the WAL file shrinks back to 64 MiB
     cur.close()
-
-
-class _Checkpointer(threading.Thread):
-    """Copies a SQLite WAL into the database off the commit path (``PRAGMA wal_checkpoint``,
-    PASSIVE: it never waits for, nor blocks, the writer or the readers) every ``interval_s``."""
-
-    def __init__(self, path: str, interval_s: float = 1.0) -> None:
-        super().__init__(name="sqlite-checkpoint", daemon=True)
-        self.path, self.interval_s = path, interval_s
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        import sqlite3
-
-        conn: Any = None
-        while not self.stopped.wait(self.interval_s):
-            try:
-                if conn is None:
-                    conn = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except Exception:  # noqa: BLE001 - the next round tries again; commits never depend on it
-                log.debug("WAL checkpoint failed", exc_info=True)
-                conn = None
-        if conn is not None:
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            finally:
-                conn.close()
 
 
 def _sqlite_begin(conn: Any) -> None:
@@ -371,18 +336,14 @@ class Store:
         # Reads: on a SQLite file their own engine (deferred transactions, no write lock); the
         # in-memory database has one connection, shared.
         self.read_engine: Engine = self.engine
-        self._checkpointer: _Checkpointer | None = None
         if self.dialect == "sqlite":
-            pragmas = functools.partial(_sqlite_pragmas, synchronous=sync,
-                                        checkpoint_in_background=not memory)
+            pragmas = functools.partial(_sqlite_pragmas, synchronous=sync)
             event.listen(self.engine, "connect", pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
             if not memory:
                 self.read_engine = create_engine(u, **kwargs)
                 event.listen(self.read_engine, "connect", pragmas)
                 event.listen(self.read_engine, "begin", _sqlite_begin_read)
-                self._checkpointer = _Checkpointer(str(u.database))
-                self._checkpointer.start()
         self._insert_ignore_factory: Any = None
         self._stmts: dict[Any, Any] = {}
         if self.dialect == "sqlite":
@@ -423,9 +384,6 @@ class Store:
                 have[table].add(column)
 
     def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stopped.set()
-            self._checkpointer.join(5)
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()

@@ -126,7 +126,7 @@ class RuleBasedLearner:
                 skipped.append(name)
                 continue
             conf = self.confidence(name, state)
-            self.last_reason = (f"least invasive candidate that has not failed recently"
+            self.last_reason = ("least invasive candidate that has not failed recently"
                                 + (f" (skipped {', '.join(skipped)}: failed within "
                                    f"{self.failure_memory_s:.0f} s)" if skipped else ""))
             return name, round(conf, 4)

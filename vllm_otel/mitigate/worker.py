@@ -18,7 +18,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -517,10 +517,11 @@ class Worker:
             failed = [d for d in decisions if not d.ok]
             only_pre = all(d.guard in ("precondition", "mode") for d in failed)
             summary = "; ".join(f"{d.strategy}: {d.guard} ({d.detail})" for d in failed)
-            if (any(d.guard == "precondition" for d in failed) and only_pre
+            if (snap is not None and snap.values.get("up", 1.0) >= 1.0
+                    and any(d.guard == "precondition" for d in failed) and only_pre
                     and job.rechecks < self.wcfg.precondition_rechecks):
                 # The alert fired because its condition held for the rule's hold time; one
-                # snapshot where the pressure eased (a burst ended, a scrape in between) is not
+                # snapshot (there are metrics: without, no re-check can tell more) where the pressure eased (a burst ended, a scrape in between) is not
                 # a reason to drop it. Look again later; a resolve cancels the job meanwhile.
                 when = now + self.wcfg.precondition_recheck_s
                 if self.store.defer_job(job.id, self.replica_id, when, now=now):
