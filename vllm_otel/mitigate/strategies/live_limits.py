@@ -60,8 +60,9 @@ class ReduceBatchSize(Strategy):
 
     Sets the engine scheduler's admission limit live (``control.set_max_running``; vLLM's
     ``max_num_active_reqs``, what ``--max-num-active-seqs`` sets): running requests above the new
-    limit finish normally, no new one is admitted until the batch is under it. Fewer concurrent sequences need less KV cache, which stops preemption storms and
-    KV exhaustion at the price of throughput. Applies when running > the new limit or requests
+    limit finish normally, no new one is admitted until the batch is under it. Fewer concurrent
+    sequences need less KV cache, which stops preemption storms and KV exhaustion at the price
+    of throughput. Applies when running > the new limit or requests
     wait; verified when ``running <= limit`` within the window.
     """
 
