@@ -171,7 +171,8 @@ def test_silent_engine_with_unacknowledged_request_is_stalled():
     clock = _Clock()
     st = ProgressState(running=0, waiting=0, last_report=clock.t, last_progress=clock.t)
     pending = [None]
-    det = StallDetector(lambda: {0: st}, timeout_s=2, pending_since=lambda: pending[0], clock=clock)
+    det = StallDetector(lambda: {0: st}, timeout_s=2, clock=clock,
+                        pending_since=lambda since: pending[0] if pending[0] is not None and pending[0] >= since else None)
     clock.t += 10
     pending[0] = clock.t  # a request arrives; the engine never reports it
     clock.t += 1
@@ -180,6 +181,34 @@ def test_silent_engine_with_unacknowledged_request_is_stalled():
     clock.t += 1.5
     det.check()
     assert st.stalled
+
+
+def test_engine_that_froze_after_reporting_idle_with_a_request_in_the_front_end_is_stalled():
+    """Seen for real: a request accepted just before the engine's last report ("0 running,
+    0 waiting"), still in the front end, then the engine core froze. It must not hide the stall."""
+    clock = _Clock()
+    st = ProgressState(running=0, waiting=0, last_report=clock.t, last_progress=clock.t)
+    pending = [clock.t - 0.5]  # accepted before the last report, never finished
+
+    def pending_since(since: float) -> float | None:
+        return pending[0] if pending[0] >= since else None
+
+    det = StallDetector(lambda: {0: st}, timeout_s=2, pending_since=pending_since, clock=clock)
+    clock.t += 1.0
+    det.check()
+    assert not st.stalled
+    clock.t += 1.5  # the engine silent for 2.5 s > 2 s, the request older than 2 s
+    det.check()
+    assert st.stalled
+    # It reports again (progress): not stalled any more, even with the request still pending.
+    st.last_report = st.last_progress = clock.t
+    det.check()
+    assert not st.stalled
+    # A lost entry (accepted long before the engine's last report) never makes an idle engine
+    # look stalled.
+    clock.t += 3600
+    det.check()
+    assert not st.stalled
 
 
 # ---- per-request spans ------------------------------------------------------------------------------

@@ -117,8 +117,8 @@ class EngineMonitor:
         self._setup_prometheus()
         self.stall = StallDetector(lambda: {i: e.progress for i, e in self.engines.items()},
                                    cfg.stall_timeout_s,
-                                   pending_since=lambda: request_registry.oldest_received(
-                                       max(10 * cfg.stall_timeout_s, 300.0)),
+                                   pending_since=lambda since: request_registry.oldest_received(
+                                       max(10 * cfg.stall_timeout_s, 300.0), since=since),
                                    on_change=self._on_stall_change)
         self._tick_stop = threading.Event()
         self._tick = threading.Thread(target=self._lifecycle_loop, name="vllm-otel-lifecycle", daemon=True)

@@ -59,13 +59,16 @@ class RequestRegistry:
                     return info
         return None
 
-    def oldest_received(self, max_age_s: float) -> float | None:
-        """Arrival time of the oldest unfinished request not older than ``max_age_s``.
+    def oldest_received(self, max_age_s: float, since: float | None = None) -> float | None:
+        """Arrival time of the oldest unfinished request not older than ``max_age_s`` (and
+        received at or after ``since``).
 
         The age bound keeps one lost entry (a request that died without vLLM reporting it) from
         looking like pending work forever.
         """
         cutoff = time.time() - max_age_s
+        if since is not None:
+            cutoff = max(cutoff, since)
         with self._lock:
             for info in self._items.values():
                 if info.received_at >= cutoff:

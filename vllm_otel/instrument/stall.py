@@ -35,7 +35,7 @@ class ProgressState:
 
 class StallDetector:
     def __init__(self, engines: Callable[[], dict[int, ProgressState]], timeout_s: float,
-                 pending_since: Callable[[], float | None] = lambda: None,
+                 pending_since: Callable[[float], float | None] = lambda since: None,
                  on_change: Callable[[int, bool, str], None] = lambda e, s, why: None,
                  clock: Callable[[], float] = time.time) -> None:
         self._engines = engines
@@ -67,12 +67,19 @@ class StallDetector:
 
     def check(self) -> None:
         now = self._clock()
-        pending = self._pending_since()
         for idx, st in list(self._engines().items()):
             busy = st.running + st.waiting > 0
-            # A request the HTTP layer accepted after the engine last reported, and still
-            # unanswered: the engine has work it has not even acknowledged.
-            unacknowledged = pending is not None and pending > st.last_report and now - pending > self.timeout_s
+            # The oldest unfinished request accepted at most one timeout before the engine's
+            # last report: older entries were the engine's to report long ago (one lost entry
+            # must not make an idle engine look stalled).
+            pending = self._pending_since(st.last_report - self.timeout_s)
+            # Such a request, accepted more than the timeout ago, and an engine silent for as
+            # long: it has work and says nothing. (Not only requests that arrived after its last
+            # report: one accepted just before it may still have been in the front end when the
+            # engine said "0 running, 0 waiting" and froze.) A healthy engine with work reports
+            # every step; an idle one has no unfinished requests.
+            unacknowledged = (pending is not None and now - pending > self.timeout_s
+                              and now - st.last_report > self.timeout_s)
             quiet_for = now - max(st.last_progress, st.last_report if not busy else st.last_progress)
             stalled = (busy and quiet_for > self.timeout_s) or unacknowledged
             if stalled and not st.stalled:
