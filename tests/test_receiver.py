@@ -34,7 +34,8 @@ from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check,
                                            MetricsSnapshot, Strategy, StrategyParams, Verification)
 from vllm_otel.store import Store
-from vllm_otel.testing.processes import free_port, wait_http
+from vllm_otel.testing.processes import free_port
+from vllm_otel.testing.services import UvicornThread
 from vllm_otel.testing.webhook import WebhookSink
 
 TOKEN = "receiver-test-token-4f9a8b7c6d5e"
@@ -881,26 +882,6 @@ AM_025_BODY = """{"receiver":"vllm-otel","status":"firing","alerts":[{"status":"
 "severity":"warning"},"commonAnnotations":{"summary":"vLLM KV cache is nearly full."},"externalURL":\
 "http://vm:9093","version":"4","groupKey":"{}:{alertname=\\"VllmKvCacheNearlyFull\\", instance=\\"10.0.0.1:8000\\"}",\
 "truncatedAlerts":0}"""
-
-
-class UvicornThread:
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "UvicornThread":
-        self.thread.start()
-        wait_http(f"{self.url}/healthz", timeout_s=10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def _wait_actions(url: str, pred: Any, timeout_s: float = 15) -> list[dict[str, Any]]:

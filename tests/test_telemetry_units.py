@@ -130,6 +130,32 @@ def test_middleware_records_context_and_forgets_rejected(status):
         assert info is None  # rejected before the engine: must not look like pending work
     else:
         assert info.operation == "chat" and info.traceparent.startswith("00-0af7")
+        assert info.closed  # answered: kept for the span, but no longer pending work
+
+
+def test_an_abandoned_request_is_no_pending_work_but_an_open_one_is():
+    import asyncio
+
+    reg = RequestRegistry()
+    gate = asyncio.Event()
+
+    async def app(scope, receive, send):  # noqa: ANN001 - waits, as a request in the engine does
+        await gate.wait()
+
+    async def noop(*a):  # noqa: ANN002
+        return None
+
+    async def main() -> None:
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        task = asyncio.create_task(RequestContextMiddleware(app, registry=reg)(scope, noop, noop))
+        await asyncio.sleep(0.01)
+        assert reg.oldest_received(300) is not None  # the client waits: pending work
+        task.cancel()  # the client went away before vLLM knew of it (no abort reaches us)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert reg.oldest_received(300) is None and len(reg) == 1
+
+    asyncio.run(main())
 
 
 # ---- stall detection ---------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class RequestInfo:
     received_at: float
     traceparent: str | None = None
     tracestate: str | None = None
+    # The HTTP exchange is over (answered, or the client went away): no longer work the engine
+    # owes anyone. The entry stays until the stat logger takes it (span context).
+    closed: bool = False
 
 
 class RequestRegistry:
@@ -71,9 +74,16 @@ class RequestRegistry:
             cutoff = max(cutoff, since)
         with self._lock:
             for info in self._items.values():
-                if info.received_at >= cutoff:
+                if info.received_at >= cutoff and not info.closed:
                     return info.received_at
         return None
+
+    def close(self, key: str) -> None:
+        """The HTTP exchange of ``key`` ended (see :attr:`RequestInfo.closed`)."""
+        with self._lock:
+            info = self._items.get(key)
+            if info is not None:
+                info.closed = True
 
     def __len__(self) -> int:
         return len(self._items)
@@ -120,7 +130,15 @@ class RequestContextMiddleware:
                 registry_.pop(rid)
             await send(message)
 
-        await self.app(scope, receive, send_and_forget_rejected)
+        try:
+            await self.app(scope, receive, send_and_forget_rejected)
+        finally:
+            # Answered, failed or abandoned by its client: whatever the engine does with it
+            # now, nobody is waiting (the stall detector must not count it as pending work).
+            try:
+                registry_.close(rid)
+            except Exception:  # noqa: BLE001
+                pass
 
     def _record(self, scope: dict) -> str | None:
         op = OPERATION_BY_PATH.get(scope.get("path", ""))
