@@ -521,8 +521,9 @@ class Worker:
                     and any(d.guard == "precondition" for d in failed) and only_pre
                     and job.rechecks < self.wcfg.precondition_rechecks):
                 # The alert fired because its condition held for the rule's hold time; one
-                # snapshot (there are metrics: without, no re-check can tell more) where the pressure eased (a burst ended, a scrape in between) is not
-                # a reason to drop it. Look again later; a resolve cancels the job meanwhile.
+                # snapshot where the pressure eased (a burst ended, a scrape in between) is not a
+                # reason to drop it. Look again later; a resolve cancels the job meanwhile. Only
+                # with live metrics of a target that answers: otherwise a re-check learns nothing.
                 when = now + self.wcfg.precondition_recheck_s
                 if self.store.defer_job(job.id, self.replica_id, when, now=now):
                     log.info("alert %d (%s on %s): no precondition holds now (%s); re-check %d/%d in "
