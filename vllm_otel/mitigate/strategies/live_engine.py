@@ -33,6 +33,16 @@ def _engine_works(ctx: StrategyContext) -> Check | None:
     return None
 
 
+def _engine_busy(ctx: StrategyContext) -> Check:
+    """A working engine with requests in flight."""
+    if (c := _engine_works(ctx)) is not None:
+        return c
+    n = load(ctx.metrics_before)
+    if n is None:
+        return Check(False, "requests in flight unknown: no metrics for the target")
+    return Check(n > 0, f"{fmt(n)} requests in flight")
+
+
 def _pressure_down(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[bool, str]:
     wb, wa = metric(before, WAITING), metric(after, WAITING)
     kb, ka = metric(before, KV_USAGE), metric(after, KV_USAGE)
@@ -151,12 +161,7 @@ class HandleTimeouts(Strategy):
     Params = HandleTimeoutsParams
 
     def applies(self, ctx: StrategyContext) -> Check:
-        if (c := _engine_works(ctx)) is not None:
-            return c
-        n = load(ctx.metrics_before)
-        if n is None:
-            return Check(False, "requests in flight unknown: no metrics for the target")
-        return Check(n > 0, f"{fmt(n)} requests in flight")
+        return _engine_busy(ctx)
 
     async def execute(self, ctx: StrategyContext, actuator: Actuator) -> ActionResult:
         p: HandleTimeoutsParams = self.params  # type: ignore[assignment]
@@ -256,12 +261,7 @@ class PauseAndResume(Strategy):
     Params = PauseParams
 
     def applies(self, ctx: StrategyContext) -> Check:
-        if (c := _engine_works(ctx)) is not None:
-            return c
-        n = load(ctx.metrics_before)
-        if n is None:
-            return Check(False, "requests in flight unknown: no metrics for the target")
-        return Check(n > 0, f"{fmt(n)} requests in flight")
+        return _engine_busy(ctx)
 
     async def execute(self, ctx: StrategyContext, actuator: Actuator) -> ActionResult:
         p: PauseParams = self.params  # type: ignore[assignment]
