@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import ipaddress
 import logging
 import sys
 from typing import Any
+
+from vllm_otel.mitigate.serve_auth import load_server_token
 
 __all__ = ["add_parser", "run"]
 
@@ -43,15 +44,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _hook(policy: Any, factory: str) -> Any:
     """The real actuator / metrics source come from vllm_otel.mitigate.actuators when present."""
     try:
@@ -78,22 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK: {len(cfg.rules)} rules, {len(policy.strategy_names())} strategies, "
               f"{len(cfg.targets)} targets, default mode {cfg.default_mode.value}")
         return 0
-    token = None
-    if args.token_file:
-        try:
-            token = open(args.token_file, encoding="utf-8").read().strip()
-        except OSError as e:
-            print(f"vllm-otel receiver: cannot read --token-file: {e}", file=sys.stderr)
-            return 2
-        if not token:
-            print(f"vllm-otel receiver: {args.token_file} is empty", file=sys.stderr)
-            return 2
-    elif not args.allow_unauthenticated:
-        print("vllm-otel receiver: --token-file is required (or --allow-unauthenticated on loopback)",
-              file=sys.stderr)
-        return 2
-    elif not _is_loopback(args.host):
-        print(f"vllm-otel receiver: refusing to listen on {args.host} without a token", file=sys.stderr)
+    token, ok = load_server_token("vllm-otel receiver", args.token_file, args.allow_unauthenticated, args.host)
+    if not ok:
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("vllm-otel receiver: --tls-cert and --tls-key go together", file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import ipaddress
 import json
 import logging
 import signal
@@ -27,6 +26,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
+
+from vllm_otel.mitigate.serve_auth import load_server_token
 
 from pydantic import ValidationError
 
@@ -73,15 +74,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"another environment variable (glob) it may change (built in: {' '.join(DEFAULT_ALLOWED_ENV)})")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the vLLM command line")
     p.set_defaults(func=run)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_server(backend: Any, host: str, port: int, token: str | None) -> ThreadingHTTPServer:
@@ -172,22 +164,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"vllm-otel supervise: --listen wants HOST:PORT, got {args.listen!r}", file=sys.stderr)
         return 2
-    token = None
-    if args.token_file:
-        try:
-            token = open(args.token_file, encoding="utf-8").read().strip()
-        except OSError as e:
-            print(f"vllm-otel supervise: cannot read --token-file: {e}", file=sys.stderr)
-            return 2
-        if not token:
-            print(f"vllm-otel supervise: {args.token_file} is empty", file=sys.stderr)
-            return 2
-    elif not args.allow_unauthenticated:
-        print("vllm-otel supervise: --token-file is required (or --allow-unauthenticated on loopback)",
-              file=sys.stderr)
-        return 2
-    elif not _is_loopback(host):
-        print(f"vllm-otel supervise: refusing to listen on {host} without a token", file=sys.stderr)
+    token, ok = load_server_token("vllm-otel supervise", args.token_file, args.allow_unauthenticated, host)
+    if not ok:
         return 2
 
     backend = ProcessBackend(
