@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +26,7 @@ from vllm_otel.mitigate.actuators import (HttpActuator, PrometheusMetricsSource,
 from vllm_otel.mitigate.models import AlertRecord, Mode, Target
 from vllm_otel.mitigate.policy import ActuatorConfig, MetricsConfig, Policy
 from vllm_otel.mitigate.strategies import ActuatorError, StrategyContext
-from vllm_otel.testing.processes import free_port
+from vllm_otel.testing.processes import engine_core_process, free_port
 
 TOKEN = "control-test-token"
 
@@ -86,8 +88,17 @@ def test_set_max_running_shows_in_status(actuator: HttpActuator, target: Target)
 @pytest.mark.vllm
 def test_queue_limit_zero_rejects_with_503_until_lifted(actuator: HttpActuator, target: Target,
                                                         control_vllm: Any) -> None:
+    run(actuator.call(target, "control.set_queue_limits", {"max_num_queued_tokens": 5000}))
     run(actuator.call(target, "control.set_queue_limits", {"max_num_queued_reqs": 0}))
     try:
+        # A limit left out keeps its value; bad ones are refused whole.
+        assert {k: status(actuator, target)[k] for k in ("max_num_queued_reqs", "max_num_queued_tokens")} == \
+            {"max_num_queued_reqs": 0, "max_num_queued_tokens": 5000}
+        for bad, why in (({"max_num_queued_reqs": 3, "max_queue": 1}, "unknown max_queue"),
+                         ({"max_num_queued_reqs": 3, "max_num_queued_tokens": "lots"}, "must be an integer"),
+                         ({"max_num_queued_reqs": 3, "max_num_queued_tokens": -1}, "must be >= 0")):
+            with pytest.raises(ActuatorError, match=f"HTTP 400: .*{why}"):
+                run(actuator.call(target, "control.set_queue_limits", bad))
         assert status(actuator, target)["max_num_queued_reqs"] == 0
         r = complete(control_vllm.url)
         assert r.status_code == 503
@@ -108,11 +119,14 @@ def wait_until(pred: Any, what: str, timeout_s: float = 30) -> None:
 def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, float]:
     src = ScrapeMetricsSource()
     deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
     values = run(src.snapshot(target)).values
+    seen = []  # what the gauges showed, for the failure message
     while time.monotonic() < deadline and not pred(values):
+        seen.append((round(time.monotonic() - t0, 1), values.get("running"), values.get("waiting")))
         time.sleep(0.1)
         values = run(src.snapshot(target)).values
-    assert pred(values), values
+    assert pred(values), (values, sorted(set(seen), key=lambda x: x[0])[-40:])
     return values
 
 
@@ -230,16 +244,25 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         "actuator": {"control": {"token_file": str(control_vllm.token_file)}}})
     act, src = build_actuator(policy), build_metrics_source(policy)
     # Eight requests queued while the scheduler is paused, then let through one at a time (our
-    # own live limit): vLLM's metrics show one running and the rest waiting for seconds. (Sent
-    # unpaused, a busy front end hands them to the fast tiny model one by one: no queue forms.)
+    # own live limit). The tiny model produces a token every couple of milliseconds, and while
+    # it does, vLLM's front end spends its event loop on the engine's outputs: /metrics and the
+    # control endpoints wait until generation stops (measured: a /metrics GET takes as long as a
+    # 1,900-token request). So the engine core is frozen (SIGSTOP) right after its first step:
+    # the front end catches up, its gauges show one running and seven waiting, and it answers
+    # at once, for as long as the test needs. SIGCONT lets the eight finish.
     run(act.call(target, "control.pause", {"mode": "keep"}))
     load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(8)]
     for t in load:
         t.start()
+    core = engine_core_process(control_vllm.proc.pid)
+    stopped = False
     try:
         wait_until(lambda: status(act, target)["engine"]["waiting"] == 8, "8 requests queued", 60)
         run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
         run(act.call(target, "control.resume", {}))
+        time.sleep(0.2)  # a few steps of the first request (of about 4 s)
+        os.kill(core.pid, signal.SIGSTOP)
+        stopped = True
         before = wait_metric(target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
         alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
                             instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
@@ -248,17 +271,27 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
                               metrics_source=src)
         strat = policy.strategy("lower_queue_limits")
         assert strat.applies(ctx), before
-        result = run(strat.execute(ctx, act))
+        result = run(strat.execute(ctx, act))  # the queue limits live in the front end
         assert result.ok, result.detail
-        # A new request is turned away with 503 at once while the four are in flight.
+        # A new request is turned away with 503 at once while the eight are in flight.
         r = httpx.post(f"{control_vllm.url}/v1/completions", timeout=10,
                        json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 1})
-        assert r.status_code == 503, (r.status_code, r.text, status(act, target))
+        assert r.status_code == 503, (r.status_code, r.text)
+        # Status still answers with the front end's part while the engine core does not.
+        t0 = time.monotonic()
+        st = status(act, target)
+        assert st["engine"] is None and "did not answer" in st["engine_error"], st
+        assert st["max_num_queued_reqs"] == 1 and st["unfinished_requests"] > 1, st
+        assert time.monotonic() - t0 < 8
+        os.kill(core.pid, signal.SIGCONT)
+        stopped = False
         ctx.result = result
         ctx.metrics_after = run(ctx.fresh_metrics())
         verdict = run(strat.verify(ctx))
         assert verdict.ok, verdict.detail
     finally:
+        if stopped:
+            os.kill(core.pid, signal.SIGCONT)
         run(act.call(target, "control.resume", {}))
         run(act.call(target, "control.set_max_running", {"max_num_seqs": 1000}))  # clamped to the slots
         run(act.call(target, "control.set_queue_limits", {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))

@@ -36,7 +36,7 @@ from vllm_otel.mitigate.actuators import build_actuator, build_metrics_source
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.store import Store
-from vllm_otel.testing.processes import free_port
+from vllm_otel.testing.processes import engine_core_process, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.prometheus, pytest.mark.alertmanager]
 
@@ -350,16 +350,6 @@ def test_queue_overload_is_met_with_backpressure(loop: Loop, traces_dir: Path) -
     wait_quiet(loop)
 
 
-def _engine_core(pid: int) -> psutil.Process:
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError("engine-core process not found")
-
-
 def test_stalled_engine_is_restarted_through_the_supervisor(loop: Loop, traces_dir: Path) -> None:
     """SIGSTOP of the engine core under load: /health stays 200, our watchdog says stalled, the
     VllmEngineStalled rule fires, the receiver runs restart_engine through the supervisor, vLLM
@@ -369,7 +359,7 @@ def test_stalled_engine_is_restarted_through_the_supervisor(loop: Loop, traces_d
         rules=[{"alertname": "VllmEngineStalled", "strategies": ["restart_engine"]}],
         strategies={"restart_engine": {"params": {"verify_window_s": 120}}})
     old_pid = loop.sup.status()["pid"]
-    core = _engine_core(old_pid)
+    core = engine_core_process(old_pid)
     t0 = time.time()
     with receiver(loop, policy, "rx-stall") as rx, Load(loop.url, trace(traces_dir, 60), speed=5.0):
         time.sleep(3)  # requests in flight

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import FAKE_SECRET, STALL_TIMEOUT_S
 from vllm_otel.instrument import semconv as sc
+from vllm_otel.testing.processes import engine_core_process
 
 pytestmark = [pytest.mark.vllm]
 
@@ -33,16 +34,6 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def _engine_core(vllm_server) -> psutil.Process:  # noqa: ANN001
-    for child in psutil.Process(vllm_server.proc.pid).children(recursive=True):
-        try:
-            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError("engine-core process not found")
 
 
 def test_request_span_continues_client_trace_over_otlp(vllm_server, otlp_receiver):
@@ -135,7 +126,7 @@ def test_client_disconnect_is_counted_as_abort(vllm_server):
 
 
 def test_stopped_engine_core_is_reported_stalled_while_health_says_200(vllm_server):
-    core = _engine_core(vllm_server)
+    core = engine_core_process(vllm_server.proc.pid)
     load = [threading.Thread(target=lambda: httpx.post(
         f"{vllm_server.url}/v1/completions", timeout=120,
         json={"model": "tiny", "prompt": [40, 41, 42], "max_tokens": 600, "ignore_eos": True}))

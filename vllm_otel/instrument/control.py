@@ -15,6 +15,7 @@ The HTTP surface is in :mod:`vllm_otel.instrument.endpoints`: off unless a token
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from typing import Any
@@ -25,6 +26,8 @@ __all__ = ["install_engine_side", "ControlPlane", "ControlError", "ACTIONS"]
 
 ACTIONS = ("status", "set_max_running", "set_token_budget", "set_queue_limits", "abort_requests",
            "reset_prefix_cache", "pause", "resume", "sleep", "wake_up", "gc_workers")
+# How long ``status`` waits for the engine core before answering with the front end's part only.
+ENGINE_STATUS_TIMEOUT_S = 3.0
 
 
 class ControlError(ValueError):
@@ -150,12 +153,21 @@ class ControlPlane:
 
     async def _do_status(self) -> dict:
         cfg = self._sched_cfg()
-        limits = await self._engine("get_limits")
-        return {"max_num_queued_reqs": cfg.max_num_queued_reqs,
-                "max_num_queued_tokens": cfg.max_num_queued_tokens,
-                "unfinished_requests": self.client.get_num_unfinished_requests()
-                if hasattr(self.client, "get_num_unfinished_requests") else None,
-                "engine": limits["after"], "paused": await self._paused()}
+        out = {"max_num_queued_reqs": cfg.max_num_queued_reqs,
+               "max_num_queued_tokens": cfg.max_num_queued_tokens,
+               "unfinished_requests": self.client.get_num_unfinished_requests()
+               if hasattr(self.client, "get_num_unfinished_requests") else None}
+        # The engine part goes through the engine core, which may be the thing that hangs: the
+        # front-end part is still worth answering, so the engine part is bounded.
+        try:
+            limits = await asyncio.wait_for(self._engine("get_limits"), ENGINE_STATUS_TIMEOUT_S)
+            out["engine"] = limits["after"]
+            out["paused"] = await asyncio.wait_for(self._paused(), ENGINE_STATUS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            out.setdefault("engine", None)
+            out.setdefault("paused", None)
+            out["engine_error"] = f"engine core did not answer within {ENGINE_STATUS_TIMEOUT_S:g} s"
+        return out
 
     async def _paused(self) -> bool | None:
         fn = getattr(self.client, "is_paused", None)
@@ -170,19 +182,28 @@ class ControlPlane:
     async def _do_set_token_budget(self, max_num_batched_tokens: int) -> dict:
         return await self._engine("set_token_budget", {"max_num_batched_tokens": int(max_num_batched_tokens)})
 
-    async def _do_set_queue_limits(self, max_num_queued_reqs: int | None = None,
-                                   max_num_queued_tokens: int | None = None) -> dict:
+    async def _do_set_queue_limits(self, **limits: Any) -> dict:
         # The front end checks these on every new request (AsyncLLM.check_admission): excess
-        # requests get 503 at once instead of queueing. None lifts a limit.
+        # requests get 503 at once instead of queueing. A limit left out keeps its value, null
+        # lifts it. Front end only: this works while the engine core is busy or hung.
         cfg = self._sched_cfg()
-        before = {"max_num_queued_reqs": cfg.max_num_queued_reqs, "max_num_queued_tokens": cfg.max_num_queued_tokens}
-        for name, value in (("max_num_queued_reqs", max_num_queued_reqs),
-                            ("max_num_queued_tokens", max_num_queued_tokens)):
-            if value is not None and int(value) < 0:
+        names = ("max_num_queued_reqs", "max_num_queued_tokens")
+        unknown = sorted(set(limits) - set(names))
+        if unknown:
+            raise ControlError(f"bad parameters for set_queue_limits: unknown {', '.join(unknown)}; "
+                               f"known: {', '.join(names)}")
+        before = {n: getattr(cfg, n) for n in names}
+        new = {}
+        for name, value in limits.items():
+            try:
+                new[name] = None if value is None else int(value)
+            except (TypeError, ValueError):
+                raise ControlError(f"{name} must be an integer or null, got {value!r}") from None
+            if new[name] is not None and new[name] < 0:
                 raise ControlError(f"{name} must be >= 0")
-            object.__setattr__(cfg, name, None if value is None else int(value))
-        return {"before": before, "after": {"max_num_queued_reqs": cfg.max_num_queued_reqs,
-                                            "max_num_queued_tokens": cfg.max_num_queued_tokens}}
+        for name, value in new.items():  # validated first: all or nothing
+            object.__setattr__(cfg, name, value)
+        return {"before": before, "after": {n: getattr(cfg, n) for n in names}}
 
     async def _do_abort_requests(self, longest: int | None = None, older_than_s: float | None = None) -> dict:
         """Abort the ``longest`` oldest requests, or all older than ``older_than_s`` seconds."""

@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 
 import httpx
 
-__all__ = ["ManagedProcess", "free_port", "wait_http", "ProcessFailed"]
+__all__ = ["ManagedProcess", "free_port", "wait_http", "ProcessFailed", "engine_core_process"]
 
 
 class ProcessFailed(RuntimeError):
@@ -116,3 +116,19 @@ class ManagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def engine_core_process(pid: int):  # -> psutil.Process (imported lazily)
+    """vLLM's engine-core child of the server process ``pid`` (for SIGSTOP fault injection).
+
+    Found among the server's own descendants by its process title, never system-wide.
+    """
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise ProcessFailed(f"no vLLM engine-core process under pid {pid}")

@@ -178,15 +178,11 @@ class OptimizeScheduler(Strategy):
 
 async def _queue_limits(actuator: Actuator, ctx: StrategyContext, reqs: Any, tokens: Any,
                         keep: str | None) -> dict[str, Any]:
-    """Set both limits; the one named in ``keep`` keeps its current value (vLLM's endpoint sets
-    both at once, and None lifts a limit, so the other strategy's limit must be read first)."""
-    status = await control(actuator, ctx, "status")
-    if keep == "max_num_queued_reqs":
-        reqs = status.get("max_num_queued_reqs")
-    elif keep == "max_num_queued_tokens":
-        tokens = status.get("max_num_queued_tokens")
-    return await control(actuator, ctx, "set_queue_limits",
-                         {"max_num_queued_reqs": reqs, "max_num_queued_tokens": tokens})
+    """Set the queue limits; the one named in ``keep`` is left out, so it keeps its current
+    value (another strategy's limit). Front end only: works while the engine core is busy."""
+    body = {"max_num_queued_reqs": reqs, "max_num_queued_tokens": tokens}
+    body.pop(keep or "", None)
+    return await control(actuator, ctx, "set_queue_limits", body)
 
 
 class LowerQueueLimitsParams(VerifyParams):
