@@ -17,6 +17,8 @@ Scenarios (default load durations; ``--minutes`` sets all):
 * ``queue_ramp`` (5.75 min) Mooncake conversation trace (real shared prefixes), 192 KV blocks (at
                             most 0.75 used), at most 16 running: the same shape until 32 requests
                             wait (2 x max-num-seqs).
+* ``kv_ramp_slow``, ``queue_ramp_slow`` (14 min) the same two at the pace of a traffic swell: each
+                            rise takes 2.4 x as long (about 2 to 4 minutes from 0.5 x capacity).
 * ``stall`` (3 min)         Azure conversation trace at 0.5 x capacity from a pool of 24 connections;
                             120 s in (more than the 120 s horizon after the detector's warm-up), the
                             engine-core process is frozen (SIGSTOP) for 40 s, then resumed.
@@ -134,6 +136,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              num_gpu_blocks=192, max_num_seqs=16, minutes=2.0, kind="steady", trace_start=12000, steady=0.4,
              concurrency=24, leak_mb_per_s=8.0),
 )}
+# The same two ramps at the pace of a traffic swell (the load doubles in about two minutes, not in
+# under one): everything scales with the load duration, so each rise takes 2.4 x as long.
+for _name in ("kv_ramp", "queue_ramp"):
+    _s = SCENARIOS[_name]
+    SCENARIOS[_name + "_slow"] = dataclasses.replace(
+        _s, name=_name + "_slow", minutes=14.0,
+        description=_s.description + "; rises 2.4 x slower (load 14 min)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,7 +592,7 @@ def main() -> int:
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
                     help=f"record only this scenario (repeatable): {', '.join(SCENARIOS)}")
     ap.add_argument("--minutes", type=float, help="load duration of every scenario in minutes "
-                    "(default: kv_ramp and queue_ramp 5.75, stall 3, leak 2)")
+                    "(default: kv_ramp and queue_ramp 5.75, their _slow versions 14, stall 3, leak 2)")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default benchmarks/out)")
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "tiny-model")
     ap.add_argument("--traces", type=Path, default=default_traces_dir(), help="folder of the trace files")
