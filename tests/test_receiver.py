@@ -731,6 +731,37 @@ def test_restart_resumes_pending_work(tmp_path: Path) -> None:
     assert second.actuator.calls == [(I1, "poke", {"level": 1})]
 
 
+def test_paced_worker_misses_no_work_in_a_storm_of_wakes(tmp_path: Path) -> None:
+    """While webhooks pour in, the worker is paced and ignores the wake-ups the intake sends after
+    every commit (each would cost the intake GIL time); none of the alerts is left behind, and
+    an alert arriving after the storm is taken at once."""
+    # No polling to fall back on: only wake-ups and the pacing timer drive the worker here.
+    env = Env(tmp_path, start_worker=True, worker={"poll_s": 60},
+              guards={"cooldown_s": 0, "blast_radius": {"max_affected_fraction": 1.0}})
+    storm = {"on": True}
+    env.receiver.worker.foreground_busy = lambda: storm["on"]
+    with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        for inst in (I1, I2, I3):
+            assert c.post("/webhook", json=am_payload(am_alert(instance=inst))).status_code == 202
+        for _ in range(300):  # the intake's wake-ups during a storm
+            env.receiver.wake()
+
+        def outcomes() -> list[str | None]:
+            return [a["outcome"] for a in c.get("/actions").json()["actions"]]
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (len(outcomes()) < 3 or None in outcomes()):
+            time.sleep(0.05)
+        assert outcomes() == ["success"] * 3
+        storm["on"] = False
+        t0 = time.monotonic()
+        late = am_alert("VllmKvCacheNearlyFull", instance=I1, starts=datetime.now(timezone.utc) + timedelta(seconds=1))
+        assert c.post("/webhook", json=am_payload(late)).status_code == 202
+        while time.monotonic() - t0 < 10 and len(outcomes()) < 4:
+            time.sleep(0.02)
+        assert len(outcomes()) == 4 and time.monotonic() - t0 < 2.5, outcomes()
+
+
 def test_action_interrupted_by_a_stop_is_not_rerun(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'shared.db'}"
     first = Env(tmp_path, db_url=db)

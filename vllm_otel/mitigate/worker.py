@@ -150,6 +150,8 @@ class Worker:
         # then paces itself (see _fill). None: never paced.
         self.foreground_busy: Callable[[], bool] | None = None
         self._next_paced_start = 0.0
+        self._pace_timer: asyncio.TimerHandle | None = None  # the paced loop's next look
+        self._wake_pending = False  # a wake is scheduled on the worker's loop
         self._started_at: dict[asyncio.Task[None], float] = {}
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -168,9 +170,32 @@ class Worker:
     # --- the loop ----------------------------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Tell the worker there is work (safe from any thread)."""
+        """Tell the worker there is work (safe from any thread).
+
+        Called after every group commit of the intake, so it must cost next to nothing: while
+        a wake is already on its way, or the worker is paced and its timer will look anyway,
+        it does nothing (every wake-up of the worker's thread is a moment the intake's threads
+        wait for the GIL)."""
+        if self._wake_pending or self._pace_timer is not None:
+            return
         if self._wake is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._wake.set)
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._on_wake)
+            except RuntimeError:  # the loop closed meanwhile
+                self._wake_pending = False
+
+    def _on_wake(self) -> None:
+        # Cleared before the event is set: a wake() after this line schedules another one, so
+        # work committed after the worker looked is never missed.
+        self._wake_pending = False
+        if self._wake is not None:
+            self._wake.set()
+
+    def _pace_done(self) -> None:
+        self._pace_timer = None
+        if self._wake is not None:
+            self._wake.set()
 
     async def run_forever(self) -> None:
         """The background worker: resumes what earlier runs left pending, then polls and wakes."""
@@ -288,8 +313,10 @@ class Worker:
             if busy:
                 wait = self._next_paced_start - time.monotonic()
                 if wait > 0:
-                    if self._loop is not None and self._wake is not None:
-                        self._loop.call_later(wait, self._wake.set)
+                    if self._loop is not None and self._pace_timer is None:
+                        # Looks again within a second even during a long pause: wakes are
+                        # dropped while the timer is pending, and the storm may end sooner.
+                        self._pace_timer = self._loop.call_later(min(wait, 1.0), self._pace_done)
                     break
             job = await asyncio.to_thread(self.store.claim_job, self.replica_id, self.wcfg.lease_s,
                                           self.clock())
