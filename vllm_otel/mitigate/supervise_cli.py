@@ -27,9 +27,9 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
 
-from vllm_otel.mitigate.serve_auth import load_server_token
-
 from pydantic import ValidationError
+
+from vllm_otel.mitigate.serve_auth import load_server_token
 
 __all__ = ["add_parser", "run", "make_server", "main"]
 
