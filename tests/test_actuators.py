@@ -130,6 +130,30 @@ def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, f
     return values
 
 
+def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 60) -> dict[str, float]:
+    """Run the engine core in short slices, frozen (SIGSTOP) in between, until the front end's gauges
+    satisfy ``pred``; returns with the core frozen. A fixed head start is not enough: on a loaded
+    machine the first step after resume can take longer than any sleep picked here (seen in CI), and
+    the gauges only move when the core has sent a step's output."""
+    src = ScrapeMetricsSource()
+    deadline = time.monotonic() + timeout_s
+    seen = []  # what the gauges showed, for the failure message
+    while True:
+        os.kill(core_pid, signal.SIGSTOP)
+        settle = time.monotonic() + 2  # the front end catches up on what the core already sent
+        while True:
+            values = run(src.snapshot(target)).values
+            if pred(values):
+                return values
+            seen.append((values.get("running"), values.get("waiting")))
+            if time.monotonic() > settle:
+                break
+            time.sleep(0.1)
+        assert time.monotonic() < deadline, (values, seen[-40:])
+        os.kill(core_pid, signal.SIGCONT)
+        time.sleep(0.1)
+
+
 @pytest.mark.vllm
 def test_abort_requests_ends_the_oldest(actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
     # The tiny model generates 1,900 tokens in well under a second: to have requests in flight
@@ -247,9 +271,9 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
     # own live limit). The tiny model produces a token every couple of milliseconds, and while
     # it does, vLLM's front end spends its event loop on the engine's outputs: /metrics and the
     # control endpoints wait until generation stops (measured: a /metrics GET takes as long as a
-    # 1,900-token request). So the engine core is frozen (SIGSTOP) right after its first step:
-    # the front end catches up, its gauges show one running and seven waiting, and it answers
-    # at once, for as long as the test needs. SIGCONT lets the eight finish.
+    # 1,900-token request). So the engine core is frozen (SIGSTOP) once its first step has reached
+    # the front end (freeze_when): the gauges show one running and seven waiting, and the front
+    # end answers at once, for as long as the test needs. SIGCONT lets the eight finish.
     run(act.call(target, "control.pause", {"mode": "keep"}))
     load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(8)]
     for t in load:
@@ -260,10 +284,8 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         wait_until(lambda: status(act, target)["engine"]["waiting"] == 8, "8 requests queued", 60)
         run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
         run(act.call(target, "control.resume", {}))
-        time.sleep(0.2)  # a few steps of the first request (of about 4 s)
-        os.kill(core.pid, signal.SIGSTOP)
         stopped = True
-        before = wait_metric(target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
+        before = freeze_when(core.pid, target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
         alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
                             instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
                             labels={}, annotations={}, generator_url="", group_key="", received_at=0.0)
