@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import hashlib
 import json
 import os
 import random
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -223,11 +225,18 @@ def hist_quantile(h: dict[float, float], q: float) -> float:
     return bounds[-1]
 
 
+BARE = "--bare"  # not a receiver flag: run benchmarks/bare_app.py instead (the floor)
+
+
 def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProcess:
-    argv = [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(wd / "policy.yaml"),
-            "--port", str(port), "--token-file", str(wd / "token"), "--db-url", f"sqlite:///{wd / 'r.db'}",
-            *extra]
-    proc = ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log").start()
+    if BARE in extra:
+        argv = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port),
+                "--log-level", "warning", "--no-access-log"]
+    else:
+        argv = [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(wd / "policy.yaml"),
+                "--port", str(port), "--token-file", str(wd / "token"),
+                "--db-url", f"sqlite:///{wd / 'r.db'}", *extra]
+    proc = ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log", cwd=ROOT).start()
     wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60, alive=proc.alive)
     return proc
 
@@ -313,6 +322,46 @@ def count_stored(db: Path, total: int) -> tuple[int, dict[str, int]]:
     return sum(1 for i in range(total) if fingerprint(i) in fps), jobs
 
 
+def slow_spells(probe_csv: Path, factor: float = 3.0, merge_s: float = 0.02
+                ) -> tuple[list[tuple[float, float]], float, float]:
+    """The host's slow spells seen by benchmarks/cpu_probe.py: units of fixed work that took more
+    than ``factor`` x the median, merged when closer than ``merge_s``. Returns (spells as
+    (start, end) on perf_counter, share of the probed time they cover, probe start)."""
+    try:
+        rows = [tuple(map(float, line.split(","))) for line in probe_csv.read_text().splitlines() if line]
+    except OSError:
+        return [], float("nan"), float("nan")
+    if len(rows) < 10:
+        return [], float("nan"), float("nan")
+    med = statistics.median(d for _, d in rows)
+    spells: list[list[float]] = []
+    for t, d in rows:
+        if d > factor * med:
+            if spells and t - spells[-1][1] <= merge_s:
+                spells[-1][1] = t + d
+            else:
+                spells.append([t, t + d])
+    span = rows[-1][0] + rows[-1][1] - rows[0][0]
+    return [(a, b) for a, b in spells], sum(b - a for a, b in spells) / span, rows[0][0]
+
+
+def outside_spells(run: "Run", spells: list[tuple[float, float]], probe_t0: float, margin_s: float = 0.005
+                   ) -> list[float]:
+    """Attempt latencies of the alerts whose request overlapped none of the host's slow spells
+    (and that were sent while the probe ran)."""
+    starts = [a - margin_s for a, _ in spells]
+    out = []
+    for i, t1 in run.delivered_at.items():
+        t0 = t1 - run.attempt_s[i]
+        if t0 < probe_t0:
+            continue
+        k = bisect.bisect_right(starts, t1)  # spells starting before the answer came
+        if k and spells[k - 1][1] + margin_s > t0:
+            continue
+        out.append(run.attempt_s[i])
+    return sorted(out)
+
+
 def pct(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
@@ -329,8 +378,12 @@ def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dic
     procs = [start_receiver(wd, port, 0, extra)]
     run = Run(rate=rate, seconds=seconds, restart=restart, extra=extra)
     run.cpu_base, psi0, wall0 = cpu_s(procs[0].pid), cpu_pressure_us(), time.monotonic()
+    probe = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "cpu_probe.py"), str(wd / "probe.csv"),
+                              str(seconds + 120)])
     try:
         t_start, t_end = asyncio.run(drive(run, wd, port, procs))
+        probe.terminate()
+        probe.wait(30)
         run.receiver_cpu_s += cpu_s(procs[0].pid) - run.cpu_base
         for b, c in server_histogram(port).items():
             run.server_hist[b] = run.server_hist.get(b, 0.0) + c
@@ -338,8 +391,16 @@ def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dic
         time.sleep(2.0)  # let the worker take some of the backlog (reported, not required)
     finally:
         procs[0].stop()  # never leave a receiver behind, even on Ctrl-C or a timeout
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
     total = int(rate * seconds)
-    stored, jobs = count_stored(wd / "r.db", total)
+    if BARE in extra:  # stores nothing: what it accepted is what it "kept"
+        stored, jobs = len(run.attempt_s), {}
+    else:
+        stored, jobs = count_stored(wd / "r.db", total)
+    spells, slow_share, probe_t0 = slow_spells(wd / "probe.csv")
+    clean = outside_spells(run, spells, probe_t0)
     with open(wd / "latencies.csv", "w") as f:  # per alert, for plots and for finding the spikes
         f.write("alert,scheduled_s,attempt_ms,delivery_ms,attempts\n")
         for i in sorted(run.attempt_s):
@@ -371,6 +432,10 @@ def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dic
         "restart_gap_s": None if run.restart_window is None else run.restart_window[1] - run.restart_window[0],
         "restart_stop_s": run.stop_s if run.restart_window is not None else None,
         "jobs_at_end": jobs, "workdir": str(wd),
+        "host_slow_spells": len(spells), "host_slow_share": slow_share,
+        "outside_spells_alerts": len(clean), "outside_spells_p99_ms": pct(clean, 99) * 1e3,
+        "server": "bare uvicorn" if BARE in extra else ("receiver --no-worker" if "--no-worker" in extra
+                                                        else "receiver"),
     }
 
 
@@ -384,6 +449,9 @@ def main() -> int:
     ap.add_argument("--no-restart", dest="restart", action="store_false")
     ap.add_argument("--no-worker", action="store_true",
                     help="receiver with --no-worker: the intake alone, nothing acts on the alerts")
+    ap.add_argument("--baseline", action="store_true",
+                    help="after each run, the same load on benchmarks/bare_app.py (uvicorn answering "
+                         "202, nothing else): the floor this host allows, side by side")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -394,26 +462,29 @@ def main() -> int:
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
     results = []
     if not args.json:
-        print("| offered/s | sustained/s | p50 ms | p99 ms | steady p99 ms | server p99 ms "
+        print("| server | offered/s | sustained/s | p50 ms | p99 ms | steady p99 ms | server p99 ms "
               "| server <= 20 ms | max ms | delivery p99 ms | lost | retried | restart gap s "
-              "| client lag p99 ms | receiver CPU ms/alert | host CPU pressure | jobs done/all |")
-        print("|" + "---|" * 16)
+              "| client lag p99 ms | receiver CPU ms/alert | host CPU pressure | jobs done/all "
+              "| host slow spells (time share) | p99 outside them ms |")
+        print("|" + "---|" * 19)
+    kinds = [["--no-worker"] if args.no_worker else []] + ([[BARE]] if args.baseline else [])
     for rate in rates:
-        for _ in range(args.repeat):
-            out = one_run(rate, args.seconds, args.restart, ["--no-worker"] if args.no_worker else [])
+        for _, extra in ((r, e) for r in range(args.repeat) for e in kinds):
+            out = one_run(rate, args.seconds, args.restart, extra)
             results.append(out)
             if args.json:
                 continue
             gap = ("-" if out["restart_gap_s"] is None
                    else f"{out['restart_gap_s']:.1f} ({out['restart_stop_s']:.1f} stop)")
             jobs = out["jobs_at_end"]
-            print(f"| {rate:.0f} | {out['rate_sustained_per_s']:.0f} | {out['p50_ms']:.1f} | "
+            print(f"| {out['server']} | {rate:.0f} | {out['rate_sustained_per_s']:.0f} | {out['p50_ms']:.1f} | "
                   f"{out['p99_ms']:.1f} | {out['steady_p99_ms']:.1f} | {out['server_p99_ms']:.1f} | "
                   f"{out['server_within_20ms']:.2%} | {out['max_ms']:.0f} | "
                   f"{out['delivery_p99_ms']:.0f} | {out['lost']} | {out['retried']} | {gap} | "
                   f"{out['client_lag_p99_ms']:.1f} | {out['receiver_cpu_ms_per_alert']:.2f} | "
-                  f"{out['host_cpu_pressure']:.0%} | {jobs.get('done', 0)}/{sum(jobs.values())} |",
-                  flush=True)
+                  f"{out['host_cpu_pressure']:.0%} | {jobs.get('done', 0)}/{sum(jobs.values())} | "
+                  f"{out['host_slow_spells']} ({out['host_slow_share']:.1%}) | "
+                  f"{out['outside_spells_p99_ms']:.1f} |", flush=True)
             if out["http_errors"]:
                 print(f"  ! {out['http_errors']} alerts answered with a 4xx (see {out['workdir']})")
     if args.json:

@@ -280,3 +280,37 @@ def test_unfit_series_borrow_fleet_parameters() -> None:
     assert bank.params(int(rows[4])) == Innovations(alpha=0.8, beta=0.1, d=0.9, phi=0.9, c=0.0)
     det.step(STEP * 3, ["new"], {"kv_usage": np.array([0.5])}, refit=False)
     assert bank.params(det._rows["new"]).alpha == 0.8  # new instances start from them too
+
+
+def _kv_probability(series: dict[str, np.ndarray], **cfg: object) -> np.ndarray:
+    det = PredictiveFailureDetector({**FAST, "step_s": 1.0, "use_state_graph": False, **cfg})
+    n = len(series["kv_usage"])
+    res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()}) for k in range(n)]
+    return _p(res, "kv_cache_exhaustion")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learned_tail_warns_of_bursts_a_gaussian_tail_misses(seed: int) -> None:
+    """KV usage rising slowly with bursts on top (a few long requests landing together, as on
+    the real vLLM): the burst that first crosses 0.95 is warned of from the bursts seen before
+    it; a Gaussian tail around the same trend line says < 0.7 until the crossing."""
+    n = 700
+    rng = np.random.default_rng(seed)
+    series = _healthy(n)
+    kv = np.linspace(0.25, 0.6, n) + rng.normal(0, 0.03, n)
+    for k in range(0, n, 20):
+        kv[k:k + 3] += 0.4
+    series["kv_usage"] = np.clip(kv, 0, 1)
+    cross = int(np.argmax(series["kv_usage"] >= 0.95))
+    learned = _kv_probability(series, trend_tail="learned")
+    gaussian = _kv_probability(series, trend_tail="gaussian")
+    assert (learned[:cross] >= 0.7).any(), float(np.nanmax(learned[:cross]))
+    assert not (gaussian[:cross] >= 0.7).any()
+    assert not (learned[:cross - 120] >= 0.7).any()  # and not long before
+
+
+def test_learned_tail_adds_no_alarm_to_gaussian_noise() -> None:
+    n = 600
+    series = _healthy(n)
+    series["kv_usage"] = np.clip(0.45 + np.random.default_rng(4).normal(0, 0.08, n), 0, 1)
+    assert np.nanmax(_kv_probability(series, trend_tail="learned")) < 0.05

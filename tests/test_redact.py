@@ -213,3 +213,13 @@ def test_logging_filter_redacts_message_args_and_traceback() -> None:
     assert "starting with token" in out and "100% done" in out
     assert "RuntimeError: upstream refused" in out  # traceback kept, only the secret removed
     assert out.count(REDACTED) >= 4
+
+
+def test_clean_cache_never_holds_a_secret() -> None:
+    from vllm_otel import redact
+    secret = "Authorization: Bearer abcdefghijklmnop1234"
+    for _ in range(3):  # the second and later calls are answered from the clean cache, if at all
+        assert "abcdefghijklmnop1234" not in redact_text(secret)
+        assert redact_text("10.0.0.7:8000") == "10.0.0.7:8000"
+    assert "10.0.0.7:8000" in redact._CLEAN
+    assert not any("abcdefghijklmnop1234" in k for k in redact._CLEAN)
