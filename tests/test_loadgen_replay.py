@@ -35,6 +35,7 @@ SLOW = 999  # max_tokens that makes the stand-in stall after its first token
 STREAM_ERROR = 777  # max_tokens that makes it fail after the 200 header, like vLLM can
 NOT_STREAMED = 555  # answers with one JSON body, as servers that ignore stream=true do
 EMPTY = 556  # a 200 stream with no tokens at all
+ODD_TEXT = 557  # text with U+2028 / U+0085 unescaped inside the JSON, CRLF line ends, odd chunking
 
 
 class StandIn:
@@ -63,6 +64,15 @@ class StandIn:
                                  "usage": {"prompt_tokens": 1, "completion_tokens": n}})
         if n == EMPTY:
             return StreamingResponse(iter(["data: [DONE]\n\n"]), media_type="text/event-stream")
+        if n == ODD_TEXT:
+            # What vLLM sends when a model writes such characters: JSON leaves them unescaped.
+            chunk = json.dumps({"choices": [{"index": 0, "text": "a\u2028b\x85c\u2029", "finish_reason": None}]},
+                               ensure_ascii=False)
+            usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+            body = f"data: {chunk}\r\n\r\ndata: {chunk}\r\n\r\ndata: {usage}\r\n\r\ndata: [DONE]\r\n\r\n"
+            cuts = [0, 9, 20, body.index("\n") , body.index("\n") + 1, 70, len(body)]
+            parts = [body[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+            return StreamingResponse(iter(parts), media_type="text/event-stream")
         return StreamingResponse(self._stream(n), media_type="text/event-stream")
 
     async def _stream(self, n: int) -> AsyncIterator[str]:
@@ -322,3 +332,27 @@ def test_cli_exit_2_with_one_line_error_for_a_bad_trace(tmp_path: Path,
 
     rc = _cli("--trace", str(_mooncake(tmp_path, 1)), "--url", "http://127.0.0.1:1", "--start", "5")
     assert rc == 2 and "no requests selected" in capsys.readouterr().err
+
+
+def test_model_text_with_unicode_line_separators_is_not_split(stand_in: tuple[str, StandIn]) -> None:
+    """SSE ends lines only at CR, LF, CRLF; U+2028 or U+0085 inside a chunk's JSON is text (a CI
+    run lost a request to "Unterminated string" when a line parser split there)."""
+    url, _ = stand_in
+    summary = run_replay(_trace(ODD_TEXT), url, progress=False)
+    assert summary.ok == 1, summary.error_examples
+    assert summary.output_tokens == 2
+
+
+def test_sse_lines_handles_crlf_split_across_chunks() -> None:
+    from vllm_otel.loadgen.replay import sse_lines
+
+    async def chunks(*parts: str) -> Any:
+        for p in parts:
+            yield p
+
+    async def collect(*parts: str) -> list[str]:
+        return [line async for line in sse_lines(chunks(*parts))]
+
+    assert asyncio.run(collect("data: a\r", "\ndata: b\u2028c\n\n", "data: d")) == [
+        "data: a", "data: b\u2028c", "", "data: d"]
+    assert asyncio.run(collect("x\ry\r\n")) == ["x", "y"]

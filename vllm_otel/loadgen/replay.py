@@ -15,6 +15,7 @@ import asyncio
 import inspect
 import json
 from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any, Callable, Literal, Sequence
 
 import httpx
@@ -221,6 +222,26 @@ class _Stream:
         return self.usage_tokens if self.usage_tokens is not None else self.token_chunks
 
 
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of a server-sent-event stream. Only CR, LF and CRLF end a line in SSE: httpx's
+    ``aiter_lines`` also splits at U+2028, U+0085 and other ``str.splitlines`` breaks, which a
+    model's text may hold unescaped inside a JSON chunk (seen with the tiny test model: a chunk
+    cut in two, "Unterminated string")."""
+    buf = ""
+    async for chunk in chunks:
+        buf += chunk
+        # A CR at the very end may be the first half of a CRLF: keep it for the next chunk.
+        cut = len(buf) - 1 if buf.endswith("\r") else len(buf)
+        text, tail = buf[:cut], buf[cut:]
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        buf = lines.pop() + tail
+        for line in lines:
+            yield line
+    if buf:
+        yield buf.rstrip("\r")
+
+
 async def _send(client: httpx.AsyncClient, body: dict[str, Any], result: RequestResult,
                 timeout_s: float, loop: asyncio.AbstractEventLoop) -> None:
     sent_at = loop.time()
@@ -237,7 +258,7 @@ async def _send(client: httpx.AsyncClient, body: dict[str, Any], result: Request
                 if resp.headers.get("content-type", "").startswith("application/json"):
                     stream.feed(json.loads(await resp.aread()))  # server ignored stream=true
                 else:
-                    async for line in resp.aiter_lines():
+                    async for line in sse_lines(resp.aiter_text()):
                         if not line.startswith("data:"):
                             continue  # SSE comments, keep-alives, event names
                         data = line[len("data:"):].strip()
