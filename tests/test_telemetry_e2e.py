@@ -129,10 +129,12 @@ def test_stopped_engine_core_is_reported_stalled_while_health_says_200(vllm_serv
     core = engine_core_process(vllm_server.proc.pid)
     load = [threading.Thread(target=lambda: httpx.post(
         f"{vllm_server.url}/v1/completions", timeout=120,
-        json={"model": "tiny", "prompt": [40, 41, 42], "max_tokens": 600, "ignore_eos": True}))
+        json={"model": "tiny", "prompt": [40, 41, 42], "max_tokens": 1800, "ignore_eos": True}))
         for _ in range(3)]
     for t in load:
         t.start()
+    # Requests must still be running at the SIGSTOP: 1,800 tokens take the tiny model ~4 s each
+    # here (600 took ~1.2 s: a faster machine could have finished them before the stop).
     time.sleep(1.0)
     os.kill(core.pid, signal.SIGSTOP)
     try:
