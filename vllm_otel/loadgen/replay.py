@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import httpx
@@ -220,7 +220,6 @@ class _Stream:
     def output_tokens(self) -> int:
         # Usage is exact; counting chunks undercounts when a server batches tokens per chunk.
         return self.usage_tokens if self.usage_tokens is not None else self.token_chunks
-
 
 
 async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
