@@ -156,9 +156,74 @@ def test_ingest_is_all_or_nothing(store: Store, monkeypatch: pytest.MonkeyPatch)
         return real(self, *a, **kw)
 
     monkeypatch.setattr(Store, "_firing", flaky)
+    store.fast_ingest = False  # the ORM path here; the SQLite fast path below
     with pytest.raises(RuntimeError):
         store.ingest([Notification(hook, received_at=T0)])
     assert store.table_counts()["alerts"] == 0 and store.table_counts()["webhooks"] == 0
+
+
+def test_sqlite_fast_ingest_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_otel.store import Notification
+
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    assert store.fast_ingest
+    hook = AlertmanagerWebhook.model_validate({
+        "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
+        "alerts": [alert(fingerprint=f"{i:016d}").model_dump(mode="json", by_alias=True)
+                   for i in range(3)]})
+    calls = {"n": 0}
+    real = Store._alert_values
+
+    def unbindable_third(self: Store, *a: Any, **kw: Any) -> dict[str, Any]:
+        calls["n"] += 1
+        values = real(self, *a, **kw)
+        return dict(values, severity=object()) if calls["n"] == 3 else values
+
+    monkeypatch.setattr(Store, "_alert_values", unbindable_third)
+    with pytest.raises(Exception, match="not supported|unsupported"):
+        store.ingest([Notification(hook, received_at=T0)])
+    assert store.table_counts()["alerts"] == 0 and store.table_counts()["webhooks"] == 0
+    monkeypatch.undo()
+    store.ingest([Notification(hook, received_at=T0)])  # the connection is usable after the rollback
+    assert store.table_counts()["alerts"] == 3
+    store.close()
+
+
+def test_sqlite_fast_ingest_writes_what_the_orm_path_writes(tmp_path: Path) -> None:
+    """The intake's SQLite fast path (mapped firing alerts, plain SQL on the driver) and the ORM
+    path store the same rows and return the same results, duplicates and no-job batches included."""
+    import sqlite3
+
+    from vllm_otel.store import Notification
+
+    def hook(*alerts: AlertmanagerAlert) -> AlertmanagerWebhook:
+        return AlertmanagerWebhook.model_validate({
+            "version": "4", "status": "firing", "receiver": "r", "groupKey": 'g{x="1"}', "truncatedAlerts": 2,
+            "alerts": [x.model_dump(mode="json", by_alias=True) for x in alerts]})
+
+    a = alert(fingerprint="a" * 16, model_name="m", token="hf_" + "x" * 30)  # a secret, redacted
+    b = alert("VllmRequestsQueueing", instance="10.0.0.2:8000", fingerprint="b" * 16)
+    c = alert(fingerprint="c" * 16, starts=datetime(2026, 1, 2, tzinfo=timezone.utc))
+    batches = [
+        [Notification(hook(a, b), received_at=T0), Notification(hook(a), received_at=T0 + 0.5)],
+        [Notification(hook(b, c, c), received_at=T0 + 1)],
+        [Notification(hook(c), received_at=T0 + 2, create_jobs=False)],
+    ]
+    dumps, results = [], []
+    for fast in (True, False):
+        path = tmp_path / f"{fast}.db"
+        store = Store(f"sqlite:///{path}", replica_id="r1")
+        store.fast_ingest = fast
+        results.append([store.ingest(batch) for batch in batches])
+        store.close()
+        con = sqlite3.connect(path)
+        dumps.append({t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall()
+                      for t in ("webhooks", "alerts", "alert_activity", "jobs", "actions", "outcomes")})
+        con.close()
+    assert results[0] == results[1]
+    assert dumps[0] == dumps[1]
+    assert len(dumps[0]["alerts"]) == 3 and len(dumps[0]["jobs"]) == 3 and len(dumps[0]["webhooks"]) == 4
+    assert "hf_" not in str(dumps[0]["alerts"])
 
 
 def test_sqlite_reads_do_not_take_the_write_lock(tmp_path: Path) -> None:
@@ -278,6 +343,9 @@ def test_store_code_only_updates_coordination_tables() -> None:
     src = Path(store_mod.__file__).read_text()
     touched = set(re.findall(r"\b(?:update|delete)\((\w+)\)", src))
     assert touched == {"JobRow", "LockRow", "AlertActivityRow"}, touched
+    raw = set(re.findall(r"\"(?:UPDATE|DELETE FROM)\s+(\w+)", src))  # the SQLite fast path's SQL
+    assert "alert_activity" in raw
+    assert raw <= {"jobs", "locks", "alert_activity"}, raw
     assert ".delete(" not in src.replace("delete(LockRow", "")
 
 
