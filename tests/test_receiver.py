@@ -1023,3 +1023,23 @@ def test_real_alertmanager_delivers_with_bearer_token_file(tmp_path: Path) -> No
         assert acts[0]["outcome"] == "success" and acts[0]["alert"]["instance"] == I2
     assert env.actuator.calls == [(I2, "poke", {"level": 1})]
     assert env.metric("vllm_otel_receiver_webhooks_total", code="202") >= 1
+
+
+@pytest.mark.parametrize("share, pause_s", [(0.1, 0.9), (0.25, 0.3), (1.0, 0.0)])
+def test_worker_busy_share_sets_the_pause_after_a_job(tmp_path: Path, share: float, pause_s: float) -> None:
+    """worker.busy_share (policy): after a 0.1 s job during a storm, the next one waits so that
+    jobs take at most that share of the time."""
+    env = Env(tmp_path, worker={"busy_share": share})
+    worker = env.receiver.worker
+
+    async def job() -> None:
+        return None
+
+    async def go() -> float:
+        task = asyncio.ensure_future(job())
+        await task
+        worker._started_at[task] = time.monotonic() - 0.1  # it ran for 0.1 s
+        worker._task_done(task)
+        return worker._next_paced_start - time.monotonic()
+
+    assert run(go()) == pytest.approx(pause_s, abs=0.03)

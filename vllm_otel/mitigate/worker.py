@@ -38,11 +38,11 @@ __all__ = ["Worker", "MitigationMetrics"]
 log = logging.getLogger(__name__)
 
 _DECIDE_LOCK = "decide"
-# While webhooks keep arriving, the background loop takes at most this share of the wall time
-# (one job at a time, then a pause of 3x its duration). The worker shares the process, its GIL and,
-# on small hosts, the CPUs with the intake: a storm of alerts must be stored first and quickly;
-# the work queue is durable, so the jobs wait, and the worker catches up when the storm ends.
-BUSY_SHARE = 0.25
+# While webhooks keep arriving, the background loop takes at most worker.busy_share of the wall
+# time (default 0.25: one job at a time, then a pause of 3x its duration). The worker shares the
+# process, its GIL and, on small hosts, the CPUs with the intake: a storm of alerts must be stored
+# first and quickly; the work queue is durable, so the jobs wait, and the worker catches up when
+# the storm ends.
 _NOT_LOCKED = object()
 
 
@@ -304,7 +304,7 @@ class Worker:
     async def _fill(self, paced: bool = False) -> int:
         """Start jobs up to the concurrency limit. ``paced`` (the background loop): while the
         foreground is busy (``foreground_busy``: webhooks arriving), one job at a time, each
-        followed by a pause, so that the worker takes at most ``BUSY_SHARE`` of the time."""
+        followed by a pause, so that the worker takes at most ``worker.busy_share`` of the time."""
         started = 0
         while not self._stopping:
             busy = paced and self.foreground_busy is not None and self.foreground_busy()
@@ -334,7 +334,8 @@ class Worker:
         t0 = self._started_at.pop(task, None)
         if t0 is not None:
             took = time.monotonic() - t0
-            self._next_paced_start = time.monotonic() + took * (1.0 - BUSY_SHARE) / BUSY_SHARE
+            share = self.wcfg.busy_share
+            self._next_paced_start = time.monotonic() + took * (1.0 - share) / share
         if self._wake is not None:
             self._wake.set()
 
