@@ -233,6 +233,7 @@ def hist_quantile(h: dict[float, float], q: float) -> float:
     return bounds[-1]
 
 
+BUSY_SHARE: list[float | None] = [None]  # --busy-share: the policy's worker.busy_share for the runs
 BARE = "--bare"  # not a receiver flag: run benchmarks/bare_app.py instead (the floor)
 
 
@@ -249,9 +250,11 @@ def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProc
     return proc
 
 
-def write_policy(wd: Path) -> None:
+def write_policy(wd: Path, busy_share: float | None = None) -> None:
     policy = yaml.safe_load((ROOT / "examples" / "policy.yaml").read_text())
     policy["default_mode"] = "dry-run"
+    if busy_share is not None:
+        policy.setdefault("worker", {})["busy_share"] = busy_share
     for rule in policy.get("rules", []):
         rule.pop("mode", None)
     for s in (policy.get("strategies") or {}).values():
@@ -383,7 +386,7 @@ def pct(xs: list[float], p: float) -> float:
 def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dict:
     wd = Path(tempfile.mkdtemp(prefix="vllm-otel-recv-bench-"))
     (wd / "token").write_text(TOKEN)
-    write_policy(wd)
+    write_policy(wd, BUSY_SHARE[0])
     port = free_port()
     procs = [start_receiver(wd, port, 0, extra)]
     run = Run(rate=rate, seconds=seconds, restart=restart, extra=extra)
@@ -462,6 +465,8 @@ def main() -> int:
     ap.add_argument("--baseline", action="store_true",
                     help="after each run, the same load on benchmarks/bare_app.py (uvicorn answering "
                          "202, nothing else): the floor this host allows, side by side")
+    ap.add_argument("--busy-share", type=float, help="worker.busy_share for the receiver (default: the "
+                                                     "example policy's 0.25)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -470,6 +475,7 @@ def main() -> int:
     except ImportError:
         pass
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
+    BUSY_SHARE[0] = args.busy_share
     results = []
     if not args.json:
         print("| server | offered/s | sustained/s | p50 ms | p99 ms | steady p99 ms | server p99 ms "
