@@ -59,6 +59,13 @@ def alert(name: str = "VllmKvCacheNearlyFull", instance: str = "10.0.0.1:8000", 
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=timezone.utc).timestamp()
 
 
+def webhook(*alerts: AlertmanagerAlert, **fields: Any) -> AlertmanagerWebhook:
+    """A firing v4 notification holding ``alerts``; ``fields`` override its top-level keys."""
+    return AlertmanagerWebhook.model_validate({
+        "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
+        "alerts": [x.model_dump(mode="json", by_alias=True) for x in alerts], **fields})
+
+
 def test_postgres_urls_use_psycopg3() -> None:
     assert normalize_db_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
     assert normalize_db_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
@@ -107,18 +114,13 @@ def test_ingest_stores_many_notifications_in_one_transaction(store: Store) -> No
     a, b = alert(fingerprint="a" * 16), alert(fingerprint="b" * 16, instance="10.0.0.2:8000")
     other = alert("Other", fingerprint="c" * 16)
 
-    def hook(*alerts: AlertmanagerAlert) -> AlertmanagerWebhook:
-        return AlertmanagerWebhook.model_validate({
-            "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
-            "alerts": [x.model_dump(mode="json", by_alias=True) for x in alerts]})
-
     res_a = AlertmanagerAlert.model_validate(dict(a.model_dump(mode="json", by_alias=True),
                                                   status="resolved", endsAt="2026-01-01T12:00:30Z"))
     out = store.ingest([
-        Notification(hook(a, b), received_at=T0, unmapped=(None, None)),
-        Notification(hook(a), received_at=T0 + 1, unmapped=(None,)),            # a resend
-        Notification(hook(other), received_at=T0 + 2, unmapped=("no rule",)),   # unmapped
-        Notification(hook(res_a), received_at=T0 + 3),                           # a resolves
+        Notification(webhook(a, b), received_at=T0, unmapped=(None, None)),
+        Notification(webhook(a), received_at=T0 + 1, unmapped=(None,)),            # a resend
+        Notification(webhook(other), received_at=T0 + 2, unmapped=("no rule",)),   # unmapped
+        Notification(webhook(res_a), received_at=T0 + 3),                           # a resolves
     ])
     assert [len(n.alerts) for n in out] == [2, 1, 1, 1]
     first_a, first_b = out[0].alerts
@@ -132,8 +134,8 @@ def test_ingest_stores_many_notifications_in_one_transaction(store: Store) -> No
     assert store.job_for_alert(first_a.alert_id).state is JobState.CANCELLED
     assert store.job_for_alert(first_b.alert_id).state is JobState.PENDING
     # The same again: all duplicates, nothing new, the resolution not recorded twice.
-    again = store.ingest([Notification(hook(a, b), received_at=T0 + 4),
-                          Notification(hook(res_a), received_at=T0 + 5)])
+    again = store.ingest([Notification(webhook(a, b), received_at=T0 + 4),
+                          Notification(webhook(res_a), received_at=T0 + 5)])
     assert not any(r.new for n in again for r in n.alerts)
     assert not again[1].alerts[0].resolved_now
     assert store.table_counts()["alerts"] == 3 and store.table_counts()["alert_resolutions"] == 1
@@ -142,10 +144,7 @@ def test_ingest_stores_many_notifications_in_one_transaction(store: Store) -> No
 def test_ingest_is_all_or_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm_otel.store import Notification
 
-    hook = AlertmanagerWebhook.model_validate({
-        "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
-        "alerts": [alert(fingerprint=f"{i:016d}").model_dump(mode="json", by_alias=True)
-                   for i in range(3)]})
+    hook = webhook(*(alert(fingerprint=f"{i:016d}") for i in range(3)))
     calls = {"n": 0}
     real = Store._firing
 
@@ -167,10 +166,7 @@ def test_sqlite_fast_ingest_is_all_or_nothing(tmp_path: Path, monkeypatch: pytes
 
     store = Store(f"sqlite:///{tmp_path / 'f.db'}")
     assert store.fast_ingest
-    hook = AlertmanagerWebhook.model_validate({
-        "version": "4", "status": "firing", "receiver": "r", "groupKey": "g",
-        "alerts": [alert(fingerprint=f"{i:016d}").model_dump(mode="json", by_alias=True)
-                   for i in range(3)]})
+    hook = webhook(*(alert(fingerprint=f"{i:016d}") for i in range(3)))
     calls = {"n": 0}
     real = Store._alert_values
 
@@ -197,9 +193,7 @@ def test_sqlite_fast_ingest_writes_what_the_orm_path_writes(tmp_path: Path) -> N
     from vllm_otel.store import Notification
 
     def hook(*alerts: AlertmanagerAlert) -> AlertmanagerWebhook:
-        return AlertmanagerWebhook.model_validate({
-            "version": "4", "status": "firing", "receiver": "r", "groupKey": 'g{x="1"}', "truncatedAlerts": 2,
-            "alerts": [x.model_dump(mode="json", by_alias=True) for x in alerts]})
+        return webhook(*alerts, groupKey='g{x="1"}', truncatedAlerts=2)
 
     a = alert(fingerprint="a" * 16, model_name="m", token="hf_" + "x" * 30)  # a secret, redacted
     b = alert("VllmRequestsQueueing", instance="10.0.0.2:8000", fingerprint="b" * 16)

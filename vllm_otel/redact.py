@@ -187,15 +187,13 @@ _CLEAN_MAX, _CLEAN_MAX_LEN = 8192, 256
 
 
 def _redact_text(text: str) -> str:
-    try:
-        text = _HEADER.sub(_header_repl, text)
-        text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
-        text = _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
-        text = _TOKEN_SHAPES.sub(REDACTED, text)
-        text = _sub_named(_ASSIGNMENT, text, _assignment_repl)
-        return _sub_named(_CLI_FLAG, text, _cli_repl)
-    except Exception:  # noqa: BLE001 - fail closed
-        return REDACTED
+    # Only called from redact_text, whose try fails closed.
+    text = _HEADER.sub(_header_repl, text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    text = _TOKEN_SHAPES.sub(REDACTED, text)
+    text = _sub_named(_ASSIGNMENT, text, _assignment_repl)
+    return _sub_named(_CLI_FLAG, text, _cli_repl)
 
 
 def _plain_fields(obj: Any) -> dict[str, Any] | None:
