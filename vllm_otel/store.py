@@ -378,6 +378,7 @@ class Store:
                 kwargs["poolclass"] = StaticPool  # one shared in-memory database
             self._write_lock = threading.RLock()
         else:
+            sync = ""
             kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(u, **kwargs)
         # Reads: on a SQLite file their own engine (deferred transactions, no write lock); the
@@ -391,6 +392,9 @@ class Store:
                 self.read_engine = create_engine(u, **kwargs)
                 event.listen(self.read_engine, "connect", pragmas)
                 event.listen(self.read_engine, "begin", _sqlite_begin_read)
+        # A commit that costs no fsync (SQLite WAL at synchronous NORMAL or OFF): cheap enough to
+        # run on an event loop's thread (see write_now).
+        self.cheap_commits = self.dialect == "sqlite" and sync in ("OFF", "NORMAL")
         self._insert_ignore_factory: Any = None
         self._stmts: dict[Any, Any] = {}
         self.fast_ingest = self.dialect == "sqlite"  # see _ingest_firing_sqlite
@@ -454,6 +458,20 @@ class Store:
         gate = self.background_gate
         if gate is not None and not getattr(_thread_state, "foreground", False):
             gate()
+
+    @contextmanager
+    def write_now(self) -> Iterator[bool]:
+        """True inside when this process's write lock was free this instant and commits are cheap
+        (it is then held for the block); False, holding nothing, when a write here would wait or
+        cost an fsync. For a caller that must not block: it writes inline only on True."""
+        lock = self._write_lock
+        if lock is None or not self.cheap_commits or not lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def _read(self, stmt: Any, params: Mapping[str, Any] | None = None) -> list[Any]:
         """Rows of one prebuilt Core statement (a read: no write lock, one snapshot)."""

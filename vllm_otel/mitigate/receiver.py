@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, ContextManager, Mapping, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -109,14 +109,24 @@ class GroupCommit:
     transaction holding its notification committed. Under load many requests share one commit
     (and one fsync where the database does one), and the event loop never waits on the database;
     when idle a batch is one notification and the latency is one commit's.
+
+    ``inline``: where a commit is cheap (SQLite in WAL without an fsync per commit, ~0.1 ms), a
+    notification is stored on the event loop's own thread whenever ``inline()`` says the write
+    lock is free this instant, and the writer thread only takes what arrives while it is not. That
+    saves two thread hand-overs and a wake-up of the loop per webhook, which cost more than the
+    commit: measured side by side at 200 alerts/s, the receiver's own p99 went from 17-37 ms to
+    7-8 ms and its CPU per alert down 12 % (benchmarks/README.md).
     """
 
     def __init__(self, store_many: Callable[[list[Any]], list[Any]], *, max_batch: int = 256,
                  after_batch: Callable[[], None] | None = None,
-                 thread_init: Callable[[], None] | None = None) -> None:
+                 thread_init: Callable[[], None] | None = None,
+                 inline: Callable[[], ContextManager[bool]] | None = None) -> None:
         self._store_many = store_many
         self._after_batch = after_batch
         self._thread_init = thread_init
+        self._inline = inline
+        self.inline_commits = 0
         self.max_batch = max_batch
         self._q: queue.SimpleQueue[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future[Any]] | None] = \
             queue.SimpleQueue()
@@ -125,6 +135,21 @@ class GroupCommit:
 
     async def submit(self, item: Any) -> Any:
         """Store ``item`` with the next batch; its result, or the exception that kept it out."""
+        if self._inline is not None and self._q.empty():  # nothing queued to overtake
+            with self._inline() as free:
+                if free:
+                    if self._thread_init is not None:
+                        self._thread_init()
+                    try:
+                        got = self._store_many([item])[0]
+                    except Exception as e:  # noqa: BLE001 - as on the writer thread
+                        got = e
+                    self.inline_commits += 1
+            if free:
+                self._run_after_batch()
+                if isinstance(got, BaseException):
+                    raise got
+                return got
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if self._thread is None or not self._thread.is_alive():
@@ -174,13 +199,16 @@ class GroupCommit:
                     loop.call_soon_threadsafe(_resolve_all, done)
                 except RuntimeError:  # its loop closed meanwhile: nobody waits for the answer
                     pass
-            if self._after_batch is not None:
-                try:
-                    self._after_batch()
-                except Exception:  # noqa: BLE001
-                    log.exception("after-batch hook failed")
+            self._run_after_batch()
             if stop:
                 return
+
+    def _run_after_batch(self) -> None:
+        if self._after_batch is not None:
+            try:
+                self._after_batch()
+            except Exception:  # noqa: BLE001
+                log.exception("after-batch hook failed")
 
 
 def _resolve_all(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
@@ -213,7 +241,7 @@ class Receiver:
         # The webhook intake: group commit on one writer thread; wakes the worker per batch.
         # Its database calls come first: the worker's wait for a gap between webhooks.
         self.intake = GroupCommit(self.ingest_many, after_batch=self.wake,
-                                  thread_init=store.mark_foreground_thread)
+                                  thread_init=store.mark_foreground_thread, inline=store.write_now)
         self.intake_gate = IntakeGate()
         store.background_gate = self.intake_gate.wait_idle
         self.worker.foreground_busy = self.intake_gate.busy
