@@ -235,6 +235,16 @@ def hist_quantile(h: dict[float, float], q: float) -> float:
 
 BUSY_SHARE: list[float | None] = [None]  # --busy-share: the policy's worker.busy_share for the runs
 BARE = "--bare"  # not a receiver flag: run benchmarks/bare_app.py instead (the floor)
+# --pin: the receiver on these CPUs, this client and the CPU probe on the others (None: no pinning)
+PIN: list[tuple[set[int], set[int]] | None] = [None]
+
+
+def pin_split() -> tuple[set[int], set[int]]:
+    """(receiver CPUs, client CPUs): the last CPU for the client, the rest for the receiver."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    return set(cpus[:-1]), {cpus[-1]}
 
 
 def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProcess:
@@ -245,6 +255,8 @@ def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProc
         argv = [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(wd / "policy.yaml"),
                 "--port", str(port), "--token-file", str(wd / "token"),
                 "--db-url", f"sqlite:///{wd / 'r.db'}", *extra]
+    if PIN[0] is not None:
+        argv = ["taskset", "-c", ",".join(map(str, sorted(PIN[0][0]))), *argv]
     proc = ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log", cwd=ROOT).start()
     wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60, alive=proc.alive)
     return proc
@@ -467,8 +479,14 @@ def main() -> int:
                          "202, nothing else): the floor this host allows, side by side")
     ap.add_argument("--busy-share", type=float, help="worker.busy_share for the receiver (default: the "
                                                      "example policy's 0.25)")
+    ap.add_argument("--pin", action="store_true",
+                    help="the receiver on all CPUs but the last, this client and the CPU probe on "
+                         "the last (as a load generator on its own machine would be)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.pin:
+        PIN[0] = pin_split()
+        os.sched_setaffinity(0, PIN[0][1])  # the probe, started from here, inherits it
     try:
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
