@@ -30,17 +30,21 @@ def postgres() -> Iterator[Any]:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# "sqlite-orm": SQLite with its fast paths off (the ORM / Core code PostgreSQL runs), so every
+# store test checks both ways of writing SQLite.
+@pytest.fixture(params=["sqlite", "sqlite-orm", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
+    if request.param.startswith("sqlite"):
         return f"sqlite:///{tmp_path / 'store.db'}"
     pg = request.getfixturevalue("postgres")
     return pg.create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
+def store(db_url: str, request: pytest.FixtureRequest) -> Iterator[Store]:
     s = Store(db_url, replica_id="test-replica")
+    if request.node.callspec.params.get("db_url") == "sqlite-orm":
+        s.fast_ingest = s.fast_worker = False
     yield s
     s.close()
 
@@ -218,6 +222,62 @@ def test_sqlite_fast_ingest_writes_what_the_orm_path_writes(tmp_path: Path) -> N
     assert dumps[0] == dumps[1]
     assert len(dumps[0]["alerts"]) == 3 and len(dumps[0]["jobs"]) == 3 and len(dumps[0]["webhooks"]) == 4
     assert "hf_" not in str(dumps[0]["alerts"])
+
+
+def test_sqlite_fast_worker_writes_what_the_orm_path_writes(tmp_path: Path) -> None:
+    """The worker's SQLite fast paths (claim, locks, actions, events, outcomes, job states on the
+    driver) and the ORM path leave the same rows and return the same results."""
+    import sqlite3
+
+    a = alert(fingerprint="a" * 16, model_name="m")
+    b = alert("VllmRequestsQueueing", instance="10.0.0.2:8000", fingerprint="b" * 16)
+    dumps, results = [], []
+    for fast in (True, False):
+        path = tmp_path / f"{fast}.db"
+        st = Store(f"sqlite:///{path}", replica_id="r1")
+        st.fast_worker = fast
+        out: list[Any] = []
+        st.add_firing_alert(a, received_at=T0)
+        st.add_firing_alert(b, received_at=T0)
+        j1 = st.claim_job("w1", 30, now=T0 + 1)
+        j2 = st.claim_job("w2", 30, now=T0 + 1)
+        out += [j1, j2, st.claim_job("w3", 30, now=T0 + 1)]  # nothing left: None
+        out += [st.acquire_lock("decide", "w1", 10, now=T0 + 1), st.acquire_lock("decide", "w2", 10, now=T0 + 1),
+                st.acquire_lock("decide", "w1", 10, now=T0 + 2)]  # held; renewed by its owner
+        act = st.create_action(alert_id=j1.alert_id, job_id=j1.id, strategy="poke", target=j1.target,
+                               mode="auto", why="because " + "hf_" + "x" * 30, confidence=0.5,
+                               params={"level": 1, "api_key": "sk-secret"}, guards=[{"guard": "g", "ok": True}],
+                               state={"kv": 0.9}, errors=["e1"], metrics_before={"kv": 0.9, "bad": "x"},
+                               job_owner="w1", now=T0 + 2)
+        out += [act, st.add_action_event(act, "started", {"by": "w1"}, now=T0 + 2),
+                st.add_action_event(act, "started", {"by": "w2"}, now=T0 + 2)]  # once only
+        st.release_lock("decide", "w1")
+        out += [st.acquire_lock("decide", "w2", 10, now=T0 + 3)]
+        out += [st.finish_action(act, Outcome.SUCCESS, detail="done", result={"ok": True},
+                                 verification={"ok": True}, metrics_after={"kv": 0.5}, duration_s=1.5,
+                                 guards=[{"guard": "late", "ok": True}], now=T0 + 4),
+                st.finish_action(act, Outcome.FAILURE, now=T0 + 5)]  # already finished
+        bare = st.create_action(alert_id=None, job_id=None, strategy=None, target=None, mode="none",
+                                why="no alert", now=T0 + 5)
+        out += [st.finish_action(bare, "skipped", now=T0 + 6)]
+        out += [st.set_job_state(j1.id, "w1", JobState.DONE, action_id=act, now=T0 + 6),
+                st.set_job_state(j2.id, "w1", JobState.DONE, now=T0 + 6),  # not its owner
+                st.set_job_state(j2.id, "w2", JobState.RUNNING, now=T0 + 6)]
+        with pytest.raises(store_mod.StoreError):
+            st.finish_action(999, Outcome.SUCCESS)
+        out += [st.claim_job("w4", 30, now=T0 + 100)]  # j2's lease ran out: taken over
+        out += [st.outcomes(), st.alert(j1.alert_id), st.action(act)]
+        results.append(out)
+        st.close()
+        con = sqlite3.connect(path)
+        dumps.append({t: con.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall()
+                      for t in ("jobs", "locks", "actions", "action_events", "outcomes")})
+        con.close()
+    assert results[0] == results[1]
+    for t in dumps[0]:
+        assert dumps[0][t] == dumps[1][t], (t, [(x, y) for x, y in zip(dumps[0][t], dumps[1][t]) if x != y])
+    assert len(dumps[0]["outcomes"]) == 2 and len(dumps[0]["action_events"]) == 3
+    assert "sk-secret" not in str(dumps[0]) and "hf_" not in str(dumps[0])
 
 
 def test_sqlite_reads_do_not_take_the_write_lock(tmp_path: Path) -> None:
