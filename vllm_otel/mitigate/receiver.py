@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any, AsyncIterator, Callable, ContextManager, Mapping, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
@@ -90,6 +90,10 @@ class IntakeGate:
             if self._inflight <= 0:
                 self._inflight = 0
                 self._cond.notify_all()
+
+    def alone(self) -> bool:
+        """At most one webhook in flight (the caller's own): no burst to batch."""
+        return self._inflight <= 1
 
     def busy(self) -> bool:
         """Webhooks in flight now, or one ended less than ``busy_window_s`` ago."""
@@ -240,9 +244,17 @@ class Receiver:
         self.replica_id = store.replica_id
         # The webhook intake: group commit on one writer thread; wakes the worker per batch.
         # Its database calls come first: the worker's wait for a gap between webhooks.
-        self.intake = GroupCommit(self.ingest_many, after_batch=self.wake,
-                                  thread_init=store.mark_foreground_thread, inline=store.write_now)
         self.intake_gate = IntakeGate()
+        gate = self.intake_gate
+
+        def inline() -> ContextManager[bool]:
+            # Inline only for a webhook on its own: a burst (Alertmanager's retries after a
+            # restart, hundreds at once) goes to the writer thread, whose commits then take many
+            # notifications each and run beside the loop's parsing instead of after it.
+            return store.write_now() if gate.alone() else nullcontext(False)
+
+        self.intake = GroupCommit(self.ingest_many, after_batch=self.wake,
+                                  thread_init=store.mark_foreground_thread, inline=inline)
         store.background_gate = self.intake_gate.wait_idle
         self.worker.foreground_busy = self.intake_gate.busy
 
