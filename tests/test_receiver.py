@@ -762,6 +762,41 @@ def test_a_failed_precondition_is_rechecked_while_the_alert_fires(tmp_path: Path
 
 # --- restart, interruption ---------------------------------------------------------------------------
 
+def test_worker_parts_are_warmed_before_the_receiver_serves(tmp_path: Path) -> None:
+    """The actuator's and metrics source's one-time costs (imports, the CA bundle) are paid in the
+    app's start-up, before uvicorn listens, not by the first job during a restart's retry wave;
+    a failing warm-up only logs."""
+    order: list[str] = []
+
+    class WarmMetrics(StaticMetrics):
+        def warm_up(self) -> None:
+            order.append("metrics")
+
+    env = Env(tmp_path, metrics=WarmMetrics({"kv": 0.5}), start_worker=True)
+
+    def broken() -> None:
+        order.append("actuator")
+        raise RuntimeError("no CA bundle")
+
+    env.actuator.warm_up = broken  # type: ignore[attr-defined]
+    with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        order.append("serving")
+        assert c.post("/webhook", json=am_payload(am_alert())).status_code == 202
+    assert order == ["actuator", "metrics", "serving"]
+
+
+def test_real_warm_up_loads_what_a_first_scrape_would() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from vllm_otel.mitigate.actuators import ScrapeMetricsSource, _tls_context; "
+            "ScrapeMetricsSource().warm_up(); "
+            "print(all(m in sys.modules for m in ('httpcore', 'h11', 'anyio._backends._asyncio', "
+            "'prometheus_client.parser')), _tls_context.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "1"], out.stderr
+
+
 def test_restart_resumes_pending_work(tmp_path: Path) -> None:
     """Accept with one app (worker never runs), stop it; a new app on the same SQLite file acts."""
     db = f"sqlite:///{tmp_path / 'shared.db'}"

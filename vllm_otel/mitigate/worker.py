@@ -215,6 +215,17 @@ class Worker:
             except asyncio.TimeoutError:
                 pass
 
+    def warm_up(self) -> None:
+        """One-time costs of the actuator and the metrics source (their optional ``warm_up``),
+        paid before the receiver listens rather than by the first job, beside the intake."""
+        for part in (self.actuator, self.metrics_source):
+            warm = getattr(part, "warm_up", None)
+            if callable(warm):
+                try:
+                    warm()
+                except Exception:  # noqa: BLE001 - a cold start is slower, not broken
+                    log.warning("warm-up of %s failed", type(part).__name__, exc_info=True)
+
     def start(self) -> None:
         """Run :meth:`run_forever` on an event loop of its own, in a thread of its own.
 
