@@ -120,7 +120,7 @@ class EscalationConfig(_Cfg):
 class WorkerConfig(_Cfg):
     poll_s: float = Field(1.0, gt=0.0, description="look for work (other replicas, approvals)")
     concurrency: int = Field(4, ge=1)
-    busy_share: float = Field(0.25, gt=0.0, le=1.0,
+    busy_share: float = Field(0.15, gt=0.0, le=1.0,
                               description="while webhooks keep arriving, the worker takes at most this "
                                           "share of the time (one job at a time): the intake's latency "
                                           "against how fast a storm's jobs get done")

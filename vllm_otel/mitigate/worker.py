@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _DECIDE_LOCK = "decide"
 # While webhooks keep arriving, the background loop takes at most worker.busy_share of the wall
-# time (default 0.25: one job at a time, then a pause of 3x its duration). The worker shares the
+# time (default 0.15: one job at a time, then a pause of ~5.7x its duration). The worker shares the
 # process, its GIL and, on small hosts, the CPUs with the intake: a storm of alerts must be stored
 # first and quickly; the work queue is durable, so the jobs wait, and the worker catches up when
 # the storm ends.
