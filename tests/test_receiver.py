@@ -353,9 +353,8 @@ def test_durable_before_202_then_background_action(env: Env) -> None:
     assert env.mitigations("poke", "success") == 1
 
 
-def test_concurrent_webhooks_share_commits_and_each_202_means_stored(env: Env) -> None:
-    """Group commit: webhooks arriving together are stored in one transaction, and every 202
-    comes after the commit that holds its alert."""
+def count_batches(env: Env) -> list[int]:
+    """The size of every batch the store ingests from now on."""
     batches: list[int] = []
     real_ingest = env.store.ingest
 
@@ -365,18 +364,26 @@ def test_concurrent_webhooks_share_commits_and_each_202_means_stored(env: Env) -
         return out
 
     env.store.ingest = ingest  # type: ignore[method-assign]
-    env.receiver.intake._inline = None  # the writer thread only (as on PostgreSQL)
-    alerts = [am_alert(instance=I1, seq=str(i)) for i in range(60)]
+    return batches
 
-    async def go() -> None:
-        async with env.client() as c:
-            async def one(a: dict[str, Any]) -> None:
-                r = await c.post("/webhook", json=am_payload(a))
-                assert r.status_code == 202 and r.json()["new"] == 1
-                # Durable before the answer: the alert is in the database already.
-                assert any(x.fingerprint == a["fingerprint"] for x in env.store.alerts(limit=1000))
-            await asyncio.gather(*(one(a) for a in alerts))
-    run(go())
+
+async def post_together(env: Env, alerts: list[dict[str, Any]]) -> None:
+    """POST each alert at once; each must be answered 202 and be in the database by then."""
+    async with env.client() as c:
+        async def one(a: dict[str, Any]) -> None:
+            r = await c.post("/webhook", json=am_payload(a))
+            assert r.status_code == 202 and r.json()["new"] == 1
+            # Durable before the answer: the alert is in the database already.
+            assert any(x.fingerprint == a["fingerprint"] for x in env.store.alerts(limit=1000))
+        await asyncio.gather(*(one(a) for a in alerts))
+
+
+def test_concurrent_webhooks_share_commits_and_each_202_means_stored(env: Env) -> None:
+    """Group commit: webhooks arriving together are stored in one transaction, and every 202
+    comes after the commit that holds its alert."""
+    batches = count_batches(env)
+    env.receiver.intake._inline = None  # the writer thread only (as on PostgreSQL)
+    run(post_together(env, [am_alert(instance=I1, seq=str(i)) for i in range(60)]))
     assert sum(batches) == 60 and max(batches) > 1, batches
     assert env.store.table_counts()["alerts"] == 60 and env.store.table_counts()["jobs"] == 60
     assert env.metric("vllm_otel_receiver_webhook_duration_seconds_count") == 60
@@ -387,27 +394,10 @@ def test_webhooks_commit_inline_while_the_write_lock_is_free_else_in_groups(env:
     thread when nothing else writes; while another thread (the worker) holds the write lock,
     webhooks queue for the writer thread and share its commits. Either way each 202 comes after
     its commit."""
-    batches: list[int] = []
-    real_ingest = env.store.ingest
-
-    def ingest(notes: Any) -> Any:
-        out = real_ingest(notes)
-        batches.append(len(notes))
-        return out
-
-    env.store.ingest = ingest  # type: ignore[method-assign]
+    batches = count_batches(env)
     intake = env.receiver.intake
-
-    async def post_all(alerts: list[dict[str, Any]]) -> None:
-        async with env.client() as c:
-            async def one(a: dict[str, Any]) -> None:
-                r = await c.post("/webhook", json=am_payload(a))
-                assert r.status_code == 202 and r.json()["new"] == 1
-                assert any(x.fingerprint == a["fingerprint"] for x in env.store.alerts(limit=1000))
-            await asyncio.gather(*(one(a) for a in alerts))
-
     for i in range(10):  # one at a time: each is stored inline
-        run(post_all([am_alert(instance=I1, seq=f"a{i}")]))
+        run(post_together(env, [am_alert(instance=I1, seq=f"a{i}")]))
     assert intake.inline_commits == 10 and batches == [1] * 10
 
     held, release = threading.Event(), threading.Event()
@@ -423,7 +413,7 @@ def test_webhooks_commit_inline_while_the_write_lock_is_free_else_in_groups(env:
     assert held.wait(5)
     threading.Timer(0.3, release.set).start()
     batches.clear()
-    run(post_all([am_alert(instance=I1, seq=f"b{i}") for i in range(30)]))
+    run(post_together(env, [am_alert(instance=I1, seq=f"b{i}") for i in range(30)]))
     t.join(5)
     assert intake.inline_commits == 10, "a webhook wrote while another thread held the lock"
     assert sum(batches) == 30 and max(batches) > 1, batches
