@@ -248,7 +248,7 @@ class OtlpPublisher:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        from vllm_otel.instrument.otel import OtelSettings, build_resource
+        from vllm_otel.instrument.otel import CountingMetricExporter, OtelSettings, build_resource
 
         settings = OtelSettings.from_env()
         if settings.metrics_protocol == "grpc":
@@ -259,7 +259,11 @@ class OtlpPublisher:
         self._clock = clock
         self.protocol = settings.metrics_protocol
         interval = settings.export_interval_ms if "OTEL_METRIC_EXPORT_INTERVAL" in os.environ else 15_000
-        reader = PeriodicExportingMetricReader(_CountingExporter(OTLPMetricExporter(), on_error),
+        def counted(ok: bool) -> None:
+            if not ok and on_error is not None:
+                on_error()
+
+        reader = PeriodicExportingMetricReader(CountingMetricExporter(OTLPMetricExporter(), counted),
                                                export_interval_millis=interval,
                                                export_timeout_millis=min(interval, 10_000))
         resource = build_resource({"service.name": "vllm-otel-forecaster"})
@@ -319,30 +323,3 @@ class OtlpPublisher:
             self.provider.shutdown()
         except Exception:  # noqa: BLE001 - a collector that is down must not fail the exit
             log.debug("OTLP shutdown failed", exc_info=True)
-
-
-class _CountingExporter:
-    """Delegates to the OTLP exporter; a failed export counts as an ``otlp`` error."""
-
-    def __init__(self, inner: Any, on_error: Callable[[], None] | None) -> None:
-        self._inner = inner
-        self._on_error = on_error
-        self._preferred_temporality = inner._preferred_temporality
-        self._preferred_aggregation = inner._preferred_aggregation
-
-    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kw: Any) -> Any:
-        from opentelemetry.sdk.metrics.export import MetricExportResult
-
-        try:
-            res = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kw)
-        except Exception:  # noqa: BLE001
-            res = MetricExportResult.FAILURE
-        if res != MetricExportResult.SUCCESS and self._on_error is not None:
-            self._on_error()
-        return res
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self._inner.force_flush(timeout_millis=timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kw: Any) -> None:
-        self._inner.shutdown(timeout_millis=timeout_millis, **kw)

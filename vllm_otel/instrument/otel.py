@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry.sdk.trace import SpanProcessor
 
@@ -184,12 +184,14 @@ class BoundedSpanProcessor(SpanProcessor):
         return len(self._queue)
 
 
-class _CountingMetricExporter:
-    """Delegates to an OTLP metric exporter and counts failed exports."""
+class CountingMetricExporter:
+    """Delegates to an OTLP metric exporter and reports each export's success to ``on_result``;
+    an exporter that raises counts as a failed export (a collector that is down is no crash).
+    Used in vLLM (counts into :class:`ExportStats`) and by the forecaster (its error metric)."""
 
-    def __init__(self, inner: Any, stats: ExportStats) -> None:
+    def __init__(self, inner: Any, on_result: Callable[[bool], None]) -> None:
         self._inner = inner
-        self._stats = stats
+        self._on_result = on_result
         # The reader asks the exporter for these.
         self._preferred_temporality = inner._preferred_temporality
         self._preferred_aggregation = inner._preferred_aggregation
@@ -201,10 +203,7 @@ class _CountingMetricExporter:
             res = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kw)
         except Exception:  # noqa: BLE001
             res = MetricExportResult.FAILURE
-        if res != MetricExportResult.SUCCESS:
-            self._stats.failed["metrics"] += 1
-        else:
-            self._stats.exported["metrics"] += 1
+        self._on_result(res == MetricExportResult.SUCCESS)
         return res
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -250,7 +249,10 @@ def build_meter_provider(settings: OtelSettings, resource: Any, stats: ExportSta
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    exporter = _CountingMetricExporter(_metric_exporter(settings.metrics_protocol), stats)
+    def counted(ok: bool) -> None:
+        (stats.exported if ok else stats.failed)["metrics"] += 1
+
+    exporter = CountingMetricExporter(_metric_exporter(settings.metrics_protocol), counted)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=settings.export_interval_ms,
                                            export_timeout_millis=min(settings.export_interval_ms, 10_000))
     return MeterProvider(resource=resource, metric_readers=[reader], views=list(views))
