@@ -100,6 +100,18 @@ class RestartEngineParams(RestartParams):
                               description="without metrics, these alerts alone justify a restart")
 
 
+def _several_gpu_workers(ctx: StrategyContext, why_gpu: str, why_not_one: str, what: str = "") -> Check:
+    """Precondition of the multi-GPU restarts: a target, a GPU platform, and more than one worker."""
+    if ctx.target is None:
+        return Check(False, "needs a target instance")
+    if (c := require_gpu(ctx, why_gpu)) is not None:
+        return c
+    workers = metric(ctx.metrics_before, WORKERS)
+    if workers is None or workers < 2:
+        return Check(False, f"{fmt(workers)} worker(s): {why_not_one}")
+    return Check(True, f"{fmt(workers)} workers" + (f" {what}" if what else ""))
+
+
 @register_strategy
 class RestartEngine(_Restart):
     """Restart vLLM whose engine is wedged or dead, same arguments (spec: RestartEngine).
@@ -184,14 +196,9 @@ class RestartNCCL(_Restart):
     Params = RestartNCCLParams
 
     def applies(self, ctx: StrategyContext) -> Check:
-        if ctx.target is None:
-            return Check(False, "needs a target instance")
-        if (c := require_gpu(ctx, "NCCL runs between GPUs")) is not None:
-            return c
-        workers = metric(ctx.metrics_before, WORKERS)
-        if workers is None or workers < 2:
-            return Check(False, f"{fmt(workers)} worker(s): NCCL is only used with tensor/pipeline parallelism")
-        return Check(True, f"{fmt(workers)} workers share NCCL communicators")
+        return _several_gpu_workers(ctx, "NCCL runs between GPUs",
+                                    "NCCL is only used with tensor/pipeline parallelism",
+                                    "share NCCL communicators")
 
     def changes(self, ctx: StrategyContext, status: Mapping[str, Any]) -> dict[str, Any]:
         p: RestartNCCLParams = self.params  # type: ignore[assignment]
@@ -377,14 +384,7 @@ class ReduceModelParallelism(_Restart):
     needs_status = True
 
     def applies(self, ctx: StrategyContext) -> Check:
-        if ctx.target is None:
-            return Check(False, "needs a target instance")
-        if (c := require_gpu(ctx, "tensor parallelism spans GPUs")) is not None:
-            return c
-        workers = metric(ctx.metrics_before, WORKERS)
-        if workers is None or workers < 2:
-            return Check(False, f"{fmt(workers)} worker(s): nothing to reduce (TP=1)")
-        return Check(True, f"{fmt(workers)} workers")
+        return _several_gpu_workers(ctx, "tensor parallelism spans GPUs", "nothing to reduce (TP=1)")
 
     def changes(self, ctx: StrategyContext, status: Mapping[str, Any]) -> dict[str, Any]:
         cur = _tp(status)
