@@ -62,6 +62,11 @@ class StoreError(RuntimeError):
     pass
 
 
+class WriteWouldWait(StoreError):
+    """A write told not to wait (``Store.write_now``) found another connection holding the SQLite
+    write lock (another process on the same file): the caller writes elsewhere, later."""
+
+
 def normalize_db_url(url: str) -> str:
     """``postgresql://`` means psycopg 3 here (the only PostgreSQL driver we depend on)."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -392,12 +397,34 @@ class NotificationResult:
 
 # --- the store ------------------------------------------------------------------------------------
 
+_BUSY_TIMEOUT_MS = 10_000
+
+
+def _begin_immediate(driver_conn: Any) -> None:
+    """BEGIN IMMEDIATE; inside ``Store.write_now`` (an event loop's thread, which must not sleep in
+    SQLite's busy handler) it fails at once with :class:`WriteWouldWait` if the lock is taken."""
+    if not getattr(_thread_state, "no_wait", False):
+        driver_conn.execute("BEGIN IMMEDIATE")
+        return
+    import sqlite3
+
+    driver_conn.execute("PRAGMA busy_timeout=0")
+    try:
+        driver_conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise WriteWouldWait(f"database is locked by another connection: {e}") from None
+        raise
+    finally:
+        driver_conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") -> None:
     # Driver-level autocommit so that our "begin" hooks decide how transactions start.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
     try:
         cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     except Exception:  # noqa: BLE001 - in-memory databases have no WAL; harmless
@@ -416,7 +443,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") 
 def _sqlite_begin(conn: Any) -> None:
     # BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that reads, then writes
     # fails with "database is locked" instead of waiting when another connection wrote meanwhile.
-    conn.connection.driver_connection.execute("BEGIN IMMEDIATE")  # straight to sqlite3: cheaper
+    _begin_immediate(conn.connection.driver_connection)  # straight to sqlite3: cheaper
 
 
 def _sqlite_begin_read(conn: Any) -> None:
@@ -537,14 +564,18 @@ class Store:
     def write_now(self) -> Iterator[bool]:
         """True inside when this process's write lock was free this instant and commits are cheap
         (it is then held for the block); False, holding nothing, when a write here would wait or
-        cost an fsync. For a caller that must not block: it writes inline only on True."""
+        cost an fsync. For a caller that must not block: it writes inline only on True, and a
+        write inside that finds another process holding the database lock raises
+        :class:`WriteWouldWait` instead of waiting."""
         lock = self._write_lock
         if lock is None or not self.cheap_commits or not lock.acquire(blocking=False):
             yield False
             return
+        _thread_state.no_wait = True  # and another process's lock: WriteWouldWait, no sleeping
         try:
             yield True
         finally:
+            _thread_state.no_wait = False
             lock.release()
 
     @contextmanager
@@ -556,7 +587,7 @@ class Store:
             fairy = self.engine.raw_connection()
             try:
                 conn = fairy.driver_connection
-                conn.execute("BEGIN IMMEDIATE")
+                _begin_immediate(conn)
                 try:
                     yield conn
                     conn.execute("COMMIT")

@@ -35,7 +35,7 @@ from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.strategies import Actuator, MetricsSource
 from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
-from vllm_otel.store import Notification, NotificationResult, Store
+from vllm_otel.store import Notification, NotificationResult, Store, WriteWouldWait
 
 __all__ = ["Receiver", "GroupCommit", "IntakeGate", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
 
@@ -148,8 +148,8 @@ class GroupCommit:
                         got = self._store_many([item])[0]
                     except Exception as e:  # noqa: BLE001 - as on the writer thread
                         got = e
-                    self.inline_commits += 1
-            if free:
+            if free and not isinstance(got, WriteWouldWait):  # else: the writer thread waits
+                self.inline_commits += 1
                 self._run_after_batch()
                 if isinstance(got, BaseException):
                     raise got
