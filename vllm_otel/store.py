@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -406,8 +407,6 @@ def _begin_immediate(driver_conn: Any) -> None:
     if not getattr(_thread_state, "no_wait", False):
         driver_conn.execute("BEGIN IMMEDIATE")
         return
-    import sqlite3
-
     driver_conn.execute("PRAGMA busy_timeout=0")
     try:
         driver_conn.execute("BEGIN IMMEDIATE")
@@ -495,6 +494,11 @@ class Store:
         # A commit that costs no fsync (SQLite WAL at synchronous NORMAL or OFF): cheap enough to
         # run on an event loop's thread (see write_now).
         self.cheap_commits = self.dialect == "sqlite" and sync in ("OFF", "NORMAL")
+        # write_now's own connection to a SQLite file: busy timeout 0, so a lock held by another
+        # process fails at once (no PRAGMA round trips per commit, no pool checkout).
+        self._nowait_path = u.database if self.dialect == "sqlite" and not memory else None
+        self._sync = sync
+        self._nowait_conn: Any = None
         self._insert_ignore_factory: Any = None
         self._stmts: dict[Any, Any] = {}
         self.fast_ingest = self.dialect == "sqlite"  # see _ingest_firing_sqlite
@@ -537,6 +541,10 @@ class Store:
                 have[table].add(column)
 
     def close(self) -> None:
+        with self._write_lock if self._write_lock is not None else nullcontext():
+            if self._nowait_conn is not None:
+                self._nowait_conn.close()
+                self._nowait_conn = None
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
@@ -583,6 +591,23 @@ class Store:
         """One write transaction on the SQLite driver connection (BEGIN IMMEDIATE ... COMMIT, rolled
         back if the block raises), under this process's write lock: the fast paths."""
         self._yield_to_foreground()
+        if self._nowait_path is not None and getattr(_thread_state, "no_wait", False):
+            with self._write_lock:  # type: ignore[union-attr] - SQLite always has one
+                conn = self._nowait()
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as e:
+                    if "locked" in str(e) or "busy" in str(e):
+                        raise WriteWouldWait(f"database is locked by another connection: {e}") from None
+                    raise
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            return
         with self._write_lock if self._write_lock is not None else nullcontext():
             fairy = self.engine.raw_connection()
             try:
@@ -597,6 +622,15 @@ class Store:
                     raise
             finally:
                 fairy.close()
+
+    def _nowait(self) -> Any:
+        """write_now's connection (opened on first use; call with the write lock held)."""
+        if self._nowait_conn is None:
+            conn = sqlite3.connect(self._nowait_path, check_same_thread=False)  # type: ignore[arg-type]
+            _sqlite_pragmas(conn, None, synchronous=self._sync)
+            conn.execute("PRAGMA busy_timeout=0")
+            self._nowait_conn = conn
+        return self._nowait_conn
 
     def _raw_read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         self._yield_to_foreground()
@@ -1039,8 +1073,6 @@ class Store:
                          now: float | None = None) -> bool:
         """Append ``kind`` for an action; False when it already happened (another replica won)."""
         if self.fast_worker:
-            import sqlite3
-
             values = {"action_id": action_id, "kind": kind, "at": time.time() if now is None else now,
                       "data": redact_mapping(data or {}), "replica": self.replica_id}
             try:
@@ -1104,8 +1136,6 @@ class Store:
         ``guards``: decisions taken after the action was recorded (an approved action's checks)."""
         outcome = outcome.value if isinstance(outcome, Outcome) else str(outcome)
         if self.fast_worker:
-            import sqlite3
-
             try:
                 with self._raw_write() as conn:
                     got = conn.execute(_RAW_ACTION_GET, (action_id,)).fetchone()
