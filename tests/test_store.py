@@ -274,6 +274,13 @@ def test_sqlite_fast_worker_writes_what_the_orm_path_writes(tmp_path: Path) -> N
                       for t in ("jobs", "locks", "actions", "action_events", "outcomes")})
         con.close()
     assert results[0] == results[1]
+    (j1, j2, none, l1, l2, l3, act, e1, e2, l4, f1, f2, f3, s1, s2, s3, j4, outs, al, rec) = results[0]
+    assert j1.owner == "w1" and j2.owner == "w2" and none is None
+    assert (l1, l2, l3, e1, e2, l4) == (True, False, True, True, False, True)
+    assert (f1, f2, f3, s1, s2, s3) == (True, False, True, True, False, True)
+    assert j4.id == j2.id and j4.owner == "w4" and j4.attempts == 2
+    assert [o.outcome for o in outs] == ["success", "skipped"] and outs[0].metrics_after == {"kv": 0.5}
+    assert al.fingerprint == "a" * 16 and rec.outcome == "success" and rec.strategy == "poke"
     for t in dumps[0]:
         assert dumps[0][t] == dumps[1][t], (t, [(x, y) for x, y in zip(dumps[0][t], dumps[1][t]) if x != y])
     assert len(dumps[0]["outcomes"]) == 2 and len(dumps[0]["action_events"]) == 3
