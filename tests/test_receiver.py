@@ -420,6 +420,21 @@ def test_webhooks_commit_inline_while_the_write_lock_is_free_else_in_groups(env:
     assert env.store.table_counts()["alerts"] == 40
 
 
+def test_webhook_fast_route_leaves_other_methods_and_paths_to_fastapi(env: Env) -> None:
+    """POST /webhook skips FastAPI's router (a hot path); everything else still goes through it."""
+    async def go() -> tuple[int, int, int, int]:
+        async with env.client() as c:
+            posted = (await c.post("/webhook", json=am_payload(am_alert()))).status_code
+            got = (await c.get("/webhook")).status_code
+            slash = (await c.post("/webhook/", json=am_payload(am_alert()))).status_code
+            health = (await c.get("/healthz")).status_code
+            return posted, got, slash, health
+    posted, got, slash, health = run(go())
+    assert (posted, got, health) == (202, 405, 200)
+    assert slash in (307, 404)  # FastAPI's own answer for a path that is not the webhook
+    assert env.metric("vllm_otel_receiver_webhooks_total", code="202") == 1
+
+
 def test_a_foreign_write_lock_never_blocks_the_event_loop(env: Env) -> None:
     """Another process holding the SQLite write lock (a second receiver on the same file, a
     maintenance script): an inline commit must not sleep in SQLite's busy handler on the event
