@@ -401,6 +401,16 @@ class NotificationResult:
 _BUSY_TIMEOUT_MS = 10_000
 
 
+def _begin_or_would_wait(driver_conn: Any) -> None:
+    """BEGIN IMMEDIATE on a connection whose busy timeout is 0: a taken lock -> WriteWouldWait."""
+    try:
+        driver_conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise WriteWouldWait(f"database is locked by another connection: {e}") from None
+        raise
+
+
 def _begin_immediate(driver_conn: Any) -> None:
     """BEGIN IMMEDIATE; inside ``Store.write_now`` (an event loop's thread, which must not sleep in
     SQLite's busy handler) it fails at once with :class:`WriteWouldWait` if the lock is taken."""
@@ -409,13 +419,23 @@ def _begin_immediate(driver_conn: Any) -> None:
         return
     driver_conn.execute("PRAGMA busy_timeout=0")
     try:
-        driver_conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as e:
-        if "locked" in str(e) or "busy" in str(e):
-            raise WriteWouldWait(f"database is locked by another connection: {e}") from None
-        raise
+        _begin_or_would_wait(driver_conn)
     finally:
         driver_conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+
+
+@contextmanager
+def _driver_transaction(conn: Any, begin: Callable[[Any], None]) -> Iterator[Any]:
+    """A transaction on a sqlite3 connection: committed when the block ends, rolled back if it
+    raises."""
+    begin(conn)
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # not when BEGIN itself failed
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") -> None:
@@ -591,35 +611,15 @@ class Store:
         """One write transaction on the SQLite driver connection (BEGIN IMMEDIATE ... COMMIT, rolled
         back if the block raises), under this process's write lock: the fast paths."""
         self._yield_to_foreground()
-        if self._nowait_path is not None and getattr(_thread_state, "no_wait", False):
-            with self._write_lock:  # type: ignore[union-attr] - SQLite always has one
-                conn = self._nowait()
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as e:
-                    if "locked" in str(e) or "busy" in str(e):
-                        raise WriteWouldWait(f"database is locked by another connection: {e}") from None
-                    raise
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            return
         with self._write_lock if self._write_lock is not None else nullcontext():
+            if self._nowait_path is not None and getattr(_thread_state, "no_wait", False):
+                with _driver_transaction(self._nowait(), _begin_or_would_wait) as conn:
+                    yield conn
+                return
             fairy = self.engine.raw_connection()
             try:
-                conn = fairy.driver_connection
-                _begin_immediate(conn)
-                try:
+                with _driver_transaction(fairy.driver_connection, _begin_immediate) as conn:
                     yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:  # not when BEGIN itself failed
-                        conn.execute("ROLLBACK")
-                    raise
             finally:
                 fairy.close()
 
