@@ -315,6 +315,68 @@ def test_sqlite_synchronous_from_the_url(tmp_path: Path) -> None:
         Store(f"sqlite:///{tmp_path / 'c.db'}?synchronous=sometimes")
 
 
+def _wal_frames(path: Path) -> int:
+    """How many pages the WAL file of ``path`` has room for (32-byte header, 24 bytes + a page per
+    frame). SQLite reuses the file from its start after a checkpoint that caught up, so this is
+    the most it ever held."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        page = con.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        con.close()
+    wal = path.with_name(path.name + "-wal")
+    return max(0, (wal.stat().st_size - 32) // (24 + page)) if wal.exists() else 0
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["write_now", "writer-thread"])
+def test_sqlite_checkpoints_run_on_their_own_thread(tmp_path: Path, inline: bool) -> None:
+    """SQLite's auto-checkpoint runs inside the COMMIT that takes the WAL past 1,000 pages, on the
+    committing thread, and syncs two files: on the receiver's event loop (write_now) that stalled
+    every ~80th webhook. The store's writers now never checkpoint; its checkpoint thread does,
+    every ``every`` commits, so the WAL stays bounded."""
+    from vllm_otel.store import Notification
+
+    db = tmp_path / "c.db"
+    s = Store(f"sqlite:///{db}")
+    ck = s._checkpointer
+    assert ck is not None
+    ck.every = 10**9  # first: nobody checkpoints
+    try:
+        def commit_many(n: int, base: int) -> None:
+            for i in range(n):
+                hook = webhook(alert(fingerprint=f"{base + i:016d}"))
+                if inline:
+                    with s.write_now() as free:
+                        if free:
+                            s.ingest([Notification(hook, received_at=T0)])
+                            continue
+                # Not inline, or the lock is taken (a checkpoint's second pass): as the writer
+                # thread would, waiting for the lock.
+                s.ingest([Notification(hook, received_at=T0)])
+
+        commit_many(300, 0)  # ~10 pages each: ~3,000 pages, three times SQLite's threshold
+        grown = _wal_frames(db)
+        assert grown > 2000, f"a commit checkpointed: only {grown} frames in the WAL"
+        assert ck.runs == 0
+        ck.every = 50
+        commit_many(300, 1000)
+        deadline = time.monotonic() + 10
+        while ck.runs < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ck.runs >= 5 and ck.locked_runs >= 1
+        # Once a checkpoint caught up, the WAL starts over from the beginning of its file: it
+        # stops growing, though these writers never pause (then a checkpoint takes the lock).
+        size = _wal_frames(db)
+        commit_many(300, 2000)  # another ~3,000 pages
+        assert _wal_frames(db) <= size + 100
+        assert s.table_counts()["alerts"] == 900
+    finally:
+        s.close()
+    assert not any(t.name == "sqlite-wal-checkpoint" for t in threading.enumerate())
+
+
 def test_resolution_once_cancels_pending_and_flags_running(store: Store) -> None:
     a, b = alert(fingerprint="a" * 16), alert(fingerprint="b" * 16, instance="10.0.0.2:8000")
     ra, rb = store.add_firing_alert(a), store.add_firing_alert(b)

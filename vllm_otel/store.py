@@ -30,7 +30,7 @@ import time
 import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         bindparam, create_engine, delete, event, func, insert, or_, select,
@@ -438,7 +438,8 @@ def _driver_transaction(conn: Any, begin: Callable[[Any], None]) -> Iterator[Any
         raise
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL",
+                    autocheckpoint: bool = True) -> None:
     # Driver-level autocommit so that our "begin" hooks decide how transactions start.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
@@ -456,7 +457,97 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, synchronous: str = "NORMAL") 
     # among the alerts of a batch). Who needs durability against power loss on one SQLite file
     # adds ?synchronous=FULL to the URL; PostgreSQL (several replicas) syncs as its server says.
     cur.execute(f"PRAGMA synchronous={synchronous}")
+    if not autocheckpoint:  # a _WalCheckpointer does it, off the writers' threads
+        cur.execute("PRAGMA wal_autocheckpoint=0")
     cur.close()
+
+
+class _WalCheckpointer:
+    """SQLite WAL checkpoints on a thread of their own, for a store whose writers do none.
+
+    By default SQLite checkpoints inside the COMMIT that takes the WAL past 1,000 pages, on the
+    committing thread. With synchronous=NORMAL a checkpoint copies those ~4 MB into the database
+    file and syncs both files: milliseconds, while a commit is ~0.1 ms. The receiver commits a
+    webhook on its event loop's thread (``Store.write_now``), so every ~80th webhook (at ~13 pages
+    each) waited for a checkpoint, and the loop with it: measured at 200 alerts/s, the receiver's
+    p99 outside the host's slow spells was 4.9-5.5 ms with them inline, 1.9-2.4 ms without
+    (benchmarks/README.md). Here the store's write connections have auto-checkpoints off and this
+    thread runs a PASSIVE checkpoint (it waits for no lock and blocks no reader or writer) after
+    every ``every`` commits; sqlite3 releases the GIL while it runs.
+
+    The WAL starts over from its beginning only after a checkpoint that caught up with every
+    commit, and writers that commit while a checkpoint runs can keep it from ever catching up (at
+    200 webhooks/s they did): the WAL file would grow without end. So once the WAL holds more
+    than ``max_frames`` pages, a second pass copies what the first could not with the store's
+    write lock held (a few pages; this process's writers wait for it, as they waited for SQLite's
+    own checkpoint; the event loop does not: write_now then hands its webhook to the writer
+    thread), and the next commit starts the WAL over.
+    """
+
+    def __init__(self, path: str, synchronous: str, write_lock: ContextManager[Any], *,
+                 every: int = 64, max_frames: int = 2000) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.every = every
+        self.max_frames = max_frames
+        self._write_lock = write_lock
+        self.runs = 0  # checkpoints done (tests, debugging)
+        self.locked_runs = 0  # of which under the write lock
+        self._commits = 0
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def committed(self) -> None:
+        """One more commit on the store (called under its write lock)."""
+        self._commits += 1
+        if self._commits >= self.every:
+            self._commits = 0
+            self.request()
+
+    def request(self) -> None:
+        """Checkpoint soon."""
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None and not self._stop:
+                    self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint",
+                                                    daemon=True)
+                    self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            _sqlite_pragmas(conn, None, synchronous=self.synchronous)
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stop:
+                    return
+                try:
+                    _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.runs += 1
+                    # The WAL file is reused from its start only by a writer that begins after a
+                    # checkpoint caught up; concurrent writers may never let one catch up. Past
+                    # max_frames, copy the rest with this process's writers held off.
+                    if frames > self.max_frames:
+                        with self._write_lock:
+                            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        self.locked_runs += 1
+                except sqlite3.Error as e:  # a checkpoint can wait for the next one; never fatal
+                    log.warning("WAL checkpoint of %s failed: %s", self.path, e)
+        finally:
+            conn.close()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread (a checkpoint under way finishes first)."""
+        with self._start_lock:
+            self._stop = True
+            t = self._thread
+        self._wake.set()
+        if t is not None:
+            t.join(timeout_s)
 
 
 def _sqlite_begin(conn: Any) -> None:
@@ -503,9 +594,15 @@ class Store:
         # Reads: on a SQLite file their own engine (deferred transactions, no write lock); the
         # in-memory database has one connection, shared.
         self.read_engine: Engine = self.engine
+        # On a SQLite file, WAL checkpoints run on a thread of their own (see _WalCheckpointer).
+        self._checkpointer: _WalCheckpointer | None = None
         if self.dialect == "sqlite":
+            if not memory:
+                self._checkpointer = _WalCheckpointer(u.database, sync,  # type: ignore[arg-type]
+                                                      self._write_lock)
             pragmas = functools.partial(_sqlite_pragmas, synchronous=sync)
-            event.listen(self.engine, "connect", pragmas)
+            event.listen(self.engine, "connect", functools.partial(
+                _sqlite_pragmas, synchronous=sync, autocheckpoint=memory))
             event.listen(self.engine, "begin", _sqlite_begin)
             if not memory:
                 self.read_engine = create_engine(u, **kwargs)
@@ -565,6 +662,8 @@ class Store:
             if self._nowait_conn is not None:
                 self._nowait_conn.close()
                 self._nowait_conn = None
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
@@ -615,19 +714,21 @@ class Store:
             if self._nowait_path is not None and getattr(_thread_state, "no_wait", False):
                 with _driver_transaction(self._nowait(), _begin_or_would_wait) as conn:
                     yield conn
-                return
-            fairy = self.engine.raw_connection()
-            try:
-                with _driver_transaction(fairy.driver_connection, _begin_immediate) as conn:
-                    yield conn
-            finally:
-                fairy.close()
+            else:
+                fairy = self.engine.raw_connection()
+                try:
+                    with _driver_transaction(fairy.driver_connection, _begin_immediate) as conn:
+                        yield conn
+                finally:
+                    fairy.close()
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
 
     def _nowait(self) -> Any:
         """write_now's connection (opened on first use; call with the write lock held)."""
         if self._nowait_conn is None:
             conn = sqlite3.connect(self._nowait_path, check_same_thread=False)  # type: ignore[arg-type]
-            _sqlite_pragmas(conn, None, synchronous=self._sync)
+            _sqlite_pragmas(conn, None, synchronous=self._sync, autocheckpoint=False)
             conn.execute("PRAGMA busy_timeout=0")
             self._nowait_conn = conn
         return self._nowait_conn
@@ -658,6 +759,8 @@ class Store:
         with self._write_lock if self._write_lock is not None else nullcontext():
             with Session(self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
 
     def _insert_ignore(self, s: Session, model: Any, values: Mapping[str, Any],
                        conflict: Sequence[str]) -> int | None:
