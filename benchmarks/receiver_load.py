@@ -237,6 +237,7 @@ BUSY_SHARE: list[float | None] = [None]  # --busy-share: the policy's worker.bus
 BARE = "--bare"  # not a receiver flag: run benchmarks/bare_app.py instead (the floor)
 # --pin: the receiver on these CPUs, this client and the CPU probe on the others (None: no pinning)
 PIN: list[tuple[set[int], set[int]] | None] = [None]
+PROBE = [True]  # --no-probe: no CPU probe beside the receiver
 
 
 def pin_split() -> tuple[set[int], set[int]]:
@@ -403,12 +404,13 @@ def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dic
     procs = [start_receiver(wd, port, 0, extra)]
     run = Run(rate=rate, seconds=seconds, restart=restart, extra=extra)
     run.cpu_base, psi0, wall0 = cpu_s(procs[0].pid), cpu_pressure_us(), time.monotonic()
-    probe = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "cpu_probe.py"), str(wd / "probe.csv"),
-                              str(seconds + 120)])
+    probe = (subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "cpu_probe.py"),
+                               str(wd / "probe.csv"), str(seconds + 120)]) if PROBE[0] else None)
     try:
         t_start, t_end = asyncio.run(drive(run, wd, port, procs))
-        probe.terminate()
-        probe.wait(30)
+        if probe is not None:
+            probe.terminate()
+            probe.wait(30)
         run.receiver_cpu_s += cpu_s(procs[0].pid) - run.cpu_base
         for b, c in server_histogram(port).items():
             run.server_hist[b] = run.server_hist.get(b, 0.0) + c
@@ -416,7 +418,7 @@ def one_run(rate: float, seconds: float, restart: bool, extra: list[str]) -> dic
         time.sleep(2.0)  # let the worker take some of the backlog (reported, not required)
     finally:
         procs[0].stop()  # never leave a receiver behind, even on Ctrl-C or a timeout
-        if probe.poll() is None:
+        if probe is not None and probe.poll() is None:
             probe.kill()
             probe.wait()
     total = int(rate * seconds)
@@ -482,6 +484,9 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true",
                     help="the receiver on all CPUs but the last, this client and the CPU probe on "
                          "the last (as a load generator on its own machine would be)")
+    ap.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="no CPU probe beside the receiver: no spell columns, and none of the ~10 %% of "
+                         "a core it takes (more while the host is slow, when the receiver needs it)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.pin:
@@ -494,6 +499,7 @@ def main() -> int:
         pass
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
     BUSY_SHARE[0] = args.busy_share
+    PROBE[0] = args.probe
     results = []
     if not args.json:
         print("| server | offered/s | sustained/s | p50 ms | p99 ms | steady p99 ms | server p99 ms "
