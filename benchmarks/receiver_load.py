@@ -238,6 +238,7 @@ BARE = "--bare"  # not a receiver flag: run benchmarks/bare_app.py instead (the 
 # --pin: the receiver on these CPUs, this client and the CPU probe on the others (None: no pinning)
 PIN: list[tuple[set[int], set[int]] | None] = [None]
 PROBE = [True]  # --no-probe: no CPU probe beside the receiver
+ROLLING = [False]  # --rolling: the new receiver starts (SO_REUSEPORT) before the old one stops
 
 
 def pin_split() -> tuple[set[int], set[int]]:
@@ -249,6 +250,8 @@ def pin_split() -> tuple[set[int], set[int]]:
 
 
 def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProcess:
+    if ROLLING[0] and BARE not in extra:
+        extra = [*extra, "--reuse-port"]
     if BARE in extra:
         argv = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port),
                 "--log-level", "warning", "--no-access-log"]
@@ -259,7 +262,14 @@ def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProc
     if PIN[0] is not None:
         argv = ["taskset", "-c", ",".join(map(str, sorted(PIN[0][0]))), *argv]
     proc = ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log", cwd=ROOT).start()
-    wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60, alive=proc.alive)
+    if ROLLING[0] and n > 0:  # the port answers already (the old receiver): wait for this one
+        deadline = time.monotonic() + 60
+        while "Application startup complete" not in proc.log_tail():
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"receiver-{n} did not start:\n{proc.log_tail()}")
+            time.sleep(0.02)
+    else:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60, alive=proc.alive)
     return proc
 
 
@@ -310,6 +320,22 @@ async def drive(run: Run, wd: Path, port: int, procs: list[ManagedProcess]) -> t
 
     async def restart() -> None:
         t_stop = time.perf_counter()
+        if ROLLING[0]:
+            # The new receiver starts beside the old (both --reuse-port), then the old one stops.
+            # The old one's histogram is read first (afterwards the port reaches either), so the
+            # webhooks it serves while the new one starts are missing from "server p99"; its
+            # CPU is read just before it stops.
+            for b, c in (await asyncio.to_thread(server_histogram, port)).items():
+                run.server_hist[b] = run.server_hist.get(b, 0.0) + c
+            new = await asyncio.to_thread(start_receiver, wd, port, 1, run.extra)
+            cpu_new = cpu_s(new.pid)  # start-up (imports) is not per-alert work
+            t_old = time.perf_counter()
+            run.receiver_cpu_s += cpu_s(procs[0].pid) - run.cpu_base
+            await asyncio.to_thread(procs[0].stop)
+            run.stop_s = time.perf_counter() - t_old
+            procs[0], run.cpu_base = new, cpu_new
+            run.restart_window = (t_stop, time.perf_counter())
+            return
         run.receiver_cpu_s += cpu_s(procs[0].pid) - run.cpu_base
         for b, c in (await asyncio.to_thread(server_histogram, port)).items():
             run.server_hist[b] = run.server_hist.get(b, 0.0) + c
@@ -487,6 +513,10 @@ def main() -> int:
     ap.add_argument("--no-probe", dest="probe", action="store_false",
                     help="no CPU probe beside the receiver: no spell columns, and none of the ~10 %% of "
                          "a core it takes (more while the host is slow, when the receiver needs it)")
+    ap.add_argument("--rolling", action="store_true",
+                    help="restart as a rolling restart: both receivers run with --reuse-port, the new "
+                         "one starts beside the old, then the old one stops (default: stop, then "
+                         "start, as after a crash; Alertmanager's retries pile up meanwhile)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.pin:
@@ -500,6 +530,7 @@ def main() -> int:
     rates = [args.rate] if args.rate else [float(r) for r in args.rates.split(",")]
     BUSY_SHARE[0] = args.busy_share
     PROBE[0] = args.probe
+    ROLLING[0] = args.rolling
     results = []
     if not args.json:
         print("| server | offered/s | sustained/s | p50 ms | p99 ms | steady p99 ms | server p99 ms "

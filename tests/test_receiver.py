@@ -1132,6 +1132,106 @@ def test_receiver_command_serves_tls_with_a_token_file(tmp_path: Path) -> None:
     assert TOKEN not in (tmp_path / "cli.db").read_bytes().decode("latin-1")
 
 
+def test_rolling_restart_with_reuse_port_refuses_nothing(tmp_path: Path) -> None:
+    """--reuse-port: a second receiver on the same port and store starts while the first still
+    serves; then the first stops. Webhooks sent all along (retried on a transport error, as
+    Alertmanager does) are all answered 202 and stored, and the new receiver serves alone after.
+    Without --reuse-port on the running receiver, the second one says so and exits."""
+    import sys
+
+    from vllm_otel.testing.processes import ManagedProcess
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump({
+        "targets": [{"instance": I1}], "default_mode": "dry-run",
+        "rules": [{"alertname": "VllmKvCacheNearlyFull", "strategies": ["escalate_to_human"]}],
+        "strategies": {"escalate_to_human": {"params": {"url": "http://127.0.0.1:9/hook"}}}}))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def receiver(name: str, *extra: str) -> ManagedProcess:
+        return ManagedProcess(name, [
+            sys.executable, "-c", _CLI, "receiver", "--config", str(policy_file), "--port", str(port),
+            "--token-file", str(token_file), "--replica-id", name,
+            "--db-url", f"sqlite:///{tmp_path / 'r.db'}", *extra], tmp_path / f"{name}.log")
+
+    def wait_ready(proc: ManagedProcess) -> None:
+        deadline = time.monotonic() + 30
+        # Listening follows the app's start-up at once (uvicorn logs no address for a socket
+        # it was handed).
+        while "Application startup complete" not in proc.log_tail():
+            assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+
+    plain = receiver("plain").start()
+    try:
+        wait_ready(plain)
+        late = receiver("late", "--reuse-port").start()
+        deadline = time.monotonic() + 30
+        while late.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not late.alive(), "started on a port held without SO_REUSEPORT"
+        assert "cannot listen on" in late.log_tail() and "SO_REUSEPORT" in late.log_tail()
+    finally:
+        plain.stop()
+
+    old = receiver("old", "--reuse-port").start()
+    new = receiver("new", "--reuse-port")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    sent: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def sender() -> None:  # one new alert every 10 ms, each retried until it is accepted
+        with httpx.Client(timeout=10) as c:
+            i = 0
+            while not stop.is_set():
+                a = am_alert(instance=I1, seq=f"r{i}")
+                for _ in range(50):
+                    try:
+                        r = c.post(f"{url}/webhook", json=am_payload(a), headers=auth)
+                        assert r.status_code == 202, r.text
+                        break
+                    except httpx.TransportError as e:
+                        errors.append(type(e).__name__)
+                        time.sleep(0.05)
+                else:
+                    raise AssertionError(f"alert r{i} never accepted")
+                sent.append(a["fingerprint"])
+                i += 1
+                time.sleep(0.01)
+
+    try:
+        wait_ready(old)
+        t = threading.Thread(target=sender)
+        t.start()
+        time.sleep(0.5)
+        new.start()
+        wait_ready(new)  # both serve now
+        time.sleep(0.3)
+        old.stop()
+        time.sleep(0.5)
+        stop.set()
+        t.join(30)
+        assert not t.is_alive()
+        assert httpx.get(f"{url}/healthz", timeout=5).json()["replica"] == "new"
+    finally:
+        stop.set()
+        old.stop()
+        new.stop()
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        stored = {a.fingerprint for a in store.alerts(limit=10_000)}
+    finally:
+        store.close()
+    assert len(sent) > 50 and set(sent) <= stored
+    # Connections the old receiver had accepted but not served when it stopped are reset, and
+    # the client sends again; there is no window in which the port refuses connections.
+    assert errors.count("ConnectError") == 0, errors
+
+
 @pytest.mark.alertmanager
 def test_real_alertmanager_delivers_with_bearer_token_file(tmp_path: Path) -> None:
     from vllm_otel.testing.services import AlertmanagerServer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import socket
 import sys
 from typing import Any
 
@@ -40,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-worker", action="store_true",
                    help="only receive and store alerts; act on nothing (another replica sharing "
                         "the PostgreSQL store does the work)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="listen with SO_REUSEPORT (Linux), so that a new receiver on the same port "
+                        "and store can start before the old one stops: a rolling restart, with no "
+                        "gap in which Alertmanager's deliveries are refused and pile up as retries")
     p.add_argument("--check-config", action="store_true", help="validate the policy and exit")
     p.set_defaults(func=run)
 
@@ -52,6 +57,22 @@ def _hook(policy: Any, factory: str) -> Any:
     except (ImportError, AttributeError) as e:
         log.warning("%s unavailable (%s)", factory, e)
         return None
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT, not yet listening: uvicorn listens on it after the
+    app's start-up, so a receiver that is still starting gets none of the connections the kernel
+    spreads over the receivers sharing the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +97,17 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("vllm-otel receiver: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    sockets = None
+    if args.reuse_port:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            print("vllm-otel receiver: --reuse-port needs SO_REUSEPORT (Linux, BSD)", file=sys.stderr)
+            return 2
+        try:
+            sockets = [_reuse_port_socket(args.host, args.port)]
+        except OSError as e:  # e.g. the port is held by a receiver started without --reuse-port
+            print(f"vllm-otel receiver: cannot listen on {args.host}:{args.port} with SO_REUSEPORT: {e}",
+                  file=sys.stderr)
+            return 2
 
     import uvicorn
 
@@ -91,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     # three: loop -> group-commit writer -> loop). 1 ms keeps the worker's CPU from adding up to
     # ~15 ms to a POST; the price is more frequent switching, only while threads contend.
     sys.setswitchinterval(0.001)
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
-                ssl_keyfile=args.tls_key, log_level="info", server_header=False, access_log=False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert,
+                            ssl_keyfile=args.tls_key, log_level="info", server_header=False,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:  # start-up failed (port taken, app start-up error): uvicorn logged why
+        return 3
     return 0
