@@ -1072,6 +1072,18 @@ def test_real_uvicorn_receives_alertmanager_025_body(tmp_path: Path) -> None:
             "status": "ok", "replica": env.store.replica_id, "store": "ok", "worker": "running"}
 
 
+def _cli_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A token file and a dry-run policy for a `vllm-otel receiver` process."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(yaml.safe_dump({
+        "targets": [{"instance": I1}], "default_mode": "dry-run",
+        "rules": [{"alertname": "VllmKvCacheNearlyFull", "strategies": ["escalate_to_human"]}],
+        "strategies": {"escalate_to_human": {"params": {"url": "http://127.0.0.1:9/hook"}}}}))
+    return token_file, policy_file
+
+
 _CLI = ("import argparse, sys; from vllm_otel.mitigate.cli import add_parser; "
         "p = argparse.ArgumentParser(); add_parser(p.add_subparsers()); "
         "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
@@ -1093,13 +1105,7 @@ def test_receiver_command_serves_tls_with_a_token_file(tmp_path: Path) -> None:
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text(yaml.safe_dump({
-        "targets": [{"instance": I1}], "default_mode": "dry-run",
-        "rules": [{"alertname": "VllmKvCacheNearlyFull", "strategies": ["escalate_to_human"]}],
-        "strategies": {"escalate_to_human": {"params": {"url": "http://127.0.0.1:9/hook"}}}}))
+    token_file, policy_file = _cli_files(tmp_path)
     port = free_port()
     url = f"https://127.0.0.1:{port}"
     proc = ManagedProcess("receiver", [
@@ -1141,13 +1147,7 @@ def test_rolling_restart_with_reuse_port_refuses_nothing(tmp_path: Path) -> None
 
     from vllm_otel.testing.processes import ManagedProcess
 
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text(yaml.safe_dump({
-        "targets": [{"instance": I1}], "default_mode": "dry-run",
-        "rules": [{"alertname": "VllmKvCacheNearlyFull", "strategies": ["escalate_to_human"]}],
-        "strategies": {"escalate_to_human": {"params": {"url": "http://127.0.0.1:9/hook"}}}}))
+    token_file, policy_file = _cli_files(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
 
