@@ -130,14 +130,16 @@ def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, f
     return values
 
 
-def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 60) -> dict[str, float]:
+def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 90) -> dict[str, float]:
     """Run the engine core in short slices, frozen (SIGSTOP) in between, until the front end's gauges
     satisfy ``pred``; returns with the core frozen. A fixed head start is not enough: on a loaded
     machine the first step after resume can take longer than any sleep picked here (seen in CI), and
-    the gauges only move when the core has sent a step's output."""
+    the gauges only move when the core has sent a step's output. So the slices grow (0.1 s, x1.5, up
+    to 1 s): short enough at first to catch the batch mid-way, long enough later for a slow step."""
     src = ScrapeMetricsSource()
     deadline = time.monotonic() + timeout_s
-    seen = []  # what the gauges showed, for the failure message
+    slice_s = 0.1
+    seen: list[tuple] = []  # (slice length, running, waiting) whenever they change: the failure message
     while True:
         os.kill(core_pid, signal.SIGSTOP)
         settle = time.monotonic() + 2  # the front end catches up on what the core already sent
@@ -145,13 +147,16 @@ def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 60)
             values = run(src.snapshot(target)).values
             if pred(values):
                 return values
-            seen.append((values.get("running"), values.get("waiting")))
+            now = (values.get("running"), values.get("waiting"))
+            if not seen or seen[-1][1:] != now:
+                seen.append((round(slice_s, 2), *now))
             if time.monotonic() > settle:
                 break
             time.sleep(0.1)
         assert time.monotonic() < deadline, (values, seen[-40:])
         os.kill(core_pid, signal.SIGCONT)
-        time.sleep(0.1)
+        time.sleep(slice_s)
+        slice_s = min(slice_s * 1.5, 1.0)
 
 
 @pytest.mark.vllm

@@ -94,8 +94,15 @@ def loop(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, live_rule_f
         sup = SupervisorProcess(work, srv.proc.argv, token=SUP_TOKEN, env=srv.env, name="supervise-vllm",
                                 extra=["--start-timeout", "300", "--stop-grace", "10"])
         started.append(sup.start(timeout_s=300))
+        # Each test starts its own receiver, so none listens between tests. An alert that resolves
+        # then (e.g. VllmRequestsQueueing at the end of the KV test) has its resolved notification
+        # retried for a while and dropped; Alertmanager's log still says the group was last sent
+        # firing, so when the same labels fire again in the next test it stays silent until
+        # repeat_interval (seen in CI: the queue test never heard of its alert; reproduced with
+        # Alertmanager 0.25, a receiver down 70 s). A short repeat_interval re-sends what fires; the
+        # receiver dedupes resends, so actions still run once.
         am = AlertmanagerServer(work, webhook_url=f"http://127.0.0.1:{rx_port}/webhook",
-                                bearer_token_file=rx_token, name="alertmanager-loop")
+                                bearer_token_file=rx_token, name="alertmanager-loop", repeat_interval="10s")
         started.append(am.start())
         prom = PrometheusServer(work, targets={"vllm": [srv.url]}, rule_files=live_rule_files,
                                 alertmanager=am.url, name="prometheus-loop")
