@@ -124,6 +124,10 @@ class WorkerConfig(_Cfg):
                               description="while webhooks keep arriving, the worker takes at most this "
                                           "share of the time (one job at a time): the intake's latency "
                                           "against how fast a storm's jobs get done")
+    start_hold_s: float = Field(3.0, ge=0.0,
+                                description="after start-up, the worker waits while webhooks keep "
+                                            "arriving, at most this long: a restarted receiver gets "
+                                            "Alertmanager's retries all at once, and they come first")
     verify_delay_s: float = Field(10.0, ge=0.0, description="wait before verifying an action")
     action_timeout_s: float = Field(60.0, gt=0.0)
     max_attempts: int = Field(3, ge=1, description="a job picked up this often is given up")
