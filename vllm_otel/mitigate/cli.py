@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import socket
@@ -127,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
                             ssl_keyfile=args.tls_key, log_level="info", server_header=False,
                             access_log=False)
     server = uvicorn.Server(config)
+    # Everything imported and built so far lives as long as the process. A full collection walks
+    # it all (~94,000 objects, ~50 ms on the 2-core VM, during which no webhook is answered);
+    # frozen, the collector leaves it alone and only walks what serving allocates.
+    gc.collect()
+    gc.freeze()
     server.run(sockets=sockets)
     if not server.started:  # start-up failed (port taken, app start-up error): uvicorn logged why
         return 3
