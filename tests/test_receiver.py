@@ -889,6 +889,28 @@ def test_paced_worker_misses_no_work_in_a_storm_of_wakes(tmp_path: Path) -> None
         assert len(outcomes()) == 4 and time.monotonic() - t0 < 2.5, outcomes()
 
 
+@pytest.mark.parametrize("storm_s, starts_after_s", [(60.0, 1.5), (0.6, 0.6)])
+def test_restarted_worker_waits_for_the_retry_wave(tmp_path: Path, storm_s: float,
+                                                   starts_after_s: float) -> None:
+    """worker.start_hold_s: a receiver restarted with work pending holds its worker while webhooks
+    keep arriving (Alertmanager's retries come all at once), at most start_hold_s; once they
+    stop it starts at once. The pending job is done either way."""
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = Env(tmp_path, db_url=db)  # no worker: the job stays pending, as after a crash
+    assert run(first.post(am_payload(am_alert()))).status_code == 202
+    first.store.close()
+    env = Env(tmp_path, db_url=db, start_worker=True, worker={"start_hold_s": 1.5, "poll_s": 0.05},
+              guards={"cooldown_s": 0})
+    t0 = time.monotonic()
+    env.receiver.worker.foreground_busy = lambda: time.monotonic() - t0 < storm_s
+    with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}):
+        while not env.actuator.calls and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+    assert env.actuator.calls == [(I1, "poke", {"level": 1})]
+    assert starts_after_s - 0.05 <= took <= starts_after_s + 1.0, took
+
+
 def test_action_interrupted_by_a_stop_is_not_rerun(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'shared.db'}"
     first = Env(tmp_path, db_url=db)
