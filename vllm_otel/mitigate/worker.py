@@ -220,7 +220,7 @@ class Worker:
         """A receiver that starts after an outage gets Alertmanager's retries of everything sent
         meanwhile, within a second or two. Measured on 2 cores: with the worker resuming its
         backlog (learner sync, then paced jobs) from the first moment, the first ~25 webhooks after
-        the restart took 1-13 ms each instead of 0.5-0.9; the jobs are durable and can wait. So the
+        the restart took 1-30 ms each instead of 0.4-0.9; the jobs are durable and can wait. So the
         worker starts once no webhook came for ``busy_window_s``, or after ``start_hold_s``."""
         if self.foreground_busy is None:
             return
