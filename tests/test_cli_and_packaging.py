@@ -27,17 +27,35 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=120)
 
 
+COMMANDS = ("tiny-model", "replay", "backtest", "forecaster", "demo", "receiver", "supervise")
+
+
 def test_help_lists_subcommands():
     r = subprocess.run([sys.executable, "-m", "vllm_otel", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for cmd in ("tiny-model", "replay", "demo"):
+    for cmd in COMMANDS:
         assert cmd in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["tiny-model", "replay", "demo"])
+@pytest.mark.parametrize("cmd", COMMANDS)
 def test_each_subcommand_has_help(cmd):
     r = subprocess.run([sys.executable, "-m", "vllm_otel", cmd, "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "usage:" in r.stdout
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: vllm-otel {cmd} ")
+
+
+def test_a_command_loads_only_its_own_module():
+    """`vllm-otel receiver` (restarted while Alertmanager retries) does not import the other
+    commands' modules: replay's numpy, tiny-model's test services."""
+    r = _run("""
+from vllm_otel.cli import main
+try:
+    main(['-v', 'receiver', '--help'])
+except SystemExit as e:
+    assert e.code == 0
+for mod in ('numpy', 'vllm_otel.loadgen', 'vllm_otel.testing', 'vllm_otel.demo'):
+    assert mod not in sys.modules, mod
+""")
+    assert r.returncode == 0, r.stderr
 
 
 def test_import_and_tools_work_without_vllm():

@@ -16,25 +16,30 @@ from vllm_otel import __version__
 
 __all__ = ["main", "build_parser"]
 
-# module -> the subcommands it registers through add_parser(subparsers)
-_SUBCOMMAND_MODULES = (
-    "vllm_otel.testing.cli",      # tiny-model
-    "vllm_otel.loadgen.cli",      # replay
-    "vllm_otel.forecast.cli",     # backtest
-    "vllm_otel.demo",             # demo
-    "vllm_otel.mitigate.cli",     # receiver
-    "vllm_otel.mitigate.supervise_cli",  # supervise
-)
+# subcommand -> the module that registers it through add_parser(subparsers)
+_SUBCOMMANDS = {
+    "tiny-model": "vllm_otel.testing.cli",
+    "replay": "vllm_otel.loadgen.cli",
+    "backtest": "vllm_otel.forecast.cli",
+    "forecaster": "vllm_otel.forecast.cli",
+    "demo": "vllm_otel.demo",
+    "receiver": "vllm_otel.mitigate.cli",
+    "supervise": "vllm_otel.mitigate.supervise_cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or with ``command`` only the module that registers it: each module's imports
+    (numpy for replay, the test services for tiny-model) cost 0.1-0.2 s, and a
+    receiver restarting after a crash should not pay for the others (Alertmanager retries meanwhile)."""
     parser = argparse.ArgumentParser(
         prog="vllm-otel",
         description="Observability, failure forecasting and guarded mitigation for vLLM.")
     parser.add_argument("--version", action="version", version=f"vllm-otel {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod_name in _SUBCOMMAND_MODULES:
+    modules = [_SUBCOMMANDS[command]] if command in _SUBCOMMANDS else list(dict.fromkeys(_SUBCOMMANDS.values()))
+    for mod_name in modules:
         try:
             mod = importlib.import_module(mod_name)
         except ImportError as e:  # a missing optional part must not break the other commands
@@ -45,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_in if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(args_in)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
