@@ -11,11 +11,13 @@ the same as JSON.
     .venv/bin/python benchmarks/receiver_cold_start.py --runs 3
     .venv/bin/python benchmarks/receiver_cold_start.py --runs 3 --no-worker     # the intake alone
     .venv/bin/python benchmarks/receiver_cold_start.py --runs 3 --start-hold 0  # worker resumes at once
+    .venv/bin/python benchmarks/receiver_cold_start.py --runs 3 --burst 50      # 50 at once first
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import statistics
@@ -62,6 +64,28 @@ def start_receiver_no_wait(wd: Path, port: int, n: int, extra: list[str]) -> Man
     return ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log", cwd=ROOT).start()
 
 
+async def _post_async(port: int, body: bytes) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t = time.perf_counter()
+    writer.write(body)
+    await writer.drain()
+    head = await reader.read(65536)
+    ms = (time.perf_counter() - t) * 1000
+    writer.close()
+    if b" 202 " not in head[:20]:
+        raise SystemExit(f"expected 202, got {head[:200]!r}")
+    return ms
+
+
+def burst(port: int, first: int, n: int, starts_at: str) -> list[float]:
+    """``n`` webhooks at once, each on its own new connection (a retry wave's first moment)."""
+    bodies = [request_bytes(port, json.dumps(payload(first + i, starts_at)).encode()) for i in range(n)]
+
+    async def go() -> list[float]:
+        return list(await asyncio.gather(*(_post_async(port, b) for b in bodies)))
+    return asyncio.run(go())
+
+
 def wait_port(port: int, timeout_s: float = 60) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
@@ -78,6 +102,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--count", type=int, default=40, help="webhooks per run (default %(default)s)")
+    ap.add_argument("--burst", type=int, default=0, metavar="N",
+                    help="first send N webhooks at once (new connections), then the --count one by one")
     ap.add_argument("--pending", type=int, default=2000, help="alerts pending before the runs")
     ap.add_argument("--no-worker", action="store_true", help="the restarted receivers run no worker")
     ap.add_argument("--start-hold", type=float, default=None, metavar="S",
@@ -106,7 +132,9 @@ def main() -> int:
         try:
             t0 = time.monotonic()
             listening = wait_port(port)
-            lat = [post(port, args.pending + r * args.count + i, starts_at) for i in range(args.count)]
+            first = args.pending + r * (args.count + args.burst)
+            lat = burst(port, first, args.burst, starts_at) if args.burst else []
+            lat += [post(port, first + args.burst + i, starts_at) for i in range(args.count)]
             runs.append({"listening_after_s": round(listening, 3), "ms": [round(x, 2) for x in lat],
                          "wall_s": round(time.monotonic() - t0, 3)})
         finally:
