@@ -23,10 +23,14 @@ import time
 from contextlib import asynccontextmanager, nullcontext
 from typing import Any, AsyncIterator, Callable, ContextManager, Mapping, Sequence, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+# Starlette, not FastAPI: eleven small routes need no dependency injection or OpenAPI, and FastAPI's
+# import (~170 ms here) lengthened every restart, during which Alertmanager's retries pile up.
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from vllm_otel.learn.learner import Learner
 from vllm_otel.mitigate.models import (AlertmanagerWebhook, AlertStatus, JobState, Outcome,
@@ -397,10 +401,10 @@ class Receiver:
 
 # --- HTTP ---------------------------------------------------------------------------------------------
 
-class _ReceiverApp(FastAPI):
-    """FastAPI, except that POST /webhook goes straight to its handler: the one hot route skips
-    the router, the dependency solver and the exception middlewares (~0.1 ms of CPU a webhook,
-    which a storm multiplies). The handler answers every outcome itself; anything it did not
+class _ReceiverApp(Starlette):
+    """Starlette, except that POST /webhook goes straight to its handler: the one hot route skips
+    the router and the exception middlewares (a storm multiplies every 0.1 ms of CPU a webhook
+    costs). The handler answers every outcome itself; anything it did not
     expect still reaches uvicorn, which answers 500 and logs it."""
 
     webhook_asgi: Callable[..., Any] | None = None
@@ -421,7 +425,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
                metrics_source: MetricsSource | None = None, learner: Learner | None = None,
                token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
-               start_worker: bool = True, close_store: bool = False) -> FastAPI:
+               start_worker: bool = True, close_store: bool = False) -> Starlette:
     """The receiver's ASGI app; ``app.state.receiver`` is the :class:`Receiver`.
 
     ``token``: the bearer token clients must send (None: no auth, for loopback-only setups).
@@ -432,7 +436,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
                         registry=registry, clock=clock)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
         if start_worker:
             # Before uvicorn listens (it binds after the lifespan starts): not during the retry
             # wave a restarted receiver gets first.
@@ -444,10 +448,6 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             await receiver.shutdown()
             if close_store:
                 store.close()
-
-    app = _ReceiverApp(title="vllm-otel mitigation receiver", lifespan=lifespan, docs_url=None,
-                       redoc_url=None, openapi_url=None)
-    app.state.receiver = receiver
 
     def unauthorized(request: Request) -> JSONResponse | None:
         if receiver.token is None:
@@ -480,7 +480,6 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.post("/webhook")
     async def webhook(request: Request) -> Response:
         gate = receiver.intake_gate
         gate.enter()
@@ -496,8 +495,6 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
     async def webhook_asgi(scope: Any, receive: Any, send: Any) -> None:
         response = await webhook(Request(scope, receive))
         await response(scope, receive, send)
-
-    app.webhook_asgi = webhook_asgi
 
     async def _webhook(request: Request) -> Response:
         denied = unauthorized(request)
@@ -524,21 +521,23 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             return _json(503, {"detail": f"store unavailable: {type(e).__name__}"})
         return _json(202, {"status": "accepted", **counts})
 
-    @app.get("/actions")
-    async def list_actions(request: Request, limit: int = 100, offset: int = 0,
-                           alertname: str | None = None, fingerprint: str | None = None,
-                           strategy: str | None = None, outcome: str | None = None) -> Response:
+    async def list_actions(request: Request) -> Response:
         denied = unauthorized(request)
         if denied is not None:
             return denied
+        q = request.query_params
+        try:
+            limit, offset = int(q.get("limit", 100)), int(q.get("offset", 0))
+        except ValueError:
+            return _json(400, {"detail": "limit and offset must be integers"})
         limit = max(1, min(limit, 1000))
         rows = await asyncio.to_thread(store.actions, limit=limit, offset=max(0, offset),
-                                       alertname=alertname, fingerprint=fingerprint,
-                                       strategy=strategy, outcome=outcome)
+                                       alertname=q.get("alertname"), fingerprint=q.get("fingerprint"),
+                                       strategy=q.get("strategy"), outcome=q.get("outcome"))
         return _json(200, {"actions": [r.to_json() for r in rows], "count": len(rows)})
 
-    @app.get("/actions/{action_id}")
-    async def get_action(request: Request, action_id: int) -> Response:
+    async def get_action(request: Request) -> Response:
+        action_id: int = request.path_params["action_id"]
         denied = unauthorized(request)
         if denied is not None:
             return denied
@@ -557,8 +556,8 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             msg = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
             return _json(400, {"detail": f"bad body: {msg}"})
 
-    @app.post("/actions/{action_id}/approve")
-    async def approve(request: Request, action_id: int) -> Response:
+    async def approve(request: Request) -> Response:
+        action_id: int = request.path_params["action_id"]
         denied = unauthorized(request)
         if denied is not None:
             return denied
@@ -568,8 +567,8 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         code, out = await asyncio.to_thread(receiver.approve, action_id, body.by, body.comment)
         return _json(code, out)
 
-    @app.post("/actions/{action_id}/reject")
-    async def reject(request: Request, action_id: int) -> Response:
+    async def reject(request: Request) -> Response:
+        action_id: int = request.path_params["action_id"]
         denied = unauthorized(request)
         if denied is not None:
             return denied
@@ -579,14 +578,12 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         code, out = await asyncio.to_thread(receiver.reject, action_id, body.by, body.comment)
         return _json(code, out)
 
-    @app.get("/killswitch")
     async def get_kill_switch(request: Request) -> Response:
         denied = unauthorized(request)
         if denied is not None:
             return denied
         return _json(200, await asyncio.to_thread(receiver.kill_switch_state))
 
-    @app.post("/killswitch")
     async def set_kill_switch(request: Request) -> Response:
         denied = unauthorized(request)
         if denied is not None:
@@ -600,12 +597,10 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
                     redact_text(body.by))
         return _json(200, await asyncio.to_thread(receiver.kill_switch_state))
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(_: Request) -> Response:
         data = await asyncio.to_thread(generate_latest, receiver.metrics.registry)
         return Response(content=data, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/learner")
     async def learner(request: Request) -> Response:
         """What the learner has learnt from the outcomes so far (per strategy and situation)."""
         denied = unauthorized(request)
@@ -616,8 +611,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         stats = lrn.stats() if callable(getattr(lrn, "stats", None)) else None
         return _json(200, {"learner": type(lrn).__name__, "stats": stats})
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
+    async def healthz(_: Request) -> Response:
         out: dict[str, Any] = {"status": "ok", "replica": receiver.replica_id}
         code = 200
         try:
@@ -630,4 +624,18 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             out["status"], code = "degraded", 503
         return _json(code, out)
 
+    app = _ReceiverApp(lifespan=lifespan, routes=[
+        Route("/webhook", webhook, methods=["POST"]),
+        Route("/actions", list_actions, methods=["GET"]),
+        Route("/actions/{action_id:int}", get_action, methods=["GET"]),
+        Route("/actions/{action_id:int}/approve", approve, methods=["POST"]),
+        Route("/actions/{action_id:int}/reject", reject, methods=["POST"]),
+        Route("/killswitch", get_kill_switch, methods=["GET"]),
+        Route("/killswitch", set_kill_switch, methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/learner", learner, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ])
+    app.state.receiver = receiver
+    app.webhook_asgi = webhook_asgi
     return app
