@@ -31,7 +31,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from receiver_load import (
-    ROOT,
     TOKEN,
     payload,
     request_bytes,
@@ -39,7 +38,7 @@ from receiver_load import (
     write_policy,
 )
 
-from vllm_otel.testing.processes import ManagedProcess, free_port
+from vllm_otel.testing.processes import free_port
 
 
 def post(port: int, i: int, starts_at: str) -> float:
@@ -53,15 +52,6 @@ def post(port: int, i: int, starts_at: str) -> float:
     if b" 202 " not in head[:20]:
         raise SystemExit(f"webhook {i}: expected 202, got {head[:200]!r}")
     return ms
-
-
-def start_receiver_no_wait(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProcess:
-    """start_receiver() waits for /healthz, which would be the first request; here the first
-    request must be a webhook, so only the process is started."""
-    argv = [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(wd / "policy.yaml"),
-            "--port", str(port), "--token-file", str(wd / "token"),
-            "--db-url", f"sqlite:///{wd / 'r.db'}", *extra]
-    return ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log", cwd=ROOT).start()
 
 
 async def _post_async(port: int, body: bytes) -> float:
@@ -128,7 +118,8 @@ def main() -> int:
         feeder.stop()
     runs = []
     for r in range(args.runs):
-        proc = start_receiver_no_wait(wd, port, r + 1, ["--no-worker"] if args.no_worker else [])
+        # Not waiting for /healthz: the first request must be a webhook.
+        proc = start_receiver(wd, port, r + 1, ["--no-worker"] if args.no_worker else [], wait=False)
         try:
             t0 = time.monotonic()
             listening = wait_port(port)

@@ -249,7 +249,9 @@ def pin_split() -> tuple[set[int], set[int]]:
     return set(cpus[:-1]), {cpus[-1]}
 
 
-def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProcess:
+def start_receiver(wd: Path, port: int, n: int, extra: list[str], wait: bool = True) -> ManagedProcess:
+    """A receiver (or the bare app) on ``port`` and ``wd``'s database; with ``wait``, returns once
+    it serves."""
     if ROLLING[0] and BARE not in extra:
         extra = [*extra, "--reuse-port"]
     if BARE in extra:
@@ -262,13 +264,9 @@ def start_receiver(wd: Path, port: int, n: int, extra: list[str]) -> ManagedProc
     if PIN[0] is not None:
         argv = ["taskset", "-c", ",".join(map(str, sorted(PIN[0][0]))), *argv]
     proc = ManagedProcess(f"receiver-{n}", argv, wd / f"receiver-{n}.log", cwd=ROOT).start()
-    if ROLLING[0] and n > 0:  # the port answers already (the old receiver): wait for this one
-        deadline = time.monotonic() + 60
-        while "Application startup complete" not in proc.log_tail():
-            if not proc.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"receiver-{n} did not start:\n{proc.log_tail()}")
-            time.sleep(0.02)
-    else:
+    if wait and ROLLING[0] and n > 0:  # the port answers already (the old receiver): wait for this one
+        proc.wait_log("Application startup complete", timeout_s=60)
+    elif wait:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s=60, alive=proc.alive)
     return proc
 

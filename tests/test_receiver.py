@@ -1190,12 +1190,9 @@ def test_rolling_restart_with_reuse_port_refuses_nothing(tmp_path: Path) -> None
             "--db-url", f"sqlite:///{tmp_path / 'r.db'}", *extra], tmp_path / f"{name}.log")
 
     def wait_ready(proc: ManagedProcess) -> None:
-        deadline = time.monotonic() + 30
         # Listening follows the app's start-up at once (uvicorn logs no address for a socket
         # it was handed).
-        while "Application startup complete" not in proc.log_tail():
-            assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
-            time.sleep(0.05)
+        proc.wait_log("Application startup complete", timeout_s=30)
 
     plain = receiver("plain").start()
     try:

@@ -79,6 +79,19 @@ class ManagedProcess:
             return ""
         return data[-chars:].decode("utf-8", "replace")
 
+    def wait_log(self, text: str, *, timeout_s: float, poll_s: float = 0.02) -> None:
+        """Until ``text`` shows in the log (a server that logs it when ready, e.g. uvicorn's
+        "Application startup complete" for a socket it was handed, where /healthz would be
+        answered by another process on the same port)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_tail():
+            if not self.alive():
+                raise ProcessFailed(f"{self.name} exited before logging {text!r}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"{self.name} did not log {text!r} within {timeout_s:.0f} s:\n"
+                                    f"{self.log_tail()}")
+            time.sleep(poll_s)
+
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the group, then SIGKILL the group if it lingers. Only our own group is touched."""
         if self.proc is None:
