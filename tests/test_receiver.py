@@ -811,27 +811,37 @@ def test_a_failed_precondition_is_rechecked_while_the_alert_fires(tmp_path: Path
 
 # --- restart, interruption ---------------------------------------------------------------------------
 
-def test_worker_parts_are_warmed_before_the_receiver_serves(tmp_path: Path) -> None:
-    """The actuator's and metrics source's one-time costs (imports, the CA bundle) are paid in the
-    app's start-up, before uvicorn listens, not by the first job during a restart's retry wave;
-    a failing warm-up only logs."""
+def test_worker_parts_are_warmed_after_the_start_hold_before_the_first_job(tmp_path: Path) -> None:
+    """The actuator's and metrics source's one-time costs (imports, the CA bundle) are paid on the
+    worker's thread once its start hold is over: not before uvicorn listens (that would lengthen a
+    restart's gap, so the retry wave), not during the wave, and not inside the first job; a failing
+    warm-up only logs and the job still runs."""
     order: list[str] = []
 
     class WarmMetrics(StaticMetrics):
         def warm_up(self) -> None:
-            order.append("metrics")
+            order.append("metrics warmed")
 
-    env = Env(tmp_path, metrics=WarmMetrics({"kv": 0.5}), start_worker=True)
+    env = Env(tmp_path, metrics=WarmMetrics({"kv": 0.5}), start_worker=True,
+              worker={"start_hold_s": 5.0, "poll_s": 0.05}, guards={"cooldown_s": 0})
+    storm = [True]
+    env.receiver.worker.foreground_busy = lambda: storm[0]
 
     def broken() -> None:
-        order.append("actuator")
+        order.append("actuator warmed")
         raise RuntimeError("no CA bundle")
 
     env.actuator.warm_up = broken  # type: ignore[attr-defined]
     with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-        order.append("serving")
         assert c.post("/webhook", json=am_payload(am_alert())).status_code == 202
-    assert order == ["actuator", "metrics", "serving"]
+        time.sleep(0.3)
+        order.append("wave over")  # nothing warmed while the intake was busy
+        storm[0] = False
+        deadline = time.monotonic() + 10
+        while not env.actuator.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert order == ["wave over", "actuator warmed", "metrics warmed"]
+    assert env.actuator.calls == [(I1, "poke", {"level": 1})]
 
 
 def test_real_warm_up_loads_what_a_first_scrape_would() -> None:

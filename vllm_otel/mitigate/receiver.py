@@ -438,9 +438,6 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         if start_worker:
-            # Before uvicorn listens (it binds after the lifespan starts): not during the retry
-            # wave a restarted receiver gets first.
-            await asyncio.to_thread(receiver.worker.warm_up)
             receiver.worker.start()  # its own event loop and thread: this loop only answers HTTP
         try:
             yield

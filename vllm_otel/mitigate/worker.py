@@ -202,6 +202,9 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         await self._hold_while_busy()
+        # Here, not before the receiver listens: its ~0.1 s would lengthen a restart's gap (and
+        # so the retry wave), and the wave is over now, or start_hold_s has passed.
+        await asyncio.to_thread(self.warm_up)
         await asyncio.to_thread(self.sync_learner)
         while not self._stopping:
             self._wake.clear()  # before looking: a wake during _fill makes the next wait return
@@ -229,8 +232,9 @@ class Worker:
             await asyncio.sleep(0.05)
 
     def warm_up(self) -> None:
-        """One-time costs of the actuator and the metrics source (their optional ``warm_up``),
-        paid before the receiver listens rather than by the first job, beside the intake."""
+        """One-time costs of the actuator and the metrics source (their optional ``warm_up``:
+        imports, the CA bundle; ~0.1 s of CPU), paid once the start hold is over, before the
+        first job, rather than inside a job."""
         for part in (self.actuator, self.metrics_source):
             warm = getattr(part, "warm_up", None)
             if callable(warm):
