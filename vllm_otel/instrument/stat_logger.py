@@ -29,8 +29,6 @@ def _instruments(registry: CollectorRegistry) -> tuple[Gauge, Counter]:
     # register the same name twice.
     key = id(registry)
     if key not in _metrics:
-        from vllm_otel import __version__
-
         info = Gauge("vllm_otel_build_info", "vllm-otel plugin loaded in this vLLM API server (value 1)",
                      ["version", "vllm_version", "engine"], registry=registry)
         steps = Counter("vllm_otel_stat_records", "Engine step stats received by the vllm-otel stat logger",
