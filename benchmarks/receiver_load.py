@@ -85,6 +85,7 @@ TOKEN = "bench-token-0123456789abcdef"
 # MaxElapsedTime 0 (always retry): first retry after 0.5 s, x1.5 each time, +-50 % jitter, <= 60 s.
 RETRY_INITIAL_S, RETRY_MULTIPLIER, RETRY_JITTER, RETRY_MAX_S = 0.5, 1.5, 0.5, 60.0
 GIVE_UP_S = 60.0        # an alert not accepted this long after the run counts as lost
+TARGET_P99_MS = 20.0  # the aim: p99 POST->202 at 200 alerts/s, restart included
 
 
 def fingerprint(i: int) -> str:
@@ -504,7 +505,7 @@ def main() -> int:
                     help="after each run, the same load on benchmarks/bare_app.py (uvicorn answering "
                          "202, nothing else): the floor this host allows, side by side")
     ap.add_argument("--busy-share", type=float, help="worker.busy_share for the receiver (default: the "
-                                                     "example policy's 0.25)")
+                                                     "example policy's)")
     ap.add_argument("--pin", action="store_true",
                     help="the receiver on all CPUs but the last, this client and the CPU probe on "
                          "the last (as a load generator on its own machine would be)")
@@ -558,6 +559,14 @@ def main() -> int:
                 print(f"  ! {out['http_errors']} alerts answered with a 4xx (see {out['workdir']})")
     if args.json:
         print(json.dumps(results, indent=2))
+    else:  # the target, per rate, over this invocation's runs of the receiver
+        for rate in rates:
+            own = [r for r in results if r["rate_offered_per_s"] == rate and r["server"] != "bare uvicorn"]
+            if own:
+                met = sum(r["p99_ms"] <= TARGET_P99_MS for r in own)
+                lost = sum(r["lost"] for r in own)
+                print(f"\n{rate:.0f}/s: p99 <= {TARGET_P99_MS:.0f} ms in {met} of {len(own)} runs; "
+                      f"alerts lost: {lost}")
     return 1 if any(r["lost"] or r["http_errors"] for r in results) else 0
 
 
