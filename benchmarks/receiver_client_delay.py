@@ -49,7 +49,7 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[b
             data, anc, _, _ = sock.recvmsg(65536, 256)
         except BlockingIOError:
             ready = loop.create_future()
-            loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(sock.fileno(), lambda f=ready: f.done() or f.set_result(None))
             try:
                 await ready
             finally:
