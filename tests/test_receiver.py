@@ -772,14 +772,14 @@ def test_a_failed_precondition_is_rechecked_while_the_alert_fires(tmp_path: Path
     metrics = StaticMetrics({"kv": 0.1})  # restart needs kv >= 0.5
     env = Env(tmp_path, metrics=metrics, guards={"cooldown_s": 0},
               rules=[{"alertname": "VllmKvCacheNearlyFull", "strategies": ["restart"]}],
-              worker={"precondition_rechecks": 2, "precondition_recheck_s": 0.05})
+              worker={"precondition_rechecks": 2, "precondition_recheck_s": 0.2})
 
-    def settle(until: Callable[[], bool] = lambda: False) -> None:
-        # Rechecks are due 0.05 s apart; on a busy host a drain can come before one is due, so
-        # look a few times (and up to 3 s while the expected state has not come).
-        deadline, n = time.monotonic() + 3, 0
+    def settle(until: Callable[[], bool] = lambda: True) -> None:
+        # Rechecks are due 0.2 s apart; on a busy host a drain can come before one is due, so
+        # look a few times (and up to 5 s while the expected state has not come).
+        deadline, n = time.monotonic() + 5, 0
         while n < 3 or (not until() and time.monotonic() < deadline):
-            time.sleep(0.06)
+            time.sleep(0.25)
             run(env.receiver.drain())
             n += 1
 
@@ -789,7 +789,9 @@ def test_a_failed_precondition_is_rechecked_while_the_alert_fires(tmp_path: Path
     run(env.receiver.drain())
     assert run(env.actions()) == [] and env.actuator.calls == []
     job = env.store.job_for_alert(1)
-    assert job is not None and job.state.value == "pending" and job.rechecks == 1 and job.attempts == 0
+    # Looked at, not attempted. (A drain slower than the recheck interval, as on a loaded CI host,
+    # may look twice: both are rechecks, and the job still waits.)
+    assert job is not None and job.state.value == "pending" and job.rechecks >= 1 and job.attempts == 0
     metrics.values = {"kv": 0.9}
     settle(lambda: bool(env.actuator.calls))
     assert env.actuator.calls == [(I1, "restart", {})]
