@@ -130,33 +130,95 @@ def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, f
     return values
 
 
-def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 90) -> dict[str, float]:
-    """Run the engine core in short slices, frozen (SIGSTOP) in between, until the front end's gauges
-    satisfy ``pred``; returns with the core frozen. A fixed head start is not enough: on a loaded
-    machine the first step after resume can take longer than any sleep picked here (seen in CI), and
-    the gauges only move when the core has sent a step's output. So the slices grow (0.1 s, x1.5, up
-    to 1 s): short enough at first to catch the batch mid-way, long enough later for a slow step."""
+SLICES_S = 20  # freeze_when: how long to try the sliced way first
+
+
+def generated_tokens(url: str) -> float | None:
+    """vLLM's own ``vllm:generation_tokens_total`` (summed over its labels), for failure messages."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    vals = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("vllm:generation_tokens_total")]
+    return sum(vals) if vals else None
+
+
+def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 120,
+                server: Any = None) -> dict[str, float]:
+    """Freeze the engine core (SIGSTOP) at a moment the front end's gauges satisfy ``pred``; returns
+    with the core frozen and the gauges read while it is.
+
+    First, the core runs in short slices, frozen in between, and the gauges are read while it is
+    frozen: the front end is idle then and answers at once. The slices grow (0.1 s, x1.5, up to 1 s):
+    short enough to catch the batch at its first step, long enough for a slow step on a loaded
+    machine. That nearly always ends within the first few slices. Twice in CI the gauges never moved
+    that way (90 s of slices, cause unknown; the failure message now says what the core did). So
+    after ``SLICES_S`` the core runs freely and the gauges are read while it does: the front end is
+    then starved of CPU by the engine core and its worker (a /metrics GET took 12-28 s here), but
+    it answers with the gauges as they are when it serves the request. Once they satisfy ``pred``
+    the core is frozen and they are read again; if they no longer do, the core runs on."""
+    import psutil
+
+    core = psutil.Process(core_pid)
     src = ScrapeMetricsSource()
-    deadline = time.monotonic() + timeout_s
+    patient = ScrapeMetricsSource(MetricsConfig(timeout_s=60))  # reads while the front end is starved
+    start = time.monotonic()
+    deadline = start + timeout_s
     slice_s = 0.1
-    seen: list[tuple] = []  # (slice length, running, waiting) whenever they change: the failure message
-    while True:
+    # (phase, slice length or read time, running, waiting, core CPU s) whenever the gauges change
+    seen: list[tuple] = []
+    cpu0 = sum(core.cpu_times()[:2])
+
+    def note(phase: str, x: float, values: dict[str, float]) -> None:
+        now = (values.get("running"), values.get("waiting"))
+        if not seen or seen[-1][2:4] != now:
+            seen.append((phase, round(x, 2), *now, round(sum(core.cpu_times()[:2]) - cpu0, 2)))
+
+    tokens0 = None
+    while time.monotonic() < start + SLICES_S:
         os.kill(core_pid, signal.SIGSTOP)
+        if tokens0 is None and server is not None:  # read while frozen: a starved front end is slow
+            tokens0 = generated_tokens(server.url)
         settle = time.monotonic() + 2  # the front end catches up on what the core already sent
         while True:
             values = run(src.snapshot(target)).values
             if pred(values):
                 return values
-            now = (values.get("running"), values.get("waiting"))
-            if not seen or seen[-1][1:] != now:
-                seen.append((round(slice_s, 2), *now))
+            note("slices", slice_s, values)
             if time.monotonic() > settle:
                 break
             time.sleep(0.1)
-        assert time.monotonic() < deadline, (values, seen[-40:])
         os.kill(core_pid, signal.SIGCONT)
         time.sleep(slice_s)
         slice_s = min(slice_s * 1.5, 1.0)
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        values = run(patient.snapshot(target)).values  # the core runs: may take many seconds
+        note("free", time.monotonic() - t0, values)
+        if pred(values):
+            os.kill(core_pid, signal.SIGSTOP)
+            time.sleep(0.5)  # the front end catches up on what the core already sent
+            values = run(src.snapshot(target)).values
+            note("frozen", 0.5, values)
+            if pred(values):
+                return values
+            os.kill(core_pid, signal.SIGCONT)
+        time.sleep(0.2)
+    os.kill(core_pid, signal.SIGSTOP)
+    # Timed out, core frozen: gather what explains it, then fail.
+    why = {"gauges": values, "changes": seen[-60:], "core_cpu_s": round(sum(core.cpu_times()[:2]) - cpu0, 2),
+           "core_status": core.status()}
+    os.kill(core_pid, signal.SIGCONT)
+    if server is not None:
+        why["generated_tokens"] = (tokens0, generated_tokens(server.url))
+        try:
+            act = HttpActuator(ActuatorConfig.model_validate({"control": {"token_file": str(server.token_file)}}))
+            why["scheduler"] = status(act, target)
+        except Exception as e:  # noqa: BLE001 - a diagnosis, the failure follows anyway
+            why["scheduler"] = repr(e)
+        why["log_tail"] = server.proc.log_tail().splitlines()[-30:]
+    raise AssertionError(f"the gauges never satisfied the condition in {timeout_s:g} s: "
+                         f"{json.dumps(why, indent=1, default=str)}")
 
 
 @pytest.mark.vllm
@@ -290,7 +352,8 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
         run(act.call(target, "control.resume", {}))
         stopped = True
-        before = freeze_when(core.pid, target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2)
+        before = freeze_when(core.pid, target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2,
+                             server=control_vllm)
         alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
                             instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
                             labels={}, annotations={}, generator_url="", group_key="", received_at=0.0)
@@ -434,3 +497,4 @@ def test_templates_and_config_validation() -> None:
                 {"supervisors": {"i": {"kind": "kubernetes", "namespace": "llm"}}}):
         with pytest.raises(ValueError):
             ActuatorConfig.model_validate(bad)
+
