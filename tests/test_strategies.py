@@ -360,6 +360,24 @@ def test_verification_watches_the_target_within_the_window() -> None:
     assert not v.ok and "7" in v.detail
 
 
+    # A read that failed (up=0, nothing else) is no verdict: watching goes on, and a window that
+    # ends on failed reads says the metrics did not answer rather than "unknown".
+    src = Metrics({"up": 0}, {"up": 1, "running": 3, "waiting": 0})
+    s = REGISTRY.create("lower_queue_limits", {"max_num_queued_reqs": 4, "verify_window_s": 5,
+                                               "verify_interval_s": 0.05})
+    ctx = context({"running": 8, "waiting": 4}, source=src)
+    ctx.result = ActionResult(ok=True, data={"limit": 4})
+    ctx.metrics_after = {"up": 0}
+    v = run(s.verify(ctx))
+    assert v.ok and src.reads == 2, v.detail
+    src = Metrics({"up": 0})
+    s = REGISTRY.create("lower_queue_limits", {"max_num_queued_reqs": 4, "verify_window_s": 0.2,
+                                               "verify_interval_s": 0.05})
+    ctx = context({"running": 8, "waiting": 4}, source=src)
+    ctx.result = ActionResult(ok=True, data={"limit": 4})
+    v = run(s.verify(ctx))
+    assert not v.ok and "did not answer" in v.detail, v.detail
+
 def test_hooks_a_strategy_calls_must_be_configured() -> None:
     base = {"targets": [{"instance": I1}], "escalation": {"strategy": None},
             "rules": [{"alertname": "A", "strategies": ["scale_resources", "drain_instance"]}],

@@ -129,7 +129,11 @@ async def watch(ctx: StrategyContext, p: VerifyParams,
     m: Mapping[str, float] | None = ctx.metrics_after
     detail = "no metrics for the target after the action"
     while True:
-        if m is not None:
+        if m is not None and metric(m, UP) == 0 and metric(m, RUNNING) is None:
+            # A failed read (up=0 and nothing else) says nothing about the action: keep watching,
+            # and say why if the window ends here.
+            detail = "the target's metrics did not answer (up=0)"
+        elif m is not None:
             ok, detail = judge(m)
             if ok:
                 return True, detail
