@@ -13,7 +13,8 @@ Scenarios (default load durations; ``--minutes`` sets all):
 * ``kv_ramp`` (5.75 min)    Azure conversation trace, 128 KV blocks, at most 32 running: the KV
                             cache is the limit. Twice: the arrival rate rises linearly until
                             Prometheus shows KV usage >= 0.95, stays there 11 s, falls back to calm
-                            for 72 s; then a swell to 0.8 x capacity that should not fail.
+                            for 72 s; then a swell to 0.8 x the lowest
+                            rate that failed, which should not fail.
 * ``queue_ramp`` (5.75 min) Mooncake conversation trace (real shared prefixes), 192 KV blocks (at
                             most 0.75 used), at most 16 running: the same shape until 32 requests
                             wait (2 x max-num-seqs).
@@ -110,6 +111,12 @@ class Scenario:
     ramp_from: float = 0.5
     peak: float = 1.4
     swell: float = 0.8                 # a rise that should stay below capacity (tests false alarms)
+    # What ``swell`` is a fraction of: "failing", the lowest rate at which a ramp of this recording
+    # failed (capacity when none did); "capacity", the probe's capacity (recordings before
+    # 2026-11-28). The probe (closed loop) is not where an open-loop load fails: failing rates were
+    # 0.78-1.40 x the probe, so a swell at 0.8 x the probe came within 6-13 % of the failing load,
+    # or failed itself (kv_ramp_slow), and the false-alarm test meant something else each time.
+    swell_of: Literal["failing", "capacity"] = "failing"
     # steady
     steady: float = 0.5
     concurrency: int | None = None
@@ -123,12 +130,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("kv_ramp", "AzureLLMInferenceTrace_conv.csv",
              "Azure conversation trace; 128 KV blocks (16k tokens), at most 32 running: the KV cache "
              "is the limit. Twice: rate rising until the KV cache is full, then calm; then a swell to "
-             "0.8 x capacity",
+             "0.8 x the lowest failing rate",
              num_gpu_blocks=128, max_num_seqs=32, minutes=5.75, kind="ramp", watch="kv"),
     Scenario("queue_ramp", "mooncake_conversation_trace.jsonl",
              "Mooncake conversation trace (shared prefixes); 192 KV blocks (at most 0.75 used), at most "
              "16 running: the running limit is the limit. Twice: rate rising until 2 x 16 requests "
-             "wait, then calm; then a swell to 0.8 x capacity",
+             "wait, then calm; then a swell to 0.8 x the lowest failing rate",
              num_gpu_blocks=192, max_num_seqs=16, minutes=5.75, kind="ramp", watch="queue"),
     Scenario("stall", "AzureLLMInferenceTrace_conv.csv",
              "Azure conversation trace at 0.5 x capacity from a pool of 24 connections; 120 s in, the "
@@ -157,7 +164,7 @@ SCENARIOS["kv_ramp_large"] = dataclasses.replace(
     SCENARIOS["kv_ramp"], name="kv_ramp_large", num_gpu_blocks=512, max_num_seqs=128,
     description="Azure conversation trace; 512 KV blocks (64k tokens), at most 128 running: the KV "
                 "cache is the limit. Twice: rate rising until the KV cache is full, then calm; then a "
-                "swell to 0.8 x capacity")
+                "swell to 0.8 x the lowest failing rate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +327,8 @@ class Driver:
         self.phases: list[dict[str, Any]] = []
         self.faults: list[dict[str, Any]] = []
         self.saturations: list[float] = []
+        self.failing_rps: list[float] = []  # the arrival rate when each ramp's failure showed
+        self.swell_rps: float | None = None
         self.loop = asyncio.get_running_loop()
         self.t0 = self.loop.time()
 
@@ -380,8 +389,9 @@ class Driver:
         calm at ``calm``x for 0.05 L; then per cycle: a linear rise from ``ramp_from``x towards
         ``peak``x over at most 0.28 L that stops as soon as Prometheus shows the watched failure,
         0.033 L more at that rate, and calm again for 0.21 L (longer while still failing), so
-        consecutive failures are more than the 120 s horizon apart; then a swell to ``swell``x
-        (a rise that stays below capacity: alarms there are false alarms) and calm to the end.
+        consecutive failures are more than the 120 s horizon apart; then a swell to ``swell`` x
+        the lowest rate at which a ramp failed (``swell_of``; a rise that stays below the failing
+        load: alarms there are false alarms) and calm to the end.
         """
         sc, L = self.sc, self.load_s
         calm, start, swell, peak = (f * self.cap for f in (sc.calm, sc.ramp_from, sc.swell, sc.peak))
@@ -401,12 +411,18 @@ class Driver:
                 sat = await self.run_for(0.1 * L, const(peak), f"peak{c + 1}", stop_when=self.failing)
             if sat:
                 self.saturations.append(time.time())
+                self.failing_rps.append(self.live.rps)
             await self.run_for(0.033 * L, const(self.live.rps), f"overload{c + 1}")
             await self.run_for(0.21 * L, const(calm), f"recover{c + 1}")
             extra = 0.0
             while self.failing() and extra < 0.1 * L:
                 await self.run_for(SEGMENT_S, const(calm), f"recover{c + 1}")
                 extra += SEGMENT_S
+        if sc.swell_of == "failing" and self.failing_rps:
+            swell = sc.swell * min(self.failing_rps)
+        self.swell_rps = swell
+        console.log(f"{sc.name}: swell to {swell:.2f} req/s (failing at "
+                    f"{', '.join(f'{r:.2f}' for r in self.failing_rps) or '-'} req/s, capacity {self.cap:.2f})")
         await self.run_for(0.07 * L, linear(calm, swell, 0.07 * L), "swell")
         await self.run_for(0.03 * L, const(swell), "swell")
         await self.run_for(max(0.04 * L, L - self.el()), const(calm), "calm")
@@ -598,6 +614,7 @@ async def _drive(sc: Scenario, server: VllmServer, prom_url: str, reqs: list[Tra
         for t in (poller, shower):
             t.cancel()
     meta.update(phases=driver.phases, faults=driver.faults, saturations=driver.saturations,
+                failing_rps=driver.failing_rps, swell_rps=driver.swell_rps, swell_of=sc.swell_of,
                 trace_rate_rps=driver.rate)
     return summary
 
