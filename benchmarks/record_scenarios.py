@@ -13,8 +13,8 @@ Scenarios (default load durations; ``--minutes`` sets all):
 * ``kv_ramp`` (5.75 min)    Azure conversation trace, 128 KV blocks, at most 32 running: the KV
                             cache is the limit. Twice: the arrival rate rises linearly until
                             Prometheus shows KV usage >= 0.95, stays there 11 s, falls back to calm
-                            for 72 s; then a swell to 0.8 x the lowest
-                            rate that failed, which should not fail.
+                            for 72 s; then a swell to 0.8 x the lowest rate that
+                            failed, which should not fail.
 * ``queue_ramp`` (5.75 min) Mooncake conversation trace (real shared prefixes), 192 KV blocks (at
                             most 0.75 used), at most 16 running: the same shape until 32 requests
                             wait (2 x max-num-seqs).

@@ -358,8 +358,6 @@ def test_verification_watches_the_target_within_the_window() -> None:
     ctx.result = ActionResult(ok=True, data={"limit": 4})
     v = run(s.verify(ctx))
     assert not v.ok and "7" in v.detail
-
-
     # A read that failed (up=0, nothing else) is no verdict: watching goes on, and a window that
     # ends on failed reads says the metrics did not answer rather than "unknown".
     src = Metrics({"up": 0}, {"up": 1, "running": 3, "waiting": 0})
@@ -377,6 +375,7 @@ def test_verification_watches_the_target_within_the_window() -> None:
     ctx.result = ActionResult(ok=True, data={"limit": 4})
     v = run(s.verify(ctx))
     assert not v.ok and "did not answer" in v.detail, v.detail
+
 
 def test_hooks_a_strategy_calls_must_be_configured() -> None:
     base = {"targets": [{"instance": I1}], "escalation": {"strategy": None},
