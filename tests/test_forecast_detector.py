@@ -264,6 +264,32 @@ def test_state_graph_learns_transitions_and_reach() -> None:
     np.testing.assert_allclose(g2.transition_matrix(), m)
 
 
+
+def test_the_graph_base_rate_alone_raises_no_alarm() -> None:
+    """An instance that exhausted its KV cache every minute, then serves calmly at 15 %: from
+    "serving" the fleet-wide graph only knows that serving used to end in exhaustion (here within
+    the horizon every time), which is no forecast for this instance now. Counted fleet-wide, one
+    flapping instance would otherwise put every serving instance of the fleet in alarm. The graph
+    still speaks from states that carry evidence (precursors, flat spells, other failures)."""
+    rng = np.random.default_rng(5)
+    kv: list[float] = []
+    for _ in range(12):  # 60 s serving at 0.3, 15 s exhausted
+        kv += [*(0.3 + rng.normal(0, 0.01, 12)), 0.97, 0.97, 0.97]
+    calm_from = len(kv)
+    kv += list(0.15 + rng.normal(0, 0.01, 40))
+    series = _healthy(len(kv))
+    series["kv_usage"] = np.clip(np.array(kv), 0, 1)
+    settled = slice(calm_from + 10, None)  # the trend over the last failures has faded by then
+
+    p = _p(_run(PredictiveFailureDetector(FAST), series), "kv_cache_exhaustion")
+    assert (p[settled] < 0.5).all(), p[settled]
+    # The same detector with the base rate let through alarms for the whole calm (what it did).
+    p_base = _p(_run(PredictiveFailureDetector({**FAST, "graph_silent_states": []}), series),
+                "kv_cache_exhaustion")
+    assert (p_base[settled] >= 0.7).all(), p_base[settled]
+    with pytest.raises(ValueError, match="graph_silent_states: unknown states"):
+        PredictiveFailureDetector({**FAST, "graph_silent_states": ["serve"]})
+
 def test_unfit_series_borrow_fleet_parameters() -> None:
     from vllm_otel.forecast.statespace import Innovations
 

@@ -30,7 +30,7 @@ from vllm_otel.forecast.failures import FORECAST_SIGNAL, SCORE_SIGNAL, FailureCa
 from vllm_otel.forecast.models import MODELS, get_model, select_model
 from vllm_otel.forecast.signals import HistogramInput, InputSeries, SignalExtractor, collect_samples
 from vllm_otel.forecast.statespace import Innovations, InnovationsBank, filter_series
-from vllm_otel.forecast.stategraph import GraphPrior, StateGraph, classify, state_names
+from vllm_otel.forecast.stategraph import BASE_STATES, GraphPrior, StateGraph, classify, state_names
 
 __all__ = ["PredictiveFailureDetector", "DetectorConfig", "Prediction", "Checkpoint", "StepResult",
            "PRECURSORS", "SOURCES", "TREND_PRECURSORS"]
@@ -107,6 +107,9 @@ class DetectorConfig(BaseModel):
     log_signals: list[str] = Field(default_factory=lambda: ["ttft_quantile"])
     use_state_graph: bool = True
     graph_prior: GraphPrior = Field(default_factory=GraphPrior)
+    # States that say nothing about this instance beyond "it is up": from them the graph's
+    # probability is the fleet's base rate, which is not a prediction for this instance.
+    graph_silent_states: list[str] = Field(default_factory=lambda: ["no_data", "idle", "serving"])
     kv_high_fraction: float = Field(0.9, gt=0.0, le=1.0, description="of the KV threshold: precursor")
     thermal_margin_c: float = Field(5.0, ge=0.0)
     memory_slope_points: int = Field(60, ge=5)
@@ -159,6 +162,10 @@ class DetectorConfig(BaseModel):
             for name in names:
                 if name not in MODELS:
                     raise ValueError(f"unknown model {name!r} in candidates; registered: {sorted(MODELS)}")
+        unknown = set(self.graph_silent_states) - set(BASE_STATES)
+        if unknown:
+            raise ValueError(f"graph_silent_states: unknown states {sorted(unknown)}; "
+                             f"known: {list(BASE_STATES)}")
         return self
 
 
@@ -265,6 +272,7 @@ class PredictiveFailureDetector:
         stall_steps = max(1, int(math.ceil(cfg.catalog.engine_stall.flat_s / cfg.step_s)))
         self.state_names = state_names(min(stall_steps, 30))
         self.graph = StateGraph(self.state_names, self.horizon_steps, cfg.graph_prior)
+        self._graph_silent = np.array([n in cfg.graph_silent_states for n in self.state_names])
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
         self.cap = 0
@@ -852,7 +860,7 @@ class PredictiveFailureDetector:
                 # no prediction, not a guess.
                 score_known = (np.isfinite(sig[SCORE_SIGNAL[f]]) & np.isfinite(self.catalog.threshold(f, sig))
                                & warm)
-                gp = np.where(score_known, g_prob[:, gi], np.nan)
+                gp = np.where(score_known & ~self._graph_silent[np.maximum(states, 0)], g_prob[:, gi], np.nan)
                 # A learned probability beats a lower (or missing) model probability: each is a
                 # calibrated estimate of the same event, and precursors are what the graph adds.
                 better = np.isfinite(gp) & ~(prob[:, j] >= gp)
