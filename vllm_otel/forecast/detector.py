@@ -108,7 +108,8 @@ class DetectorConfig(BaseModel):
     use_state_graph: bool = True
     graph_prior: GraphPrior = Field(default_factory=GraphPrior)
     # States that say nothing about this instance beyond "it is up": from them the graph's
-    # probability is the fleet's base rate, which is not a prediction for this instance.
+    # probability is the fleet's base rate. It is published where nothing else predicts the
+    # failure (gpu_hardware, a series not fit yet), but never raises a model's probability.
     graph_silent_states: list[str] = Field(default_factory=lambda: ["no_data", "idle", "serving"])
     kv_high_fraction: float = Field(0.9, gt=0.0, le=1.0, description="of the KV threshold: precursor")
     thermal_margin_c: float = Field(5.0, ge=0.0)
@@ -860,10 +861,14 @@ class PredictiveFailureDetector:
                 # no prediction, not a guess.
                 score_known = (np.isfinite(sig[SCORE_SIGNAL[f]]) & np.isfinite(self.catalog.threshold(f, sig))
                                & warm)
-                gp = np.where(score_known & ~self._graph_silent[np.maximum(states, 0)], g_prob[:, gi], np.nan)
+                gp = np.where(score_known, g_prob[:, gi], np.nan)
                 # A learned probability beats a lower (or missing) model probability: each is a
                 # calibrated estimate of the same event, and precursors are what the graph adds.
-                better = np.isfinite(gp) & ~(prob[:, j] >= gp)
+                # From a silent state (idle, serving) it is only the fleet's base rate: after one
+                # instance's failures it would put every serving instance in alarm, so there it
+                # only stands in where there is no other estimate.
+                silent = self._graph_silent[np.maximum(states, 0)]
+                better = np.isfinite(gp) & ~(prob[:, j] >= gp) & (~silent | np.isnan(prob[:, j]))
                 prob[:, j] = np.where(better, gp, prob[:, j])
                 ttf[:, j] = np.where(better, g_steps[:, gi] * cfg.step_s, ttf[:, j])
                 source[:, j] = np.where(better, 3, source[:, j])
