@@ -264,13 +264,12 @@ def test_state_graph_learns_transitions_and_reach() -> None:
     np.testing.assert_allclose(g2.transition_matrix(), m)
 
 
-
 def test_the_graph_base_rate_alone_raises_no_alarm() -> None:
     """An instance that exhausted its KV cache every minute, then serves calmly at 15 %: from
     "serving" the fleet-wide graph only knows that serving used to end in exhaustion (here within
     the horizon every time), which is no forecast for this instance now. Counted fleet-wide, one
-    flapping instance would otherwise put every serving instance of the fleet in alarm. The graph
-    still speaks from states that carry evidence (precursors, flat spells, other failures)."""
+    flapping instance would otherwise put every serving instance of the fleet in alarm. (From
+    states that carry evidence, precursors, flat spells, other failures, the graph is unchanged.)"""
     rng = np.random.default_rng(5)
     kv: list[float] = []
     for _ in range(12):  # 60 s serving at 0.3, 15 s exhausted
@@ -289,6 +288,7 @@ def test_the_graph_base_rate_alone_raises_no_alarm() -> None:
     assert (p_base[settled] >= 0.7).all(), p_base[settled]
     with pytest.raises(ValueError, match="graph_silent_states: unknown states"):
         PredictiveFailureDetector({**FAST, "graph_silent_states": ["serve"]})
+
 
 def test_unfit_series_borrow_fleet_parameters() -> None:
     from vllm_otel.forecast.statespace import Innovations
