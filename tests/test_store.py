@@ -363,8 +363,9 @@ def test_sqlite_checkpoints_run_on_their_own_thread(tmp_path: Path, inline: bool
         ck.every = 50
         commit_many(300, 1000)
         # Requests made while a checkpoint runs merge into the next one (on a slow disk the first,
-        # copying ~3,000 pages, outlasted several requests: a full run on a slower VM counted 4 runs for 6), so
-        # count that it ran, with a locked pass for the long WAL, and that it runs again when asked.
+        # copying ~3,000 pages, outlasted several requests: a full run on a slower VM counted 4
+        # runs for 6), so count that it ran, with a locked pass for the long WAL, and that it runs
+        # again when asked.
         def ran(n: int) -> None:
             deadline = time.monotonic() + 10
             while ck.runs < n and time.monotonic() < deadline:
