@@ -290,6 +290,71 @@ def test_the_graph_base_rate_alone_raises_no_alarm() -> None:
         PredictiveFailureDetector({**FAST, "graph_silent_states": ["serve"]})
 
 
+def test_a_lingering_windowed_failure_raises_no_alarm_of_another() -> None:
+    """A preemption storm (more than 5 preemptions in 60 s) stays a failure state for the whole
+    window after the last preemption, like a TTFT-SLO breach over its 60 s window. In this history
+    every storm came just before the KV cache filled, so the graph learned storm -> exhaustion;
+    but a storm state 50 s after a one-off burst, with the KV cache calm at 15 %, says nothing about
+    the cache now. (Measured on the recorded queue_ramp: a TTFT breach lingering after a load swell
+    held P(queue_overload) at 0.74 for 22 s with no request waiting.)"""
+    rng = np.random.default_rng(7)
+    kv: list[float] = []
+    pre: list[float] = []
+    total = 0.0
+    for _ in range(10):  # 60 s serving at 0.3; a storm with KV rising; 60 s exhausted; 90 s calm
+        kv += list(0.3 + rng.normal(0, 0.01, 12))
+        pre += [total] * 12
+        for v in (0.5, 0.7, 0.85):
+            total += 4.0
+            kv.append(v)
+            pre.append(total)
+        kv += [0.97] * 12 + list(0.2 + rng.normal(0, 0.01, 18))
+        pre += [total] * 30
+    total += 12.0  # a one-off burst of preemptions; the cache stays calm
+    burst = len(kv)
+    kv += list(0.15 + rng.normal(0, 0.01, 14))
+    pre += [total] * 14
+    series = _healthy(len(kv))
+    series["kv_usage"] = np.clip(np.array(kv), 0, 1)
+    series["preemptions"] = np.array(pre)
+    lingering = slice(burst + 2, burst + 11)  # the storm is still "on" (60 s window)
+
+    res = _run(PredictiveFailureDetector(FAST), series)
+    j = res[0].failure_types.index("preemption_storm")
+    assert all(r.breached[0, j] for r in res[lingering])  # the storm state does linger
+    p = _p(res, "kv_cache_exhaustion")
+    assert (p[lingering] < 0.5).all(), p[lingering]
+    old = {**FAST, "graph_silent_states": ["no_data", "idle", "serving"]}  # the default before
+    p_old = _p(_run(PredictiveFailureDetector(old), series), "kv_cache_exhaustion")
+    assert (p_old[lingering] >= 0.7).all(), p_old[lingering]
+
+
+def test_the_alarm_ends_with_the_failure_it_warned_of() -> None:
+    """KV usage climbs into exhaustion at a 1 s scrape, then the load goes and the cache empties.
+    The rise ended in its failure, so the trend is fit only on what came after: the alarm ends
+    within a block (5 s) of the failure. A line fit through the rise kept the alarm on while the
+    cache sat at 10 % (15-60 s after each recorded exhaustion)."""
+    rng = np.random.default_rng(3)
+    kv = list(0.3 + rng.normal(0, 0.02, 90)) + list(np.linspace(0.3, 0.9, 60) + rng.normal(0, 0.02, 60))
+    kv += [0.97, 0.98, 0.9, 0.96, 0.97, 0.91, 0.89, 0.97, 0.98, 0.97]  # failing, bouncing around 0.95
+    end = len(kv) - 1
+    kv += list(0.1 + rng.normal(0, 0.02, 40))
+    series = _healthy(len(kv))
+    series["kv_usage"] = np.clip(np.array(kv), 0, 1)
+    after = slice(end + 6, end + 40)
+    cfg = {**FAST, "step_s": 1.0}
+
+    def run(det: PredictiveFailureDetector) -> np.ndarray:
+        return _p([det.step(1000.0 + k, ["a"], {n: np.array([v[k]]) for n, v in series.items()})
+                   for k in range(len(kv))], "kv_cache_exhaustion")
+
+    p = run(PredictiveFailureDetector(cfg))
+    assert (p[end - 9:end + 1] >= 0.7).all(), p[end - 9:end + 1]  # no flapping while it fails
+    assert (p[after] < 0.7).all(), p[after]
+    p_line = run(PredictiveFailureDetector({**cfg, "trend_after_failure_only": False}))
+    assert (p_line[end + 6:end + 9] >= 0.7).all(), p_line[after]  # still alarming 6-8 s after
+
+
 def test_unfit_series_borrow_fleet_parameters() -> None:
     from vllm_otel.forecast.statespace import Innovations
 

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.special import ndtr
 
-from vllm_otel.forecast.failures import FORECAST_SIGNAL, SCORE_SIGNAL, FailureCatalog
+from vllm_otel.forecast.failures import FAILURE_TYPES, FORECAST_SIGNAL, SCORE_SIGNAL, FailureCatalog
 from vllm_otel.forecast.models import MODELS, get_model, select_model
 from vllm_otel.forecast.signals import HistogramInput, InputSeries, SignalExtractor, collect_samples
 from vllm_otel.forecast.statespace import Innovations, InnovationsBank, filter_series
@@ -107,10 +107,15 @@ class DetectorConfig(BaseModel):
     log_signals: list[str] = Field(default_factory=lambda: ["ttft_quantile"])
     use_state_graph: bool = True
     graph_prior: GraphPrior = Field(default_factory=GraphPrior)
-    # States that say nothing about this instance beyond "it is up": from them the graph's
-    # probability is the fleet's base rate. It is published where nothing else predicts the
-    # failure (gpu_hardware, a series not fit yet), but never raises a model's probability.
-    graph_silent_states: list[str] = Field(default_factory=lambda: ["no_data", "idle", "serving"])
+    # States that say nothing about where this instance is heading now, from which the graph's
+    # probability is published where nothing else predicts the failure (gpu_hardware, a series
+    # not fit yet) but never raises a model's probability. From "it is up" states it is the
+    # fleet's base rate. Failures defined over a window (a TTFT-SLO breach, a preemption storm:
+    # 60 s) stay failure states for the whole window after their cause has gone, so after an
+    # overload they mark the recovery as much as the next overload; on the recorded queue_ramp a
+    # TTFT breach lingering after a swell held P(queue_overload) at 0.74 with no request waiting.
+    graph_silent_states: list[str] = Field(default_factory=lambda: [
+        "no_data", "idle", "serving", "ttft_slo_breach", "preemption_storm"])
     kv_high_fraction: float = Field(0.9, gt=0.0, le=1.0, description="of the KV threshold: precursor")
     thermal_margin_c: float = Field(5.0, ge=0.0)
     memory_slope_points: int = Field(60, ge=5)
@@ -122,6 +127,10 @@ class DetectorConfig(BaseModel):
     trend_window_s: float = Field(60.0, gt=0.0, description="recent data the load trend is fit on")
     trend_block_s: float = Field(5.0, gt=0.0, description="averaged into blocks this long first")
     trend_signals: list[str] = Field(default_factory=lambda: list(TREND_PRECURSORS))
+    # A rise that ended in its failure is over: the trend is fit only on data since the signal's
+    # failure last ended (as after a frozen engine). Fit through the failure, the line kept
+    # P = 1.00 for 15-18 s after the KV cache had emptied on the recorded kv_ramp.
+    trend_after_failure_only: bool = True
     # How far the noise around the trend line reaches: "learned" from the standardised residuals
     # this detector has seen (per signal, fleet-wide, starting from a Gaussian worth
     # trend_tail_prior observations), or "gaussian". Load signals are heavy-tailed (KV usage jumps
@@ -163,10 +172,11 @@ class DetectorConfig(BaseModel):
             for name in names:
                 if name not in MODELS:
                     raise ValueError(f"unknown model {name!r} in candidates; registered: {sorted(MODELS)}")
-        unknown = set(self.graph_silent_states) - set(BASE_STATES)
+        known = BASE_STATES + FAILURE_TYPES
+        unknown = set(self.graph_silent_states) - set(known)
         if unknown:
             raise ValueError(f"graph_silent_states: unknown states {sorted(unknown)}; "
-                             f"known: {list(BASE_STATES)}")
+                             f"known: {list(known)}")
         return self
 
 
@@ -301,6 +311,8 @@ class PredictiveFailureDetector:
         self._trend_len = max(3, int(round(cfg.trend_window_s / cfg.step_s)))
         self._frozen = np.zeros((0, self._trend_len), dtype=bool)
         self._frozen_pos = np.zeros(0, dtype=np.int64)
+        # The same, per trend signal: which recent steps had its failure under way.
+        self._failed = {sig: np.zeros((0, self._trend_len), dtype=bool) for sig in TREND_PRECURSORS}
         # Offered load against capacity: a ring of cumulative arrivals (finished so far + running +
         # waiting; NaN where unknown or frozen), decayed sums for the service time and for the
         # regression of the coming arrival rate on the measured one.
@@ -329,6 +341,10 @@ class PredictiveFailureDetector:
         frozen = np.zeros((cap, self._trend_len), dtype=bool)
         frozen[: self.cap] = self._frozen
         self._frozen = frozen
+        for sig, ring in self._failed.items():
+            grown = np.zeros((cap, self._trend_len), dtype=bool)
+            grown[: self.cap] = ring
+            self._failed[sig] = grown
         pos = np.zeros(cap, dtype=np.int64)
         pos[: self.cap] = self._frozen_pos
         self._frozen_pos = pos
@@ -396,6 +412,8 @@ class PredictiveFailureDetector:
         self._prev_state[rows] = -1
         self._flat_k[rows] = 0
         self._frozen[rows] = False
+        for ring in self._failed.values():
+            ring[rows] = False
         self._reset_capacity(rows)
 
     def _reset_capacity(self, rows: np.ndarray) -> None:
@@ -457,6 +475,10 @@ class PredictiveFailureDetector:
         self._n_steps[rows] += has
         breached = self.catalog.breached(sig)
         self._observe_flat(rows, sig["flat_seconds"])
+        last = (self._frozen_pos[rows] - 1) % self._trend_len  # the ring slot _observe_flat just filled
+        for s, ring in self._failed.items():
+            f = TREND_PRECURSORS[s][0]
+            ring[rows, last] = breached[f] if f in breached else False
         self._observe_load(rows, sig)
         precursors = self._precursors(rows, sig, trend=predict)
         states = classify(self.state_names, sig, breached, precursors, cfg.step_s)
@@ -587,8 +609,15 @@ class PredictiveFailureDetector:
         y = bank.hist[rows[:, None], idx]
         fidx = (self._frozen_pos[rows, None] - 1 - back[None, :]) % self._trend_len
         frozen = self._frozen[rows[:, None], fidx]
+        if cfg.trend_after_failure_only:
+            # Once the failure is over (a block, and at least two scrapes, without it): a signal
+            # bouncing around its threshold is still failing, and its rise still describes it.
+            failed = self._failed[signal][rows[:, None], fidx]
+            over = ~failed[:, -max(B, 2):].any(axis=1)
+            frozen = frozen | (failed & over[:, None])
         # Only data since the engine last moved: a frozen spell and what came before it are a
-        # different regime (the backlog that floods in after a freeze is no trend either).
+        # different regime (the backlog that floods in after a freeze is no trend either), and
+        # so are a failure of this signal and the rise that led to it.
         frozen = np.maximum.accumulate(frozen[:, ::-1], axis=1)[:, ::-1]
         y = np.where((back[None, :] < bank.hlen[rows][:, None]) & ~frozen, y, np.nan).reshape(n, nb, B)
         cnt = np.isfinite(y).sum(axis=2)
