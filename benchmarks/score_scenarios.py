@@ -200,7 +200,7 @@ def event_leads(rec: Recording, args: argparse.Namespace) -> list[dict[str, Any]
                     events[-1] = (events[-1][0], e)
                 else:
                     events.append((s, e))
-            for onset, _ in events:
+            for onset, end in events:
                 row: dict[str, Any] = {"scenario": rec.name, "failure_type": f,
                                        "onset_s": float(res.t[onset] - res.t[0])}
                 for m in METHODS:
@@ -208,6 +208,12 @@ def event_leads(rec: Recording, args: argparse.Namespace) -> list[dict[str, Any]
                     while k > max(onset - H, 0) and al[m][u, k - 1] and not lab[k - 1]:
                         k -= 1
                     row[m] = float(res.t[onset] - res.t[k]) if k < onset else None
+                # How long the detector's alarm stays on after the failure ended (an alert that
+                # does not resolve pages on, and holds back mitigation verification).
+                k = end
+                while k + 1 < len(res.t) and al["detector"][u, k + 1]:
+                    k += 1
+                row["detector_clears_s"] = float(res.t[k] - res.t[end])
                 out.append(row)
     return out
 
@@ -346,9 +352,10 @@ def main() -> int:
         return 0
 
     rows = [row for r in recs for row in table_rows(r.name, r.rows)] + table_rows("all (pooled)", pool)
-    ev_cols = ("scenario", "failure_type", "onset s", *(f"{m} warning s" for m in METHODS))
-    ev_rows = [[e["scenario"], e["failure_type"], f"{e['onset_s']:.0f}", *(_f(e[m], ".0f") for m in METHODS)]
-               for e in events]
+    ev_cols = ("scenario", "failure_type", "onset s", *(f"{m} warning s" for m in METHODS),
+               "detector alarm after the end s")
+    ev_rows = [[e["scenario"], e["failure_type"], f"{e['onset_s']:.0f}", *(_f(e[m], ".0f") for m in METHODS),
+                _f(e["detector_clears_s"], ".0f")] for e in events]
     if args.markdown:
         print(markdown(COLS, rows))
         print()
