@@ -129,7 +129,7 @@ class DetectorConfig(BaseModel):
     trend_signals: list[str] = Field(default_factory=lambda: list(TREND_PRECURSORS))
     # A rise that ended in its failure is over: the trend is fit only on data since the signal's
     # failure last ended (as after a frozen engine). Fit through the failure, the line kept
-    # P = 1.00 for 15-18 s after the KV cache had emptied on the recorded kv_ramp.
+    # P >= 0.89 for 17 s after an exhaustion on the recorded kv_ramp, the cache mostly below 0.3.
     trend_after_failure_only: bool = True
     # How far the noise around the trend line reaches: "learned" from the standardised residuals
     # this detector has seen (per signal, fleet-wide, starting from a Gaussian worth
