@@ -158,6 +158,7 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._warmed = False
         self._decide_mutex = threading.Lock()
         self._learner_mutex = threading.Lock()
         self._learner_cursor = 0
@@ -202,9 +203,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         await self._hold_while_busy()
-        # Here, not before the receiver listens: its ~0.1 s would lengthen a restart's gap (and
-        # so the retry wave), and the wave is over now, or start_hold_s has passed.
-        await asyncio.to_thread(self.warm_up)
+        await asyncio.to_thread(self.warm_up)  # done already where the receiver warmed up first
         await asyncio.to_thread(self.sync_learner)
         while not self._stopping:
             self._wake.clear()  # before looking: a wake during _fill makes the next wait return
@@ -233,8 +232,12 @@ class Worker:
 
     def warm_up(self) -> None:
         """One-time costs of the actuator and the metrics source (their optional ``warm_up``:
-        imports, the CA bundle; ~0.1 s of CPU), paid once the start hold is over, before the
-        first job, rather than inside a job."""
+        imports, the CA bundle; ~0.1 s of CPU), paid before the first job rather than inside
+        one. The receiver calls this before it listens (see ``create_app``); here a second call
+        does nothing."""
+        if self._warmed:
+            return
+        self._warmed = True
         for part in (self.actuator, self.metrics_source):
             warm = getattr(part, "warm_up", None)
             if callable(warm):
