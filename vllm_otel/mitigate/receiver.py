@@ -438,12 +438,9 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         if start_worker:
-            # The worker's one-time costs (imports, the CA bundle: ~0.1 s of CPU, ~30 ms of it one
-            # C call that holds the GIL) before uvicorn listens. Paid later, in the worker's
-            # thread, they stalled the webhooks in flight then: 10-40 of 4,000 alerts over 20 ms
-            # in every run of benchmarks/receiver_load.py, at the end of the start hold.
-            receiver.worker.warm_up()
-            receiver.worker.start()  # its own event loop and thread: this loop only answers HTTP
+            # Before uvicorn listens: the worker warms up first (Worker.start), then runs on its
+            # own event loop and thread, and this loop only answers HTTP.
+            receiver.worker.start()
         try:
             yield
         finally:
