@@ -1,0 +1,270 @@
+"""How much warning is in the recorded series at all: the best threshold rule, chosen in hindsight.
+
+For each failure type the recordings contain, this script tries every rule of the form "alarm
+while feature >= c" (and "feature_a >= a and feature_b >= b" for every pair) on the recorded
+scenarios (``benchmarks/out/``, from ``record_scenarios.py``), pooled as one fleet, and scores it
+exactly as the backtest scores the detector (``vllm_otel.forecast.backtest``: an event is caught
+by an alarm episode that starts within the horizon before its onset and after the previous
+failure ended; an alarm is false when no failure is under way or follows within the horizon).
+It prints, per feature, the longest median lead that any threshold reaches with recall >= 0.9
+and precision >= 0.8 (the issue's targets), and what precision a threshold pays for a 30 s lead.
+
+The thresholds are picked with the whole recording in view, so each number is an upper bound
+for a causal rule on that feature (a rule that learns its threshold while it runs can at best
+find the same one); the detector's own row is printed beside them for comparison. Features are
+computed causally at each step from the raw series (10 s windows; slopes over 30 s):
+
+    kv_usage        mean vllm:kv_cache_usage_perc (kv_usage_now: the newest sample, as the static baseline)
+    occupancy       mean running + waiting
+    waiting         mean vllm:num_requests_waiting
+    arrivals        requests that entered: finished + change in running + waiting, per second
+    prompt_tps      prompt tokens per second
+    generation_tps  generated tokens per second
+    itl             mean inter-token latency (the engine's step time)
+    ttft            mean time to first token of requests that got it in the window
+    queue_time      mean time requests waited before they were scheduled
+    iteration_tokens mean tokens per engine step
+    d_<feature>     least-squares slope over the last 30 s (per second)
+
+    .venv/bin/python benchmarks/lead_bound.py [--dir benchmarks/out] [--scenario NAME]... [--pairs] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from score_scenarios import load  # noqa: E402
+
+from vllm_otel.forecast.backtest import _score_one  # noqa: E402
+
+TARGET_FAILURES = ("kv_cache_exhaustion", "queue_overload")
+MIN_RECALL, MIN_PRECISION, MIN_LEAD_S = 0.9, 0.8, 30.0
+WINDOW_S, SLOPE_S = 10.0, 30.0
+
+# (feature, metric, how): "gauge" = window mean; "rate" = counter increase per second;
+# "mean" = increase of <name>_sum over increase of <name>_count
+RAW = (
+    ("kv_usage", "vllm:kv_cache_usage_perc", "gauge"),
+    ("waiting", "vllm:num_requests_waiting", "gauge"),
+    ("prompt_tps", "vllm:prompt_tokens_total", "rate"),
+    ("generation_tps", "vllm:generation_tokens_total", "rate"),
+    ("itl", "vllm:inter_token_latency_seconds", "mean"),
+    ("ttft", "vllm:time_to_first_token_seconds", "mean"),
+    ("queue_time", "vllm:request_queue_time_seconds", "mean"),
+    ("iteration_tokens", "vllm:iteration_tokens_total", "mean"),
+)
+SLOPED = ("kv_usage", "occupancy", "arrivals", "prompt_tps", "itl")
+
+
+def _series(path: Path, t: np.ndarray) -> dict[str, np.ndarray]:
+    """Metric name -> values on the replay's grid, summed over the series of that name (one
+    instance per recording: the recorder's)."""
+    data = json.loads(path.read_text())["data"]["result"]
+    step = float(t[1] - t[0]) if len(t) > 1 else 1.0
+    out: dict[str, np.ndarray] = {}
+    for entry in data:
+        name = entry["metric"]["__name__"]
+        if name.endswith("_bucket") or name.endswith("_created"):
+            continue
+        arr = out.setdefault(name, np.full(len(t), np.nan))
+        for ts, v in entry["values"]:
+            k = int(round((float(ts) - t[0]) / step))
+            if 0 <= k < len(t):
+                val = float(v)
+                arr[k] = val if np.isnan(arr[k]) else arr[k] + val
+    return out
+
+
+def _window_diff(x: np.ndarray, n: int) -> np.ndarray:
+    """x[k] - x[k - n], NaN where either is unknown."""
+    out = np.full_like(x, np.nan)
+    out[n:] = x[n:] - x[:-n]
+    return out
+
+
+def _window_mean(x: np.ndarray, n: int) -> np.ndarray:
+    out = np.full_like(x, np.nan)
+    for k in range(n - 1, len(x)):
+        w = x[k - n + 1:k + 1]
+        if np.isfinite(w).sum() >= n // 2:
+            out[k] = np.nanmean(w)
+    return out
+
+
+def _slope(x: np.ndarray, n: int) -> np.ndarray:
+    out = np.full_like(x, np.nan)
+    for k in range(n - 1, len(x)):
+        w = x[k - n + 1:k + 1]
+        ok = np.isfinite(w)
+        if ok.sum() >= n // 2:
+            out[k] = np.polyfit(np.flatnonzero(ok).astype(float), w[ok], 1)[0]
+    return out
+
+
+def features(raw: dict[str, np.ndarray], step: float) -> dict[str, np.ndarray]:
+    """The features above, each (T,), computed from data up to each step only."""
+    n, ns = max(1, int(round(WINDOW_S / step))), max(2, int(round(SLOPE_S / step)))
+    nan = np.full(len(next(iter(raw.values()))), np.nan)
+    out: dict[str, np.ndarray] = {}
+    for name, metric, how in RAW:
+        if how == "gauge":
+            out[name] = _window_mean(raw.get(metric, nan), n)
+        elif how == "rate":
+            out[name] = _window_diff(raw.get(metric, nan), n) / (n * step)
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[name] = (_window_diff(raw.get(metric + "_sum", nan), n)
+                             / _window_diff(raw.get(metric + "_count", nan), n))
+    out["kv_usage_now"] = raw.get("vllm:kv_cache_usage_perc", nan)
+    running, waiting = raw.get("vllm:num_requests_running", nan), raw.get("vllm:num_requests_waiting", nan)
+    out["occupancy"] = _window_mean(running + waiting, n)
+    finished = raw.get("vllm:request_success_total", nan)
+    out["arrivals"] = _window_diff(finished + running + waiting, n) / (n * step)
+    for name in SLOPED:
+        out["d_" + name] = _slope(out[name], ns) / step
+    return out
+
+
+def sweep(feature: np.ndarray, labels: np.ndarray, t: np.ndarray, horizon: int, merge_gap: int,
+          levels: np.ndarray, f: str) -> list[dict[str, Any]]:
+    """Score "alarm while feature >= c" for every level c. feature, labels: (U, T)."""
+    rows = []
+    for c in levels:
+        with np.errstate(invalid="ignore"):
+            alarm = (feature >= c) | labels
+        s = _score_one(f, "rule", alarm, labels, t, horizon, merge_gap, 1.0)
+        rows.append({"level": float(c), "recall": s.recall or 0.0, "precision": s.precision or 0.0,
+                     "lead": s.median_lead_s, "alarms": s.alarms, "false": s.false_alarms})
+    return rows
+
+
+def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The longest median lead meeting recall and precision, then the best precision at >= 30 s."""
+    ok = [r for r in rows if r["recall"] >= MIN_RECALL and r["precision"] >= MIN_PRECISION and r["lead"] is not None]
+    return max(ok, key=lambda r: (r["lead"], r["precision"])) if ok else None
+
+
+def best_at_lead(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["recall"] >= MIN_RECALL and (r["lead"] or 0) >= MIN_LEAD_S]
+    return max(ok, key=lambda r: (r["precision"], r["lead"])) if ok else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "out", help="folder of the recordings")
+    ap.add_argument("--scenario", action="append", metavar="NAME", help="only this recording (repeatable)")
+    ap.add_argument("--horizon", type=float, default=120.0, help="prediction horizon, s (default 120)")
+    ap.add_argument("--levels", type=int, default=200, help="thresholds tried per feature (quantiles)")
+    ap.add_argument("--pairs", action="store_true", help="also every pair of features (AND), 30 levels each")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+
+    paths = sorted(p for p in args.dir.glob("*.json") if not p.name.endswith(".meta.json"))
+    if args.scenario:
+        paths = [p for p in paths if p.stem in args.scenario]
+    if not paths:
+        print(f"no recordings in {args.dir}; run benchmarks/record_scenarios.py first", file=sys.stderr)
+        return 2
+    ns = argparse.Namespace(step=None, detector_config=None, horizon=args.horizon, threshold=0.7,
+                            baseline_window=300.0, static_fraction=0.8)
+    recs = [load(p, ns) for p in track(paths, description="replaying", transient=True)]
+    for r in recs:
+        if len(r.result.units) != 1:
+            print(f"{r.name}: {len(r.result.units)} instances; this script expects one per recording",
+                  file=sys.stderr)
+            return 2
+    step = recs[0].result.step_s
+    T = max(len(r.result.t) for r in recs)
+    horizon, merge_gap = int(round(args.horizon / step)), int(round(60.0 / step))
+    t = np.arange(T) * step
+    feats: dict[str, np.ndarray] = {}
+    for i, (r, p) in enumerate(zip(recs, paths)):
+        for name, x in features(_series(p, r.result.t), step).items():
+            feats.setdefault(name, np.full((len(recs), T), np.nan))[i, :len(x)] = x
+    fts = recs[0].result.failure_types
+    report: dict[str, Any] = {"recordings": [r.name for r in recs], "horizon_s": args.horizon, "failures": {}}
+    for f in TARGET_FAILURES:
+        j = fts.index(f)
+        labels = np.zeros((len(recs), T), dtype=bool)
+        prob = np.full((len(recs), T), np.nan)
+        for i, r in enumerate(recs):
+            labels[i, :len(r.result.t)] = r.result.labels[0, :, j]
+            prob[i, :len(r.result.t)] = r.result.probability[0, :, j]
+        if not labels.any():
+            continue
+        det = _score_one(f, "detector", (prob >= 0.7) | labels, labels, t, horizon, merge_gap, 1.0)
+        per: dict[str, Any] = {"detector": {"recall": det.recall, "precision": det.precision,
+                                            "lead": det.median_lead_s, "alarms": det.alarms,
+                                            "events": det.events}, "features": {}, "pairs": []}
+        for name, x in feats.items():
+            levels = np.unique(np.nanquantile(x, np.linspace(0, 1, args.levels))) if np.isfinite(x).any() else []
+            rows = sweep(x, labels, t, horizon, merge_gap, np.asarray(levels), f)
+            per["features"][name] = {"best": best(rows), "at_30s": best_at_lead(rows)}
+        if args.pairs:
+            names = list(feats)
+            pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+            for a, b in track(pairs, description=f"{f}: pairs", transient=True):
+                la = np.unique(np.nanquantile(feats[a], np.linspace(0, 1, 30)))
+                lb = np.unique(np.nanquantile(feats[b], np.linspace(0, 1, 30)))
+                cands = []
+                for ca in la:
+                    with np.errstate(invalid="ignore"):
+                        x = np.where(feats[a] >= ca, feats[b], np.nan)
+                    cands += [dict(r, level_a=float(ca)) for r in sweep(x, labels, t, horizon, merge_gap, lb, f)]
+                hit = best(cands)
+                per["pairs"].append({"a": a, "b": b, "best": hit, "at_30s": best_at_lead(cands)})
+            per["pairs"].sort(key=lambda p: -(p["best"]["lead"] if p["best"] else -1))
+        report["failures"][f] = per
+
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+        return 0
+    console = Console(width=150)
+    console.print(f"recordings: {', '.join(report['recordings'])} (pooled); horizon {args.horizon:g} s; "
+                  f"targets recall >= {MIN_RECALL}, precision >= {MIN_PRECISION}, median lead >= {MIN_LEAD_S:g} s")
+
+    def fmt(r: dict[str, Any] | None, level_key: str = "level") -> list[str]:
+        if not r:
+            return ["-", "-", "-", "-"]
+        lvl = f"{r[level_key]:.3g}" if level_key in r else "-"
+        return [lvl, f"{r['recall']:.2f}", f"{r['precision']:.2f}", f"{r['lead']:.0f}" if r["lead"] is not None else "-"]
+
+    for f, per in report["failures"].items():
+        d = per["detector"]
+        tb = Table(title=f"{f}: {d['events']} events; detector: recall {d['recall']:.2f}, precision "
+                         f"{d['precision']:.2f}, median lead {d['lead']} s")
+        for c in ("feature", "best level", "recall", "precision", "median lead s",
+                  "level for 30 s", "recall", "precision", "median lead s"):
+            tb.add_column(c, justify="left" if c == "feature" else "right")
+        items = sorted(per["features"].items(), key=lambda kv: -(kv[1]["best"]["lead"] if kv[1]["best"] else -1))
+        for name, v in items:
+            tb.add_row(name, *fmt(v["best"]), *fmt(v["at_30s"]))
+        console.print(tb)
+        if per["pairs"]:
+            tp = Table(title=f"{f}: best pairs (alarm while a >= level_a and b >= level_b)")
+            for c in ("a", "b", "level a", "level b", "recall", "precision", "median lead s"):
+                tp.add_column(c, justify="left" if c in ("a", "b") else "right")
+            for p in per["pairs"][:8]:
+                r = p["best"]
+                if r:
+                    tp.add_row(p["a"], p["b"], f"{r['level_a']:.3g}", *fmt(r))
+            console.print(tp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
