@@ -1,7 +1,7 @@
 """How much warning is in the recorded series at all: the best threshold rule, chosen in hindsight.
 
 For each failure type the recordings contain, this script tries every rule of the form "alarm
-while feature >= c" (and "feature_a >= a and feature_b >= b" for every pair) on the recorded
+while feature >= c" or "feature <= c" (shown as ``-feature``) (and "feature_a >= a and feature_b >= b" for every pair) on the recorded
 scenarios (``benchmarks/out/``, from ``record_scenarios.py``), pooled as one fleet, and scores it
 exactly as the backtest scores the detector (``vllm_otel.forecast.backtest``: an event is caught
 by an alarm episode that starts within the horizon before its onset and after the previous
@@ -210,9 +210,13 @@ def main() -> int:
                                             "lead": det.median_lead_s, "alarms": det.alarms,
                                             "events": det.events}, "features": {}, "pairs": []}
         for name, x in feats.items():
-            levels = np.unique(np.nanquantile(x, np.linspace(0, 1, args.levels))) if np.isfinite(x).any() else []
-            rows = sweep(x, labels, t, horizon, merge_gap, np.asarray(levels), f)
-            per["features"][name] = {"best": best(rows), "at_30s": best_at_lead(rows)}
+            # Both directions: "feature >= c", and "feature <= c" as "-feature >= -c" (a falling
+            # throughput or slope could lead a failure as well as a rising one).
+            for sign, label in ((1.0, name), (-1.0, "-" + name)):
+                y = sign * x
+                levels = np.unique(np.nanquantile(y, np.linspace(0, 1, args.levels))) if np.isfinite(y).any() else []
+                rows = sweep(y, labels, t, horizon, merge_gap, np.asarray(levels), f)
+                per["features"][label] = {"best": best(rows), "at_30s": best_at_lead(rows)}
         if args.pairs:
             names = list(feats)
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
