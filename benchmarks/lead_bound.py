@@ -26,7 +26,8 @@ computed causally at each step from the raw series (10 s windows; slopes over 30
     iteration_tokens mean tokens per engine step
     d_<feature>     least-squares slope over the last 30 s (per second)
 
-    .venv/bin/python benchmarks/lead_bound.py [--dir benchmarks/out] [--scenario NAME]... [--pairs] [--json]
+    .venv/bin/python benchmarks/lead_bound.py [--dir benchmarks/out] [--scenario NAME]... [--pairs]
+                                              [--cut-from-phase swell] [--json]
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def main() -> int:
     ap.add_argument("--horizon", type=float, default=120.0, help="prediction horizon, s (default 120)")
     ap.add_argument("--levels", type=int, default=200, help="thresholds tried per feature (quantiles)")
     ap.add_argument("--pairs", action="store_true", help="also every pair of features (AND), 30 levels each")
+    ap.add_argument("--cut-from-phase", metavar="PHASE", help="leave out each recording from the start "
+                    "of this phase of its .meta.json on (e.g. swell: the bound without the false-alarm test)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
@@ -191,11 +194,19 @@ def main() -> int:
     horizon, merge_gap = int(round(args.horizon / step)), int(round(60.0 / step))
     t = np.arange(T) * step
     feats: dict[str, np.ndarray] = {}
+    cut = np.zeros((len(recs), T), dtype=bool)
     for i, (r, p) in enumerate(zip(recs, paths)):
+        cut[i, len(r.result.t):] = True
+        starts = [ph["start"] for ph in r.meta.get("phases", []) if ph.get("phase") == args.cut_from_phase]
+        if starts:
+            cut[i, :len(r.result.t)] = r.result.t >= min(starts)
         for name, x in features(_series(p, r.result.t), step).items():
             feats.setdefault(name, np.full((len(recs), T), np.nan))[i, :len(x)] = x
+    for x in feats.values():
+        x[cut] = np.nan
     fts = recs[0].result.failure_types
-    report: dict[str, Any] = {"recordings": [r.name for r in recs], "horizon_s": args.horizon, "failures": {}}
+    report: dict[str, Any] = {"recordings": [r.name for r in recs], "horizon_s": args.horizon,
+                              "cut_from_phase": args.cut_from_phase, "failures": {}}
     for f in TARGET_FAILURES:
         j = fts.index(f)
         labels = np.zeros((len(recs), T), dtype=bool)
@@ -203,6 +214,8 @@ def main() -> int:
         for i, r in enumerate(recs):
             labels[i, :len(r.result.t)] = r.result.labels[0, :, j]
             prob[i, :len(r.result.t)] = r.result.probability[0, :, j]
+        labels &= ~cut
+        prob[cut] = np.nan
         if not labels.any():
             continue
         det = _score_one(f, "detector", (prob >= 0.7) | labels, labels, t, horizon, merge_gap, 1.0)
