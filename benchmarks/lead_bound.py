@@ -140,15 +140,16 @@ def features(raw: dict[str, np.ndarray], step: float) -> dict[str, np.ndarray]:
 
 
 def sweep(feature: np.ndarray, labels: np.ndarray, t: np.ndarray, horizon: int, merge_gap: int,
-          levels: np.ndarray, f: str) -> list[dict[str, Any]]:
-    """Score "alarm while feature >= c" for every level c. feature, labels: (U, T)."""
+          levels: np.ndarray, f: str, present: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Score "alarm while feature >= c" for every level c. feature, labels, present: (U, T)."""
     rows = []
     for c in levels:
         with np.errstate(invalid="ignore"):
             alarm = (feature >= c) | labels
-        s = _score_one(f, "rule", alarm, labels, t, horizon, merge_gap, 1.0)
+        s = _score_one(f, "rule", alarm, labels, t, horizon, merge_gap, 1.0, present)
         rows.append({"level": float(c), "recall": s.recall or 0.0, "precision": s.precision or 0.0,
-                     "lead": s.median_lead_s, "alarms": s.alarms, "false": s.false_alarms})
+                     "lead": s.median_lead_s, "alarms": s.alarms, "false": s.false_alarms,
+                     "quiet_share": s.quiet_alarm_share})
     return rows
 
 
@@ -218,17 +219,19 @@ def main() -> int:
         prob[cut] = np.nan
         if not labels.any():
             continue
-        det = _score_one(f, "detector", (prob >= 0.7) | labels, labels, t, horizon, merge_gap, 1.0)
+        present = ~cut
+        det = _score_one(f, "detector", (prob >= 0.7) | labels, labels, t, horizon, merge_gap, 1.0, present)
         per: dict[str, Any] = {"detector": {"recall": det.recall, "precision": det.precision,
                                             "lead": det.median_lead_s, "alarms": det.alarms,
-                                            "events": det.events}, "features": {}, "pairs": []}
+                                            "events": det.events, "quiet_share": det.quiet_alarm_share},
+                               "features": {}, "pairs": []}
         for name, x in feats.items():
             # Both directions: "feature >= c", and "feature <= c" as "-feature >= -c" (a falling
             # throughput or slope could lead a failure as well as a rising one).
             for sign, label in ((1.0, name), (-1.0, "-" + name)):
                 y = sign * x
                 levels = np.unique(np.nanquantile(y, np.linspace(0, 1, args.levels))) if np.isfinite(y).any() else []
-                rows = sweep(y, labels, t, horizon, merge_gap, np.asarray(levels), f)
+                rows = sweep(y, labels, t, horizon, merge_gap, np.asarray(levels), f, present)
                 per["features"][label] = {"best": best(rows), "at_30s": best_at_lead(rows)}
         if args.pairs:
             names = list(feats)
@@ -240,7 +243,8 @@ def main() -> int:
                 for ca in la:
                     with np.errstate(invalid="ignore"):
                         x = np.where(feats[a] >= ca, feats[b], np.nan)
-                    cands += [dict(r, level_a=float(ca)) for r in sweep(x, labels, t, horizon, merge_gap, lb, f)]
+                    cands += [dict(r, level_a=float(ca))
+                              for r in sweep(x, labels, t, horizon, merge_gap, lb, f, present)]
                 hit = best(cands)
                 per["pairs"].append({"a": a, "b": b, "best": hit, "at_30s": best_at_lead(cands)})
             per["pairs"].sort(key=lambda p: -(p["best"]["lead"] if p["best"] else -1))
@@ -256,16 +260,19 @@ def main() -> int:
 
     def fmt(r: dict[str, Any] | None, level_key: str = "level") -> list[str]:
         if not r:
-            return ["-", "-", "-", "-"]
+            return ["-", "-", "-", "-", "-"]
         lvl = f"{r[level_key]:.3g}" if level_key in r else "-"
-        return [lvl, f"{r['recall']:.2f}", f"{r['precision']:.2f}", f"{r['lead']:.0f}" if r["lead"] is not None else "-"]
+        quiet = "-" if r.get("quiet_share") is None else f"{100 * r['quiet_share']:.0f}"
+        return [lvl, f"{r['recall']:.2f}", f"{r['precision']:.2f}", quiet,
+                f"{r['lead']:.0f}" if r["lead"] is not None else "-"]
 
     for f, per in report["failures"].items():
         d = per["detector"]
         tb = Table(title=f"{f}: {d['events']} events; detector: recall {d['recall']:.2f}, precision "
-                         f"{d['precision']:.2f}, median lead {d['lead']} s")
-        for c in ("feature", "best level", "recall", "precision", "median lead s",
-                  "level for 30 s", "recall", "precision", "median lead s"):
+                         f"{d['precision']:.2f}, quiet time in alarm {100 * (d['quiet_share'] or 0):.0f} %, "
+                         f"median lead {d['lead']} s")
+        for c in ("feature", "best level", "recall", "precision", "quiet %", "median lead s",
+                  "level for 30 s", "recall", "precision", "quiet %", "median lead s"):
             tb.add_column(c, justify="left" if c == "feature" else "right")
         items = sorted(per["features"].items(), key=lambda kv: -(kv[1]["best"]["lead"] if kv[1]["best"] else -1))
         for name, v in items:
@@ -273,7 +280,7 @@ def main() -> int:
         console.print(tb)
         if per["pairs"]:
             tp = Table(title=f"{f}: best pairs (alarm while a >= level_a and b >= level_b)")
-            for c in ("a", "b", "level a", "level b", "recall", "precision", "median lead s"):
+            for c in ("a", "b", "level a", "level b", "recall", "precision", "quiet %", "median lead s"):
                 tp.add_column(c, justify="left" if c in ("a", "b") else "right")
             for p in per["pairs"][:8]:
                 r = p["best"]

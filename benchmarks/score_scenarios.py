@@ -290,7 +290,7 @@ def targets(recs: list[Recording], pool: list[MethodScore], stalls: list[dict[st
 # Output
 
 COLS = ("scenario", "failure_type", "method", "events", "caught", "recall", "alarms", "precision", "F1",
-        "false alarms/h", "median lead s")
+        "false alarms/h", "quiet time in alarm %", "median lead s")
 
 
 def table_rows(name: str, rows: list[MethodScore]) -> list[list[str]]:
@@ -300,7 +300,9 @@ def table_rows(name: str, rows: list[MethodScore]) -> list[list[str]]:
         if r.failure_type not in keep:
             continue
         out.append([name, r.failure_type, r.method, str(r.events), str(r.caught), _f(r.recall), str(r.alarms),
-                    _f(r.precision), _f(r.f1), f"{r.false_alarms_per_hour:.0f}", _f(r.median_lead_s, ".0f")])
+                    _f(r.precision), _f(r.f1), f"{r.false_alarms_per_hour:.0f}",
+                    _f(None if r.quiet_alarm_share is None else 100 * r.quiet_alarm_share, ".1f"),
+                    _f(r.median_lead_s, ".0f")])
     return out
 
 

@@ -130,6 +130,30 @@ def test_only_fresh_alarm_episodes_are_credited() -> None:
     assert (det.events, det.caught, det.median_lead_s, det.alarms, det.false_alarms) == (2, 1, 50.0, 4, 1)
 
 
+def test_an_alarm_that_is_always_on_shows_in_the_quiet_time_share() -> None:
+    """Precision counts episodes: an alarm on from start to end is one true alarm (precision 1.00,
+    a 100 s "lead"). The quiet-time share (alarming while no failure is under way or within the
+    horizon) shows it; a detector that warns 10 s ahead of each failure spends none of it."""
+    T = 800
+    labels = np.zeros(T, dtype=bool)
+    labels[100:111] = labels[400:411] = labels[700:711] = True
+    sig = np.where(labels, 0.96, 0.5)
+    always = {r.method: r for r in score(_one_unit_result(np.full(T, 0.9), sig, labels))}["detector"]
+    assert (always.precision, always.alarms, always.caught) == (1.0, 1, 1)
+    # quiet steps: outside the failures and the 120 s before each; the always-on alarm covers all
+    quiet = T - 3 * 11 - 3 * 120 - (T - 711)
+    assert always.quiet_alarm_share == 1.0 and quiet > 0
+    warns = np.zeros(T)
+    for onset in (100, 400, 700):
+        warns[onset - 10:onset] = 0.9
+    rows = {r.method: r for r in score(_one_unit_result(warns, sig, labels))}
+    det = rows["detector"]
+    assert (det.precision, det.caught, det.median_lead_s) == (1.0, 3, 10.0)
+    assert det.quiet_alarm_share == 0.0
+    # the static baseline (0.76) never fires outside the failures here either
+    assert rows["static"].quiet_alarm_share == 0.0
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small query_range dump: one KV ramp, one stall, one healthy instance; a gap, a restart."""

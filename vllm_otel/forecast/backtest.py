@@ -17,7 +17,11 @@ at a fraction of the failure threshold):
 * an **alarm** is a run of alarming steps; it is *true* when a failure is under way during it or
   begins within the horizon after it ends, else it is a **false alarm**;
 * recall = caught / events, precision = true alarms / alarms, false alarms per instance-hour
-  of data, median lead over caught events, F1 from recall and precision.
+  of data, median lead over caught events, F1 from recall and precision;
+* quiet time in alarm: of the steps with data where no failure is under way or begins within
+  the horizon, the share the method spent alarming. Precision counts episodes, so one long alarm
+  that runs into a failure counts as one true alarm however long it lasts: an alarm that is
+  always on scores precision 1.00 on a recording where failures keep coming. This share shows it.
 
 Every method alarms while a failure is already under way (it is visible to all), so what
 separates them is what happens before onsets and in quiet periods.
@@ -159,6 +163,7 @@ class MethodScore:
     f1: float | None
     false_alarms_per_hour: float
     median_lead_s: float | None
+    quiet_alarm_share: float | None = None   # share of quiet steps (no failure now or within the horizon) in alarm
 
 
 def _runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
@@ -172,8 +177,18 @@ def _runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), ends.tolist()))
 
 
+def _quiet(labels: np.ndarray, horizon: int) -> np.ndarray:
+    """(U, T): no failure at this step or within the next ``horizon`` steps."""
+    U, T = labels.shape
+    # index of the next failing step at or after each step (T where none)
+    nxt = np.full((U, T + 1), T, dtype=np.int64)
+    idx = np.where(labels, np.arange(T)[None, :], T)
+    nxt[:, :T] = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+    return (nxt[:, :T] - np.arange(T)[None, :]) > horizon
+
+
 def _score_one(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np.ndarray,
-               horizon: int, merge_gap: int, hours: float) -> MethodScore:
+               horizon: int, merge_gap: int, hours: float, present: np.ndarray | None = None) -> MethodScore:
     events = caught = alarms = false = 0
     leads: list[float] = []
     for u in range(labels.shape[0]):
@@ -198,9 +213,12 @@ def _score_one(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np
     precision = (alarms - false) / alarms if alarms else None
     f1 = (2 * recall * precision / (recall + precision) if recall and precision else
           (0.0 if events else None))
+    quiet = _quiet(labels, horizon) & (present if present is not None else True)
+    n_quiet = int(quiet.sum())
     return MethodScore(f, method, events, caught, alarms, false, recall, precision, f1,
                        false / hours if hours > 0 else 0.0,
-                       float(np.median(leads)) if leads else None)
+                       float(np.median(leads)) if leads else None,
+                       float((alarm & quiet).sum()) / n_quiet if n_quiet else None)
 
 
 def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float = 300.0,
@@ -223,7 +241,8 @@ def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float
             static_thr = static_fraction * thr if f != "gpu_hardware" else thr
             static_alarm = ((sig > static_thr) if f in STRICT else (sig >= static_thr)) | lab
         for method, alarm in zip(METHODS, (det_alarm, pl_alarm, static_alarm)):
-            out.append(_score_one(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours))
+            out.append(_score_one(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours,
+                                  result.present))
     return out
 
 

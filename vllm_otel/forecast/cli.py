@@ -117,16 +117,17 @@ def _print_table(rows: list[Any], result: Any, params: dict[str, Any]) -> None:
     table = Table(title=(f"backtest: {len(result.units)} instance(s), {len(result.t)} steps of "
                          f"{result.step_s:g}s, horizon {result.horizon_s:g}s, alarm at p>={params['threshold']}"))
     for col in ("failure_type", "method", "events", "caught", "recall", "alarms", "precision",
-                "false/h", "median lead s", "F1"):
+                "false/h", "quiet in alarm", "median lead s", "F1"):
         table.add_column(col, justify="left" if col in ("failure_type", "method") else "right", no_wrap=True)
     last = None
     for r in rows:
         table.add_row(r.failure_type if r.failure_type != last else "", r.method, str(r.events),
                       str(r.caught), pct(r.recall), str(r.alarms), pct(r.precision),
                       f"{r.false_alarms_per_hour:.2f}",
+                      "-" if r.quiet_alarm_share is None else f"{100 * r.quiet_alarm_share:.1f} %",
                       "-" if r.median_lead_s is None else f"{r.median_lead_s:g}", pct(r.f1))
         last = r.failure_type
-    console = Console(file=sys.stdout, width=max(132, Console().width))
+    console = Console(file=sys.stdout, width=max(150, Console().width))
     console.print(table)
     console.print(f"predict_linear: lookback {params['baseline_window_s']:g}s, same horizon and thresholds; "
                   f"static: {params['static_fraction']:g} x threshold")
