@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from score_scenarios import load  # noqa: E402
 
-from vllm_otel.forecast.backtest import _score_one  # noqa: E402
+from vllm_otel.forecast.backtest import score_alarms  # noqa: E402
 
 TARGET_FAILURES = ("kv_cache_exhaustion", "queue_overload")
 MIN_RECALL, MIN_PRECISION, MIN_LEAD_S = 0.9, 0.8, 30.0
@@ -146,7 +146,7 @@ def sweep(feature: np.ndarray, labels: np.ndarray, t: np.ndarray, horizon: int, 
     for c in levels:
         with np.errstate(invalid="ignore"):
             alarm = (feature >= c) | labels
-        s = _score_one(f, "rule", alarm, labels, t, horizon, merge_gap, 1.0, present)
+        s = score_alarms(f, "rule", alarm, labels, t, horizon, merge_gap, 1.0, present)
         rows.append({"level": float(c), "recall": s.recall or 0.0, "precision": s.precision or 0.0,
                      "lead": s.median_lead_s, "alarms": s.alarms, "false": s.false_alarms,
                      "quiet_share": s.quiet_alarm_share})
@@ -154,12 +154,13 @@ def sweep(feature: np.ndarray, labels: np.ndarray, t: np.ndarray, horizon: int, 
 
 
 def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The longest median lead meeting recall and precision, then the best precision at >= 30 s."""
+    """The rule with the longest median lead among those meeting the recall and precision targets."""
     ok = [r for r in rows if r["recall"] >= MIN_RECALL and r["precision"] >= MIN_PRECISION and r["lead"] is not None]
     return max(ok, key=lambda r: (r["lead"], r["precision"])) if ok else None
 
 
 def best_at_lead(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The rule with the best precision among those meeting the recall and lead targets."""
     ok = [r for r in rows if r["recall"] >= MIN_RECALL and (r["lead"] or 0) >= MIN_LEAD_S]
     return max(ok, key=lambda r: (r["precision"], r["lead"])) if ok else None
 
@@ -220,7 +221,7 @@ def main() -> int:
         if not labels.any():
             continue
         present = ~cut
-        det = _score_one(f, "detector", (prob >= 0.7) | labels, labels, t, horizon, merge_gap, 1.0, present)
+        det = score_alarms(f, "detector", (prob >= 0.7) | labels, labels, t, horizon, merge_gap, 1.0, present)
         per: dict[str, Any] = {"detector": {"recall": det.recall, "precision": det.precision,
                                             "lead": det.median_lead_s, "alarms": det.alarms,
                                             "events": det.events, "quiet_share": det.quiet_alarm_share},

@@ -41,7 +41,7 @@ from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
 __all__ = ["ReplayResult", "MethodScore", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
-           "score", "score_json", "METHODS"]
+           "score", "score_alarms", "score_json", "METHODS"]
 
 METHODS = ("detector", "predict_linear", "static")
 
@@ -179,16 +179,18 @@ def _runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
 
 def _quiet(labels: np.ndarray, horizon: int) -> np.ndarray:
     """(U, T): no failure at this step or within the next ``horizon`` steps."""
-    U, T = labels.shape
-    # index of the next failing step at or after each step (T where none)
-    nxt = np.full((U, T + 1), T, dtype=np.int64)
+    T = labels.shape[1]
+    # the index of the next failing step at or after each step (T where there is none)
     idx = np.where(labels, np.arange(T)[None, :], T)
-    nxt[:, :T] = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
-    return (nxt[:, :T] - np.arange(T)[None, :]) > horizon
+    nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+    return (nxt - np.arange(T)[None, :]) > horizon
 
 
-def _score_one(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np.ndarray,
-               horizon: int, merge_gap: int, hours: float, present: np.ndarray | None = None) -> MethodScore:
+def score_alarms(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np.ndarray,
+                 horizon: int, merge_gap: int, hours: float, present: np.ndarray | None = None) -> MethodScore:
+    """Score one method's alarms, (U, T) bool, against the failure labels, (U, T) bool, as the
+    module docstring says; ``horizon`` and ``merge_gap`` in steps, ``hours`` of data for the
+    false-alarm rate, ``present`` (U, T) the steps with data (all when None)."""
     events = caught = alarms = false = 0
     leads: list[float] = []
     for u in range(labels.shape[0]):
@@ -241,7 +243,7 @@ def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float
             static_thr = static_fraction * thr if f != "gpu_hardware" else thr
             static_alarm = ((sig > static_thr) if f in STRICT else (sig >= static_thr)) | lab
         for method, alarm in zip(METHODS, (det_alarm, pl_alarm, static_alarm)):
-            out.append(_score_one(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours,
+            out.append(score_alarms(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours,
                                   result.present))
     return out
 
