@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from score_scenarios import load  # noqa: E402
+from score_scenarios import add_recording_args, load, recording_paths  # noqa: E402
 
 from vllm_otel.forecast.backtest import score_alarms  # noqa: E402
 
@@ -167,9 +167,7 @@ def best_at_lead(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "out", help="folder of the recordings")
-    ap.add_argument("--scenario", action="append", metavar="NAME", help="only this recording (repeatable)")
-    ap.add_argument("--horizon", type=float, default=120.0, help="prediction horizon, s (default 120)")
+    add_recording_args(ap)
     ap.add_argument("--levels", type=int, default=200, help="thresholds tried per feature (quantiles)")
     ap.add_argument("--pairs", action="store_true", help="also every pair of features (AND), 30 levels each")
     ap.add_argument("--cut-from-phase", metavar="PHASE", help="leave out each recording from the start "
@@ -177,11 +175,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
-    paths = sorted(p for p in args.dir.glob("*.json") if not p.name.endswith(".meta.json"))
-    if args.scenario:
-        paths = [p for p in paths if p.stem in args.scenario]
+    paths = recording_paths(args.dir, args.scenario)
     if not paths:
-        print(f"no recordings in {args.dir}; run benchmarks/record_scenarios.py first", file=sys.stderr)
         return 2
     ns = argparse.Namespace(step=None, detector_config=None, horizon=args.horizon, threshold=0.7,
                             baseline_window=300.0, static_fraction=0.8)

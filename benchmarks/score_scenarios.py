@@ -57,6 +57,23 @@ class Recording:
     rows: list[MethodScore]
 
 
+def add_recording_args(ap: argparse.ArgumentParser) -> None:
+    """--dir, --scenario and --horizon, shared with lead_bound.py."""
+    ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "out", help="folder of the recordings")
+    ap.add_argument("--scenario", action="append", metavar="NAME", help="only this recording (repeatable)")
+    ap.add_argument("--horizon", type=float, default=120.0, help="prediction horizon, s (default 120)")
+
+
+def recording_paths(folder: Path, scenarios: list[str] | None) -> list[Path]:
+    """The recordings in ``folder`` (only ``scenarios`` when given); says why when there are none."""
+    paths = sorted(p for p in folder.glob("*.json") if not p.name.endswith(".meta.json"))
+    if scenarios:
+        paths = [p for p in paths if p.stem in scenarios]
+    if not paths:
+        print(f"no recordings in {folder}; run benchmarks/record_scenarios.py first", file=sys.stderr)
+    return paths
+
+
 def load(path: Path, args: argparse.Namespace) -> Recording:
     meta_path = path.with_name(path.stem + ".meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -318,10 +335,8 @@ def markdown(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / "out", help="folder of the recordings")
-    ap.add_argument("--scenario", action="append", metavar="NAME", help="only this recording (repeatable)")
+    add_recording_args(ap)
     ap.add_argument("--threshold", type=float, default=0.7, help="alarm probability (default 0.7)")
-    ap.add_argument("--horizon", type=float, default=120.0, help="prediction horizon, s (default 120)")
     ap.add_argument("--baseline-window", type=float, default=300.0, help="predict_linear lookback, s (default 300)")
     ap.add_argument("--static-fraction", type=float, default=0.8, help="static threshold fraction (default 0.8)")
     ap.add_argument("--step", type=float, help="resample to S seconds (default: the recording's 1 s)")
@@ -331,11 +346,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
     args = ap.parse_args()
 
-    paths = sorted(p for p in args.dir.glob("*.json") if not p.name.endswith(".meta.json"))
-    if args.scenario:
-        paths = [p for p in paths if p.stem in args.scenario]
+    paths = recording_paths(args.dir, args.scenario)
     if not paths:
-        print(f"no recordings in {args.dir}; run benchmarks/record_scenarios.py first", file=sys.stderr)
         return 2
     recs = [load(p, args) for p in paths]
     pool = pooled(recs, args)
