@@ -11,7 +11,10 @@ and precision >= 0.8 (the issue's targets), and what precision a threshold pays 
 
 The thresholds are picked with the whole recording in view, so each number is an upper bound
 for a causal rule on that feature (a rule that learns its threshold while it runs can at best
-find the same one); the detector's own row is printed beside them for comparison. Features are
+find the same one); the detector's own row is printed beside them for comparison. ``--learned S``
+adds a model of all features together: a logistic regression of "a failure begins within S
+seconds", fitted for each recording on the others (out of sample), its alarm level again picked
+in hindsight. Features are
 computed causally at each step from the raw series (10 s windows; slopes over 30 s):
 
     kv_usage        mean vllm:kv_cache_usage_perc (kv_usage_now: the newest sample, as the static baseline)
@@ -27,7 +30,7 @@ computed causally at each step from the raw series (10 s windows; slopes over 30
     d_<feature>     least-squares slope over the last 30 s (per second)
 
     .venv/bin/python benchmarks/lead_bound.py [--dir benchmarks/out] [--scenario NAME]... [--pairs]
-                                              [--cut-from-phase swell] [--json]
+                                              [--learned S] [--cut-from-phase swell] [--json]
 """
 
 from __future__ import annotations
@@ -153,6 +156,36 @@ def sweep(feature: np.ndarray, labels: np.ndarray, t: np.ndarray, horizon: int, 
     return rows
 
 
+def learned(feats: dict[str, np.ndarray], labels: np.ndarray, window: int) -> np.ndarray:
+    """P(a failure begins within ``window`` steps) at every step of every recording, from a
+    logistic regression on all features (standardised, ridge-penalised) fitted on the *other*
+    recordings: out of sample, so no level is learned from the recording it is scored on.
+    (U, T); NaN where a feature is unknown."""
+    import statsmodels.api as sm
+
+    X = np.stack(list(feats.values()), axis=2)                      # (U, T, F)
+    # features the recordings do not carry (all unknown) are left out rather than voiding every step
+    X = X[:, :, np.isfinite(X).any(axis=(0, 1))]
+    U, T, _ = X.shape
+    onset = labels & ~np.concatenate([np.zeros((U, 1), dtype=bool), labels[:, :-1]], axis=1)
+    y = np.zeros((U, T), dtype=bool)
+    for u, k in zip(*np.nonzero(onset)):
+        y[u, max(0, k - window):k] = True
+    P = np.full((U, T), np.nan)
+    for hold in range(U):
+        train = np.arange(U) != hold
+        Xt, yt = X[train].reshape(-1, X.shape[2]), y[train].reshape(-1)
+        ok = np.isfinite(Xt).all(axis=1) & ~labels[train].reshape(-1)   # failing steps teach nothing
+        if not yt[ok].any():
+            continue
+        mu, sd = Xt[ok].mean(axis=0), Xt[ok].std(axis=0) + 1e-9
+        fit = sm.GLM(yt[ok].astype(float), np.column_stack([np.ones(ok.sum()), (Xt[ok] - mu) / sd]),
+                     family=sm.families.Binomial()).fit_regularized(alpha=0.01, L1_wt=0.0)
+        known = np.isfinite(X[hold]).all(axis=1)
+        P[hold, known] = fit.predict(np.column_stack([np.ones(known.sum()), (X[hold][known] - mu) / sd]))
+    return P
+
+
 def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The rule with the longest median lead among those meeting the recall and precision targets."""
     ok = [r for r in rows if r["recall"] >= MIN_RECALL and r["precision"] >= MIN_PRECISION and r["lead"] is not None]
@@ -170,6 +203,8 @@ def main() -> int:
     add_recording_args(ap)
     ap.add_argument("--levels", type=int, default=200, help="thresholds tried per feature (quantiles)")
     ap.add_argument("--pairs", action="store_true", help="also every pair of features (AND), 30 levels each")
+    ap.add_argument("--learned", type=float, metavar="S", help="also a logistic regression on all features, "
+                    "fitted on the other recordings, of 'a failure begins within S seconds'")
     ap.add_argument("--cut-from-phase", metavar="PHASE", help="leave out each recording from the start "
                     "of this phase of its .meta.json on (e.g. swell: the bound without the false-alarm test)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -229,6 +264,12 @@ def main() -> int:
                 levels = np.unique(np.nanquantile(y, np.linspace(0, 1, args.levels))) if np.isfinite(y).any() else []
                 rows = sweep(y, labels, t, horizon, merge_gap, np.asarray(levels), f, present)
                 per["features"][label] = {"best": best(rows), "at_30s": best_at_lead(rows)}
+        if args.learned:
+            with np.errstate(all="ignore"):
+                P = learned(feats, labels, int(round(args.learned / step)))
+            levels = np.unique(np.nanquantile(P, np.linspace(0, 1, args.levels))) if np.isfinite(P).any() else []
+            rows = sweep(P, labels, t, horizon, merge_gap, np.asarray(levels), f, present)
+            per["learned"] = {"window_s": args.learned, "best": best(rows), "at_30s": best_at_lead(rows)}
         if args.pairs:
             names = list(feats)
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -274,6 +315,14 @@ def main() -> int:
         for name, v in items:
             tb.add_row(name, *fmt(v["best"]), *fmt(v["at_30s"]))
         console.print(tb)
+        if "learned" in per:
+            tl = Table(title=f"{f}: logistic regression on all features, out of sample "
+                             f"(P of an onset within {per['learned']['window_s']:g} s)")
+            for c in ("", "P level", "recall", "precision", "quiet %", "median lead s"):
+                tl.add_column(c, justify="left" if not c else "right")
+            tl.add_row("best meeting recall and precision", *fmt(per["learned"]["best"]))
+            tl.add_row("best precision at a 30 s lead", *fmt(per["learned"]["at_30s"]))
+            console.print(tl)
         if per["pairs"]:
             tp = Table(title=f"{f}: best pairs (alarm while a >= level_a and b >= level_b)")
             for c in ("a", "b", "level a", "level b", "recall", "precision", "quiet %", "median lead s"):

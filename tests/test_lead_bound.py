@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000.0
 
 
-def _recording(path: Path) -> None:
-    """600 s at 1 s: two KV exhaustions (200-215 s, 450-465 s) that jump from 0.1 in one scrape,
-    each preceded by 60 s of prompt-token throughput ten times the usual."""
-    t = np.arange(600)
+def _recording(path: Path, shift: int = 0) -> None:
+    """600 s at 1 s: two KV exhaustions (200-215 s, 450-465 s, plus ``shift``) that jump from 0.1
+    in one scrape, each preceded by 60 s of prompt-token throughput ten times the usual."""
+    t = np.arange(600) - shift
     kv = np.where(((t >= 200) & (t <= 215)) | ((t >= 450) & (t <= 465)), 0.99, 0.1)
     busy = ((t >= 140) & (t <= 215)) | ((t >= 390) & (t <= 465))
     prompt = np.cumsum(np.where(busy, 1000.0, 100.0))
@@ -49,3 +49,17 @@ def test_the_bound_finds_the_leading_series_and_its_lead(tmp_path: Path) -> None
     assert kv["features"]["kv_usage_now"]["best"] is None
     assert kv["features"]["kv_usage"]["best"] is None
     assert "queue_overload" not in report["failures"]   # nothing ever waited
+
+
+def test_the_learned_model_is_scored_out_of_sample(tmp_path: Path) -> None:
+    """--learned: a logistic regression on all features, fitted for each recording on the others,
+    finds the same warning in a recording it was not fitted on."""
+    _recording(tmp_path / "a.json")
+    _recording(tmp_path / "b.json", shift=40)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lead_bound.py"), "--dir", str(tmp_path),
+                          "--learned", "60", "--json"], capture_output=True, text=True, timeout=300, check=True)
+    learned = json.loads(out.stdout)["failures"]["kv_cache_exhaustion"]["learned"]
+    assert learned["window_s"] == 60
+    hit = learned["best"]
+    assert hit["recall"] == 1.0 and hit["precision"] == 1.0
+    assert 30 <= hit["lead"] <= 60
