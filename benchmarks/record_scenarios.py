@@ -86,6 +86,11 @@ QUERY = '{__name__=~"vllm:.+|vllm_otel_.+"}'
 MAX_INPUT, MAX_OUTPUT, MAX_MODEL_LEN = 1024, 128, 2048
 REQUEST_TIMEOUT_S = 60.0
 SEGMENT_S = 2.5          # a ramp's rate is constant within a segment
+# The first calm lasts at least this long, so the first ramp starts after the forecaster's warm-up
+# (60 s of data at the default 120 s horizon) plus a little history for its trend. A deployed
+# forecaster has been watching long before a failure; with a 17 s calm, kv_ramp_large's first
+# fill came 9 s after the warm-up ended and the detector could not have warned of it.
+FIRST_CALM_S = 75.0
 SCRAPE_S = 1.0
 UNIQUE_IDS = 1 << 40     # synthetic hash ids for traces without prefix structure (Azure)
 
@@ -386,7 +391,7 @@ class Driver:
     async def ramp(self) -> None:
         """Arrival rate over the load duration L (``x`` = measured capacity):
 
-        calm at ``calm``x for 0.05 L; then per cycle: a linear rise from ``ramp_from``x towards
+        calm at ``calm``x for 0.05 L, at least ``FIRST_CALM_S``; then per cycle: a linear rise from ``ramp_from``x towards
         ``peak``x over at most 0.28 L that stops as soon as Prometheus shows the watched failure,
         0.033 L more at that rate, and calm again for 0.21 L (longer while still failing), so
         consecutive failures are more than the 120 s horizon apart; then a swell to ``swell`` x
@@ -403,7 +408,7 @@ class Driver:
             t0 = self.el()
             return lambda t: a + (b - a) * min(1.0, (t - t0) / duration)
 
-        await self.run_for(0.05 * L, const(calm), "calm")
+        await self.run_for(max(0.05 * L, FIRST_CALM_S), const(calm), "calm")
         for c in range(sc.cycles):
             sat = await self.run_for(0.28 * L, linear(start, peak, 0.28 * L), f"ramp{c + 1}",
                                      stop_when=self.failing)
