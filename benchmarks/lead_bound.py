@@ -1,8 +1,9 @@
 """How much warning is in the recorded series at all: the best threshold rule, chosen in hindsight.
 
-For each failure type the recordings contain, this script tries every rule of the form "alarm
-while feature >= c" or "feature <= c" (shown as ``-feature``) (and "feature_a >= a and feature_b >= b" for every pair) on the recorded
-scenarios (``benchmarks/out/``, from ``record_scenarios.py``), pooled as one fleet, and scores it
+For each failure type the recordings contain, this script tries every rule "alarm while
+feature >= c" and "alarm while feature <= c" (shown as ``-feature``), and with ``--pairs``
+"feature_a >= a and feature_b >= b" for every pair, on the recorded scenarios
+(``benchmarks/out/``, from ``record_scenarios.py``), pooled as one fleet. It scores each rule
 exactly as the backtest scores the detector (``vllm_otel.forecast.backtest``: an event is caught
 by an alarm episode that starts within the horizon before its onset and after the previous
 failure ended; an alarm is false when no failure is under way or follows within the horizon).
@@ -14,8 +15,8 @@ for a causal rule on that feature (a rule that learns its threshold while it run
 find the same one); the detector's own row is printed beside them for comparison. ``--learned S``
 adds a model of all features together: a logistic regression of "a failure begins within S
 seconds", fitted for each recording on the others (out of sample), its alarm level again picked
-in hindsight. Features are
-computed causally at each step from the raw series (10 s windows; slopes over 30 s):
+in hindsight. Features are computed causally at each step from the raw series (10 s windows;
+slopes over 30 s):
 
     kv_usage        mean vllm:kv_cache_usage_perc (kv_usage_now: the newest sample, as the static baseline)
     occupancy       mean running + waiting

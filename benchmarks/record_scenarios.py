@@ -391,9 +391,10 @@ class Driver:
     async def ramp(self) -> None:
         """Arrival rate over the load duration L (``x`` = measured capacity):
 
-        calm at ``calm``x for 0.05 L, at least ``FIRST_CALM_S``; then per cycle: a linear rise from ``ramp_from``x towards
-        ``peak``x over at most 0.28 L that stops as soon as Prometheus shows the watched failure,
-        0.033 L more at that rate, and calm again for 0.21 L (longer while still failing), so
+        calm at ``calm``x for 0.05 L (at least ``FIRST_CALM_S``); then per cycle: a linear rise
+        from ``ramp_from``x towards ``peak``x over at most 0.28 L that stops as soon as Prometheus
+        shows the watched failure, 0.033 L more at that rate, and calm again for 0.21 L (longer
+        while still failing), so
         consecutive failures are more than the 120 s horizon apart; then a swell to ``swell`` x
         the lowest rate at which a ramp failed (``swell_of``; a rise that stays below the failing
         load: alarms there are false alarms) and calm to the end.

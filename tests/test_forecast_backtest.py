@@ -140,9 +140,14 @@ def test_an_alarm_that_is_always_on_shows_in_the_quiet_time_share() -> None:
     sig = np.where(labels, 0.96, 0.5)
     always = {r.method: r for r in score(_one_unit_result(np.full(T, 0.9), sig, labels))}["detector"]
     assert (always.precision, always.alarms, always.caught) == (1.0, 1, 1)
-    # quiet steps: outside the failures and the 120 s before each; the always-on alarm covers all
-    quiet = T - 3 * 11 - 3 * 120 - (T - 711)
-    assert always.quiet_alarm_share == 1.0 and quiet > 0
+    assert always.quiet_alarm_share == 1.0
+    # Quiet steps are those outside the failures and the 120 s before each onset:
+    # 111-279, 411-579 and 711-799, 427 in all. A 100 s false alarm in the first stretch:
+    spell = np.zeros(T)
+    spell[150:250] = 0.9
+    false_alarm = {r.method: r for r in score(_one_unit_result(spell, sig, labels))}["detector"]
+    assert (false_alarm.alarms, false_alarm.false_alarms) == (4, 1)   # the three failures alarm too
+    assert false_alarm.quiet_alarm_share == pytest.approx(100 / 427)
     warns = np.zeros(T)
     for onset in (100, 400, 700):
         warns[onset - 10:onset] = 0.9

@@ -1,6 +1,6 @@
 """benchmarks/lead_bound.py: the hindsight bound finds a series that leads a failure, and says so
-when none does (the tool behind the README's statement that no threshold rule on the recorded
-KV scenarios meets the targets)."""
+when none does (the tool behind benchmarks/README.md's statement that no threshold rule meets
+the KV targets on the seven recordings made before the warm-start change)."""
 
 from __future__ import annotations
 
