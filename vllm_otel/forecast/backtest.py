@@ -180,8 +180,9 @@ def _runs(mask: np.ndarray, merge_gap: int = 0) -> list[tuple[int, int]]:
 def _quiet(labels: np.ndarray, horizon: int) -> np.ndarray:
     """(U, T): no failure at this step or within the next ``horizon`` steps."""
     T = labels.shape[1]
-    # the index of the next failing step at or after each step (T where there is none)
-    idx = np.where(labels, np.arange(T)[None, :], T)
+    # the index of the next failing step at or after each step; none ahead counts as quiet to
+    # the end of the data (as for precision, which calls an alarm there false)
+    idx = np.where(labels, np.arange(T)[None, :], T + horizon + 1)
     nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
     return (nxt - np.arange(T)[None, :]) > horizon
 
