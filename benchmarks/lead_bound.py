@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from score_scenarios import add_recording_args, load, recording_paths  # noqa: E402
 
-from vllm_otel.forecast.backtest import score_alarms  # noqa: E402
+from vllm_otel.forecast.backtest import predict_linear, score_alarms  # noqa: E402
 
 TARGET_FAILURES = ("kv_cache_exhaustion", "queue_overload")
 MIN_RECALL, MIN_PRECISION, MIN_LEAD_S = 0.9, 0.8, 30.0
@@ -101,22 +101,25 @@ def _window_diff(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _window_mean(x: np.ndarray, n: int) -> np.ndarray:
-    out = np.full_like(x, np.nan)
-    for k in range(n - 1, len(x)):
-        w = x[k - n + 1:k + 1]
-        if np.isfinite(w).sum() >= n // 2:
-            out[k] = np.nanmean(w)
-    return out
+    """Mean of the last ``n`` samples, NaN where fewer than half of them are known."""
+    ok = np.isfinite(x)
+    c_sum = np.concatenate([[0.0], np.cumsum(np.where(ok, x, 0.0))])
+    c_n = np.concatenate([[0], np.cumsum(ok)])
+    k = np.arange(len(x))
+    lo = np.maximum(k - n + 1, 0)
+    count = c_n[k + 1] - c_n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (c_sum[k + 1] - c_sum[lo]) / count
+    return np.where((k >= n - 1) & (count >= n // 2), mean, np.nan)
 
 
 def _slope(x: np.ndarray, n: int) -> np.ndarray:
-    out = np.full_like(x, np.nan)
-    for k in range(n - 1, len(x)):
-        w = x[k - n + 1:k + 1]
-        ok = np.isfinite(w)
-        if ok.sum() >= n // 2:
-            out[k] = np.polyfit(np.flatnonzero(ok).astype(float), w[ok], 1)[0]
-    return out
+    """Least-squares slope (per sample) over the last ``n`` samples, as ``predict_linear`` fits
+    it; NaN where fewer than half of them are known."""
+    k = np.arange(len(x), dtype=float)
+    line = lambda ahead: predict_linear(x[None, :], k, float(n), ahead)[0]  # noqa: E731
+    known = _window_mean(np.where(np.isfinite(x), 0.0, np.nan), n)      # finite where half are known
+    return np.where(np.isfinite(known), line(1.0) - line(0.0), np.nan)
 
 
 def features(raw: dict[str, np.ndarray], step: float) -> dict[str, np.ndarray]:

@@ -394,10 +394,9 @@ class Driver:
         calm at ``calm``x for 0.05 L (at least ``FIRST_CALM_S``); then per cycle: a linear rise
         from ``ramp_from``x towards ``peak``x over at most 0.28 L that stops as soon as Prometheus
         shows the watched failure, 0.033 L more at that rate, and calm again for 0.21 L (longer
-        while still failing), so
-        consecutive failures are more than the 120 s horizon apart; then a swell to ``swell`` x
-        the lowest rate at which a ramp failed (``swell_of``; a rise that stays below the failing
-        load: alarms there are false alarms) and calm to the end.
+        while still failing), so consecutive failures are more than the 120 s horizon apart; then
+        a swell to ``swell`` x the lowest rate at which a ramp failed (``swell_of``; a rise that
+        stays below the failing load: alarms there are false alarms) and calm to the end.
         """
         sc, L = self.sc, self.load_s
         calm, start, swell, peak = (f * self.cap for f in (sc.calm, sc.ramp_from, sc.swell, sc.peak))

@@ -245,7 +245,7 @@ def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float
             static_alarm = ((sig > static_thr) if f in STRICT else (sig >= static_thr)) | lab
         for method, alarm in zip(METHODS, (det_alarm, pl_alarm, static_alarm)):
             out.append(score_alarms(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours,
-                                  result.present))
+                                    result.present))
     return out
 
 
