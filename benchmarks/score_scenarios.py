@@ -295,11 +295,19 @@ def targets(recs: list[Recording], pool: list[MethodScore], stalls: list[dict[st
             ld, lp = d.median_lead_s, p.median_lead_s
             mine = strict_summary([e for e in events if e["scenario"] == rec.name])
             sd, sp = mine[(f, "detector")], mine[(f, "predict_linear")]
+            # Medians over each method's own catches compare different events (one that warns of
+            # more failures, some late, can "lose"); the paired view compares the same ones.
+            both = [e for e in events if e["scenario"] == rec.name and e["failure_type"] == f
+                    and e["detector"] is not None and e["predict_linear"] is not None]
+            paired = (f"; on the {len(both)} both warned of: median "
+                      f"{np.median([e['detector'] for e in both]):.0f} vs "
+                      f"{np.median([e['predict_linear'] for e in both]):.0f} s" if both else "")
             checks.append({"target": f"{rec.name} / {f}: median lead longer than predict_linear",
                            "value": f"{_f(ld, '.0f')} vs {_f(lp, '.0f')} s",
                            "pass": ld is not None and (lp is None or ld > lp),
                            "also": f"fresh warnings: {sd['warned']}/{sd['events']} median {_f(sd['median_lead_s'], '.0f')} s"
-                                   f" vs {sp['warned']}/{sp['events']} median {_f(sp['median_lead_s'], '.0f')} s"})
+                                   f" vs {sp['warned']}/{sp['events']} median {_f(sp['median_lead_s'], '.0f')} s"
+                                   + paired})
     return checks
 
 

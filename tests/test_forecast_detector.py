@@ -178,6 +178,34 @@ def test_load_trend_ignores_a_frozen_engine() -> None:
     assert max(r.probability[0, j] for r in res[170:200]) >= 0.7
 
 
+
+def test_a_repeated_scrape_does_not_blank_the_load_trend() -> None:
+    """At a 1 s scrape under load, tokens now and then read flat for one step (a missed or
+    repeated scrape). That is no frozen engine: the rise before it still counts, and the warning
+    goes on. Seen on a recorded kv_ramp_large, where one such step 57 s before an exhaustion
+    switched the trend off for the next 30 s."""
+    step, n = 1.0, 200
+    rng = np.random.default_rng(4)
+    series = _healthy(n)
+    kv = np.full(n, 0.2)
+    kv[90:] = np.minimum(0.2 + 0.008 * np.arange(n - 90), 1.0)      # rises from t=90, full at t=184
+    series["kv_usage"] = np.clip(kv + rng.normal(0, 0.02, n), 0, 1)
+    gen = 100.0 * np.arange(n)
+    gen[150] = gen[149]                                             # one repeated sample, KV 0.68
+    series["generation_tokens"] = gen
+    cross = int(np.argmax(series["kv_usage"] >= 0.95))
+
+    def p(**cfg: object) -> np.ndarray:
+        det = PredictiveFailureDetector({**FAST, "step_s": step, "use_state_graph": False, **cfg})
+        res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()})
+               for k in range(n)]
+        return _p(res, "kv_cache_exhaustion")
+
+    now, before = p(), p(trend_freeze_s=0.0)   # 0: every flat step cuts the history, as before
+    assert (now[151:cross] >= 0.7).all(), np.round(now[151:cross], 2)
+    # the old cut: the alarm (on since t=139) drops at the repeated sample and stays off 12 s
+    assert (now[139:151] >= 0.7).all() and not (before[151:163] >= 0.7).any()
+    assert not (now[:110] >= 0.7).any()
 def test_memory_steady_slope_precursor() -> None:
     n = 150
     rng = np.random.default_rng(2)

@@ -131,6 +131,12 @@ class DetectorConfig(BaseModel):
     # failure last ended (as after a frozen engine). Fit through the failure, the line kept
     # P >= 0.89 for 17 s after an exhaustion on the recorded kv_ramp, the cache mostly below 0.3.
     trend_after_failure_only: bool = True
+    # A frozen engine starts a new regime: the trend is fit only on data since tokens last flowed
+    # after a flat spell at least this long. Shorter spells (a missed or repeated scrape: at a 1 s
+    # scrape under load, tokens read flat for one step now and then) only drop their own samples.
+    # Cutting at every flat step, one repeated sample 57 s before a KV exhaustion on a recorded
+    # kv_ramp_large blanked the trend for the next 30 s, which were the warning.
+    trend_freeze_s: float = Field(5.0, ge=0.0, description="a flat spell this long cuts the trend's history")
     # How far the noise around the trend line reaches: "learned" from the standardised residuals
     # this detector has seen (per signal, fleet-wide, starting from a Gaussian worth
     # trend_tail_prior observations), or "gaussian". Load signals are heavy-tailed (KV usage jumps
@@ -305,11 +311,13 @@ class PredictiveFailureDetector:
         self._flat_broken = np.zeros(stall_steps + 1)   # flat spells that ended after k steps
         self._flat_stalls = 0.0                         # spells that reached the stall definition
         self._flowing_steps = 0.0                       # instance-steps with tokens not flat
-        # Which recent steps were inside a flat spell (a frozen engine freezes its gauges: those
-        # samples say nothing about load, and the trend fit leaves them out). A ring per row,
-        # pushed once per step like the banks' histories, so the two line up.
+        # How long the flat spell had lasted at each recent step, in steps (0: tokens flowing; a
+        # frozen engine freezes its gauges: those samples say nothing about load, and the trend
+        # fit leaves them out). A ring per row, pushed once per step like the banks' histories,
+        # so the two line up.
         self._trend_len = max(3, int(round(cfg.trend_window_s / cfg.step_s)))
-        self._frozen = np.zeros((0, self._trend_len), dtype=bool)
+        self._freeze_steps = max(1, int(math.ceil(cfg.trend_freeze_s / cfg.step_s - 1e-9)))
+        self._frozen = np.zeros((0, self._trend_len), dtype=np.int64)
         self._frozen_pos = np.zeros(0, dtype=np.int64)
         # The same, per trend signal: which recent steps had its failure under way.
         self._failed = {sig: np.zeros((0, self._trend_len), dtype=bool) for sig in TREND_PRECURSORS}
@@ -338,7 +346,7 @@ class PredictiveFailureDetector:
     def _grow(self, cap: int) -> None:
         if cap <= self.cap:
             return
-        frozen = np.zeros((cap, self._trend_len), dtype=bool)
+        frozen = np.zeros((cap, self._trend_len), dtype=np.int64)
         frozen[: self.cap] = self._frozen
         self._frozen = frozen
         for sig, ring in self._failed.items():
@@ -411,7 +419,7 @@ class PredictiveFailureDetector:
         self._n_steps[rows] = 0
         self._prev_state[rows] = -1
         self._flat_k[rows] = 0
-        self._frozen[rows] = False
+        self._frozen[rows] = 0
         for ring in self._failed.values():
             ring[rows] = False
         self._reset_capacity(rows)
@@ -564,7 +572,7 @@ class PredictiveFailureDetector:
         self._flowing_steps += float((known & (k_now == 0)).sum())
         self._flat_k[rows] = k_now
         pos = self._frozen_pos[rows]
-        self._frozen[rows, pos] = k_now > 0
+        self._frozen[rows, pos] = k_now
         self._frozen_pos[rows] = (pos + 1) % self._trend_len
 
     def stall_probability(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -608,7 +616,8 @@ class PredictiveFailureDetector:
         idx = (bank.hpos[rows, None] - 1 - back[None, :]) % bank.history
         y = bank.hist[rows[:, None], idx]
         fidx = (self._frozen_pos[rows, None] - 1 - back[None, :]) % self._trend_len
-        frozen = self._frozen[rows[:, None], fidx]
+        flat_k = self._frozen[rows[:, None], fidx]
+        frozen = flat_k >= self._freeze_steps     # cuts the history before it
         if cfg.trend_after_failure_only:
             # Once the failure is over (a block, and at least two scrapes, without it): a signal
             # bouncing around its threshold is still failing, and its rise still describes it.
@@ -618,7 +627,7 @@ class PredictiveFailureDetector:
         # Only data since the engine last moved: a frozen spell and what came before it are a
         # different regime (the backlog that floods in after a freeze is no trend either), and
         # so are a failure of this signal and the rise that led to it.
-        frozen = np.maximum.accumulate(frozen[:, ::-1], axis=1)[:, ::-1]
+        frozen = np.maximum.accumulate(frozen[:, ::-1], axis=1)[:, ::-1] | (flat_k > 0)
         y = np.where((back[None, :] < bank.hlen[rows][:, None]) & ~frozen, y, np.nan).reshape(n, nb, B)
         cnt = np.isfinite(y).sum(axis=2)
         with np.errstate(invalid="ignore", divide="ignore"):
