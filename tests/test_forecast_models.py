@@ -15,7 +15,7 @@ WALK = 0.3 + np.cumsum(RNG.normal(0.002, 0.01, 240))
 
 
 def test_registry_and_validated_params() -> None:
-    assert {"ses", "holt", "damped_holt", "arima"} <= set(MODELS)
+    assert {"ses", "holt", "damped_holt", "arima", "arima_drift"} <= set(MODELS)
     with pytest.raises(KeyError, match="unknown model"):
         get_model("prophet")
     with pytest.raises(ValidationError):
@@ -41,15 +41,34 @@ def test_ets_forecast_matches_statsmodels(damped: bool) -> None:
     np.testing.assert_allclose(ours.std, ref_std, rtol=0.05)
 
 
-def test_arima_forecast_matches_sarimax() -> None:
+@pytest.mark.parametrize("name", ["arima", "arima_drift"])
+def test_arima_forecast_matches_sarimax(name: str) -> None:
     from statsmodels.tsa.statespace.sarimax import SARIMAX
 
-    model = get_model("arima").fit(WALK)
+    model = get_model(name).fit(WALK)
     p = model.params
-    ref = SARIMAX(pd.Series(np.diff(WALK)), order=(1, 0, 1), trend="c")
-    res = ref.smooth([p.intercept, p.ar, p.ma, model.sigma2])
+    drift = name == "arima_drift"
+    ref = SARIMAX(pd.Series(np.diff(WALK)), order=(1, 0, 1), trend="c" if drift else "n")
+    res = ref.smooth(([p.intercept] if drift else []) + [p.ar, p.ma, model.sigma2])
     expected = WALK[-1] + np.cumsum(res.forecast(4).to_numpy())
     np.testing.assert_allclose(model.predict(4).mean, expected, atol=2e-3)
+
+
+def test_arima_for_load_signals_does_not_extrapolate_a_past_rise() -> None:
+    """A queue fitted while it was overflowing (calm, then 0 -> 70 waiting), then drained and
+    idle: the drift-free ARIMA (the default candidate) forecasts an idle queue; with a drift
+    term, the rise in the fit window goes on for ever (past 32 waiting within 120 steps, as on
+    a recorded queue_ramp_slow, where it held P(queue_overload) near 0.7 on an idle engine)."""
+    rng = np.random.default_rng(5)
+    y = np.concatenate([rng.poisson(1.0, 120).astype(float),
+                        np.maximum(np.linspace(0, 70, 40) + rng.normal(0, 3, 40), 0), np.zeros(75)])
+    means = {}
+    for name in ("arima", "arima_drift"):
+        model = get_model(name).fit(y[:160])
+        model.update(y[160:])
+        means[name] = model.predict(120).mean
+    assert np.abs(means["arima"]).max() < 1.0
+    assert means["arima_drift"][-1] > 32.0
 
 
 def test_update_is_the_fixed_parameter_recursion() -> None:

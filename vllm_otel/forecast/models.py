@@ -70,7 +70,8 @@ class DampedHoltParams(HoltParams):
 
 
 class ArimaParams(ModelParams):
-    """ARIMA(1,1,1) with drift: ``diff(y) = intercept + ar*diff(y)[-1] + e + ma*e[-1]``."""
+    """ARIMA(1,1,1): ``diff(y) = intercept + ar*diff(y)[-1] + e + ma*e[-1]`` (intercept: the drift
+    term, 0 for the drift-free ``arima``)."""
 
     ar: float = Field(0.0, gt=-1.0, lt=1.0)
     ma: float = Field(0.0, gt=-1.0, lt=1.0)
@@ -258,15 +259,20 @@ class DampedHolt(ForecastModel):
 
 @register_model("arima")
 class Arima(ForecastModel):
-    """ARIMA(1,1,1) with drift, estimated by statsmodels SARIMAX on the differences.
+    """ARIMA(1,1,1) without drift, estimated by statsmodels SARIMAX on the differences.
 
     Pays where changes are autocorrelated (bursty queues, oscillating load) in a way exponential
-    smoothing cannot express; the selection only keeps it when its AIC says so.
+    smoothing cannot express; the selection only keeps it when its AIC says so. No drift term:
+    on a bounded load signal a drift fitted over a window that holds one rise extrapolates that
+    rise for ever. On a recorded queue_ramp_slow, the drift fitted across the first overflow
+    (0 -> 72 waiting) held P(queue_overload) at 0.66-0.73 for four minutes of an idle or lightly
+    loaded engine. Rising trends are the (damped) Holt models' job, whose slope adapts.
     """
 
     params_type = ArimaParams
-    n_params = 3
+    n_params = 2
     min_points = 20
+    drift: ClassVar[bool] = False
 
     def innovations(self) -> Innovations:
         p = self.params
@@ -278,14 +284,26 @@ class Arima(ForecastModel):
         dy = pd.Series(np.diff(y))
         # concentrate_scale drops sigma2 from the optimiser's parameters; a capped iteration count
         # bounds the cost (the estimate is refined at the next scheduled refit anyway).
-        r = SARIMAX(dy, order=(1, 0, 1), trend="c", concentrate_scale=True).fit(disp=False, maxiter=50)
+        r = SARIMAX(dy, order=(1, 0, 1), trend="c" if self.drift else "n",
+                    concentrate_scale=True).fit(disp=False, maxiter=50)
         p = dict(zip(r.param_names, np.asarray(r.params)))
         ar = float(np.clip(p["ar.L1"], -0.99, 0.99))
         ma = float(np.clip(p["ma.L1"], -0.99, 0.99))
-        params = ArimaParams(ar=ar, ma=ma, intercept=float(p["intercept"]))
+        params = ArimaParams(ar=ar, ma=ma, intercept=float(p.get("intercept", 0.0)))
         drift = params.intercept / (1.0 - ar)
         # The recursion starts with y[0] known and the expected first difference equal to the drift.
         return params, float(y[0]), drift, 1
+
+
+@register_model("arima_drift")
+class ArimaDrift(Arima):
+    """ARIMA(1,1,1) with drift: for series that do climb for long (not a default candidate)."""
+
+    n_params = 3
+    drift = True
+
+
+_ARIMAS = ("arima", "arima_drift")  # tried last, and only where smoothing leaves autocorrelated errors
 
 
 def residual_autocorrelation(model: ForecastModel, y: np.ndarray) -> float:
@@ -323,9 +341,9 @@ def select_model(y: Sequence[float] | np.ndarray, candidates: Sequence[str]) -> 
         m.level, m.sigma2, m.nobs, m.aic = float(arr[-1]), 0.0, len(arr), -math.inf
         return m
     best: ForecastModel | None = None
-    deferred = [c for c in candidates if c == "arima"]
-    for name in [c for c in candidates if c != "arima"] + deferred:
-        if name == "arima" and best is not None:
+    deferred = [c for c in candidates if c in _ARIMAS]
+    for name in [c for c in candidates if c not in _ARIMAS] + deferred:
+        if name in _ARIMAS and best is not None:
             if abs(residual_autocorrelation(best, arr)) <= 2.0 / math.sqrt(len(arr)):
                 continue
         model = get_model(name)
