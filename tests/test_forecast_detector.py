@@ -178,7 +178,6 @@ def test_load_trend_ignores_a_frozen_engine() -> None:
     assert max(r.probability[0, j] for r in res[170:200]) >= 0.7
 
 
-
 def test_a_repeated_scrape_does_not_blank_the_load_trend() -> None:
     """At a 1 s scrape under load, tokens now and then read flat for one step (a missed or
     repeated scrape). That is no frozen engine: the rise before it still counts, and the warning
@@ -206,6 +205,8 @@ def test_a_repeated_scrape_does_not_blank_the_load_trend() -> None:
     # the old cut: the alarm (on since t=139) drops at the repeated sample and stays off 12 s
     assert (now[139:151] >= 0.7).all() and not (before[151:163] >= 0.7).any()
     assert not (now[:110] >= 0.7).any()
+
+
 def test_memory_steady_slope_precursor() -> None:
     n = 150
     rng = np.random.default_rng(2)

@@ -317,8 +317,8 @@ class PredictiveFailureDetector:
         # so the two line up.
         self._trend_len = max(3, int(round(cfg.trend_window_s / cfg.step_s)))
         self._freeze_steps = max(1, int(math.ceil(cfg.trend_freeze_s / cfg.step_s - 1e-9)))
-        self._frozen = np.zeros((0, self._trend_len), dtype=np.int64)
-        self._frozen_pos = np.zeros(0, dtype=np.int64)
+        self._flat_ring = np.zeros((0, self._trend_len), dtype=np.int64)
+        self._ring_pos = np.zeros(0, dtype=np.int64)
         # The same, per trend signal: which recent steps had its failure under way.
         self._failed = {sig: np.zeros((0, self._trend_len), dtype=bool) for sig in TREND_PRECURSORS}
         # Offered load against capacity: a ring of cumulative arrivals (finished so far + running +
@@ -346,16 +346,16 @@ class PredictiveFailureDetector:
     def _grow(self, cap: int) -> None:
         if cap <= self.cap:
             return
-        frozen = np.zeros((cap, self._trend_len), dtype=np.int64)
-        frozen[: self.cap] = self._frozen
-        self._frozen = frozen
+        flat = np.zeros((cap, self._trend_len), dtype=np.int64)
+        flat[: self.cap] = self._flat_ring
+        self._flat_ring = flat
         for sig, ring in self._failed.items():
             grown = np.zeros((cap, self._trend_len), dtype=bool)
             grown[: self.cap] = ring
             self._failed[sig] = grown
         pos = np.zeros(cap, dtype=np.int64)
-        pos[: self.cap] = self._frozen_pos
-        self._frozen_pos = pos
+        pos[: self.cap] = self._ring_pos
+        self._ring_pos = pos
         new = np.full((cap, self._arr_len), np.nan)
         new[: self.cap] = self._arr_cum
         self._arr_cum = new
@@ -419,7 +419,7 @@ class PredictiveFailureDetector:
         self._n_steps[rows] = 0
         self._prev_state[rows] = -1
         self._flat_k[rows] = 0
-        self._frozen[rows] = 0
+        self._flat_ring[rows] = 0
         for ring in self._failed.values():
             ring[rows] = False
         self._reset_capacity(rows)
@@ -483,7 +483,7 @@ class PredictiveFailureDetector:
         self._n_steps[rows] += has
         breached = self.catalog.breached(sig)
         self._observe_flat(rows, sig["flat_seconds"])
-        last = (self._frozen_pos[rows] - 1) % self._trend_len  # the ring slot _observe_flat just filled
+        last = (self._ring_pos[rows] - 1) % self._trend_len  # the ring slot _observe_flat just filled
         for s, ring in self._failed.items():
             f = TREND_PRECURSORS[s][0]
             ring[rows, last] = breached[f] if f in breached else False
@@ -571,9 +571,9 @@ class PredictiveFailureDetector:
         self._flat_stalls += float(((prev < K) & (k_now >= K)).sum())
         self._flowing_steps += float((known & (k_now == 0)).sum())
         self._flat_k[rows] = k_now
-        pos = self._frozen_pos[rows]
-        self._frozen[rows, pos] = k_now
-        self._frozen_pos[rows] = (pos + 1) % self._trend_len
+        pos = self._ring_pos[rows]
+        self._flat_ring[rows, pos] = k_now
+        self._ring_pos[rows] = (pos + 1) % self._trend_len
 
     def stall_probability(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P(a spell flat for ``k`` steps reaches the stall definition) and steps left.
@@ -615,8 +615,8 @@ class PredictiveFailureDetector:
         back = np.arange(N)[::-1]                        # oldest first
         idx = (bank.hpos[rows, None] - 1 - back[None, :]) % bank.history
         y = bank.hist[rows[:, None], idx]
-        fidx = (self._frozen_pos[rows, None] - 1 - back[None, :]) % self._trend_len
-        flat_k = self._frozen[rows[:, None], fidx]
+        fidx = (self._ring_pos[rows, None] - 1 - back[None, :]) % self._trend_len
+        flat_k = self._flat_ring[rows[:, None], fidx]
         frozen = flat_k >= self._freeze_steps     # cuts the history before it
         if cfg.trend_after_failure_only:
             # Once the failure is over (a block, and at least two scrapes, without it): a signal
