@@ -303,7 +303,11 @@ class ArimaDrift(Arima):
     drift = True
 
 
-_ARIMAS = ("arima", "arima_drift")  # tried last, and only where smoothing leaves autocorrelated errors
+def _is_arima(name: str) -> bool:
+    """ARIMA models (any registered subclass) are tried last, and only where smoothing leaves
+    autocorrelated errors."""
+    cls = MODELS.get(name)
+    return cls is not None and issubclass(cls, Arima)
 
 
 def residual_autocorrelation(model: ForecastModel, y: np.ndarray) -> float:
@@ -341,9 +345,9 @@ def select_model(y: Sequence[float] | np.ndarray, candidates: Sequence[str]) -> 
         m.level, m.sigma2, m.nobs, m.aic = float(arr[-1]), 0.0, len(arr), -math.inf
         return m
     best: ForecastModel | None = None
-    deferred = [c for c in candidates if c in _ARIMAS]
-    for name in [c for c in candidates if c not in _ARIMAS] + deferred:
-        if name in _ARIMAS and best is not None:
+    deferred = [c for c in candidates if _is_arima(c)]
+    for name in [c for c in candidates if not _is_arima(c)] + deferred:
+        if best is not None and _is_arima(name):
             if abs(residual_autocorrelation(best, arr)) <= 2.0 / math.sqrt(len(arr)):
                 continue
         model = get_model(name)
