@@ -7,6 +7,10 @@ per instance, predict, refit within the budget. Both are reported for 10/100/100
 the peak resident memory of a fresh process per size (so sizes do not inherit each other's peak).
 
     python benchmarks/forecast_scale.py [--sizes 10 100 1000] [--points 720] [--refit-budget 2.0]
+                                        [--detector-config JSON]...
+
+Each ``--detector-config`` adds a run of every size with those DetectorConfig settings (for a
+side-by-side cost of an option, e.g. ``'{"use_capacity": false}'``); none: the defaults.
 
 Targets (issue): one cycle over 1000 x 6 x 720 <= 15 s on 2 cores, <= 1 GiB, linear in instances.
 """
@@ -21,7 +25,7 @@ import sys
 import time
 
 
-def _one(n: int, points: int, refit_budget: float) -> dict[str, float]:
+def _one(n: int, points: int, refit_budget: float, extra: dict | None = None) -> dict[str, float]:
     import numpy as np
 
     from vllm_otel.forecast.detector import DetectorConfig, PredictiveFailureDetector
@@ -33,7 +37,7 @@ def _one(n: int, points: int, refit_budget: float) -> dict[str, float]:
     gen_s = time.perf_counter() - t0
 
     det = PredictiveFailureDetector(DetectorConfig(step_s=frame.step_s, refit_time_budget_s=refit_budget,
-                                                   max_refits_per_step=10_000))
+                                                   max_refits_per_step=10_000, **(extra or {})))
     units = frame.units
     t0 = time.perf_counter()
     for k in range(points - 1):
@@ -67,21 +71,27 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--points", type=int, default=720)
     ap.add_argument("--refit-budget", type=float, default=2.0, help="seconds of statsmodels fits per cycle")
+    ap.add_argument("--detector-config", action="append", metavar="JSON",
+                    help="DetectorConfig settings for one run of every size (repeatable; default: none)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one size, JSON out
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(_one(args.one, args.points, args.refit_budget)))
+        extra = json.loads(args.detector_config[0]) if args.detector_config else None
+        print(json.dumps(_one(args.one, args.points, args.refit_budget, extra)))
         return 0
-    print(f"{'instances':>9} {'series':>7} {'ingest s':>9} {'predict s':>9} {'refit s':>8} {'refits':>6} "
-          f"{'cold s':>7} {'warm s':>7} {'warm pred ms':>12} {'peak MiB':>9}")
+    configs = args.detector_config or [None]
+    print(f"{'config':>24} {'instances':>9} {'series':>7} {'ingest s':>9} {'predict s':>9} {'refit s':>8} "
+          f"{'refits':>6} {'cold s':>7} {'warm s':>7} {'warm pred ms':>12} {'peak MiB':>9}")
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--points", str(args.points),
-                              "--refit-budget", str(args.refit_budget)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['instances']:>9} {r['series']:>7} {r['cold_ingest_s']:>9.2f} {r['cold_predict_s']:>9.3f} "
-              f"{r['cold_refit_s']:>8.2f} {r['cold_refits']:>6} {r['cold_cycle_s']:>7.2f} "
-              f"{r['warm_cycle_s']:>7.2f} {1000 * r['warm_predict_s']:>12.1f} {r['peak_rss_mib']:>9.0f}")
+        for conf in configs:  # sizes outer, configs inner: a comparison runs side by side
+            cmd = [sys.executable, __file__, "--one", str(n), "--points", str(args.points),
+                   "--refit-budget", str(args.refit_budget)] + (["--detector-config", conf] if conf else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{(conf or 'defaults')[:24]:>24} {r['instances']:>9} {r['series']:>7} {r['cold_ingest_s']:>9.2f} "
+                  f"{r['cold_predict_s']:>9.3f} {r['cold_refit_s']:>8.2f} {r['cold_refits']:>6} "
+                  f"{r['cold_cycle_s']:>7.2f} {r['warm_cycle_s']:>7.2f} {1000 * r['warm_predict_s']:>12.1f} "
+                  f"{r['peak_rss_mib']:>9.0f}")
     return 0
 
 

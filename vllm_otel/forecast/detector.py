@@ -152,9 +152,11 @@ class DetectorConfig(BaseModel):
     # Queue overload from offered load against capacity (a leading signal, see ``_capacity``):
     # arrivals = finished + growth of running + waiting over a short window; service time per
     # running request = mean running / finish rate (Little's law), learned from the instance's
-    # own history; capacity = running-request limit / service time. Off by default: on the
-    # recorded scenarios it does not lengthen the warning without false alarms (benchmarks/README.md).
-    use_capacity: bool = False
+    # own history; capacity = running-request limit / service time. On by default since the
+    # eight recordings of 2026-11-29: it warned of queue_ramp's first overflow (a first passage
+    # from a saturated queue, which no trend of ``waiting`` saw) with no false alarm on any of
+    # them. Earlier recordings had shown two false alarms on kv_ramp (benchmarks/README.md).
+    use_capacity: bool = True
     arrival_window_s: float = Field(10.0, gt=0.0, description="arrivals are counted over this window")
     capacity_halflife_s: float = Field(120.0, gt=0.0, description="memory of the learned service time")
     capacity_min_finished: float = Field(10.0, gt=0.0, description="finished requests (decayed) "

@@ -25,6 +25,7 @@ _METRIC = {
     "waiting": "vllm:num_requests_waiting",
     "preemptions": "vllm:num_preemptions_total",
     "generation_tokens": "vllm:generation_tokens_total",
+    "finished": "vllm:request_success_total",
     "gpu_memory_used": "vllm_otel_gpu_memory_used_bytes",
     "gpu_memory_total": "vllm_otel_gpu_memory_total_bytes",
 }
@@ -78,9 +79,14 @@ def scenario(kind: str, steps: int, step_s: float = 5.0, seed: int = 0, onset: i
     per_bucket = np.zeros((n, len(les)))
     np.add.at(per_bucket, (which, np.searchsorted(les, ttfts, side="left")), 1.0)
     per_step = np.cumsum(per_bucket, axis=1)  # cumulative over le, as Prometheus buckets are
+    # Requests finish at running / service time (Little's law; 8 s per request; drawn last, so the
+    # other series are the same as before it was added), none while the
+    # engine is stalled: what the detector's offered-load model learns capacity from.
+    flowing = tok_rate > 0
+    finished = np.cumsum(np.where(flowing, rng.poisson(np.clip(running, 0, None) * step_s / 8.0), 0.0))
     return {
         "kv_usage": kv, "running": running, "waiting": waiting, "preemptions": preemptions,
-        "generation_tokens": tokens, "ttft": np.cumsum(per_step, axis=0),
+        "generation_tokens": tokens, "finished": finished, "ttft": np.cumsum(per_step, axis=0),
         "gpu_memory_used": mem * 80e9, "gpu_memory_total": np.full(n, 80e9),
     }
 
