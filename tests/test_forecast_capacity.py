@@ -11,8 +11,9 @@ from vllm_otel.forecast.failures import FailureCatalog
 STEP = 1.0
 LIMIT = 16
 SERVICE_S = 4.0                      # each request holds a running slot this long: capacity 4 req/s
-CFG = {"step_s": STEP, "max_refits_per_step": 0, "use_capacity": True,
-       "catalog": {"queue_overload": {"running_limit": LIMIT}}}
+# The offered-load model is on by default: these settings leave it so, and the tests that turn it
+# off say so.
+CFG = {"step_s": STEP, "max_refits_per_step": 0, "catalog": {"queue_overload": {"running_limit": LIMIT}}}
 
 
 def _serve(rate: np.ndarray, seed: int = 0, freeze: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
