@@ -38,7 +38,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_otel.forecast.backtest import (METHODS, MethodScore, ReplayResult, predict_linear, replay,  # noqa: E402
+from vllm_otel.forecast.backtest import (METHODS, MethodScore, ReplayResult, calibration,  # noqa: E402
+                                         calibration_rows, predict_linear, reliability_rows, replay,
                                          score)
 from vllm_otel.forecast.failures import STRICT  # noqa: E402
 from vllm_otel.forecast.detector import DetectorConfig  # noqa: E402
@@ -94,6 +95,12 @@ def load(path: Path, args: argparse.Namespace) -> Recording:
 def pooled(recs: list[Recording], args: argparse.Namespace) -> list[MethodScore]:
     """Score all recordings as one fleet: each recording is one unit on a shared relative time grid
     (steps are equal), so recall, precision and the median lead pool every event and alarm."""
+    return score(combined(recs), threshold=args.threshold, baseline_window_s=args.baseline_window,
+                 static_fraction=args.static_fraction)
+
+
+def combined(recs: list[Recording]) -> ReplayResult:
+    """All recordings as one fleet's replay (see ``pooled``)."""
     steps = {r.result.step_s for r in recs}
     if len(steps) != 1:
         raise SystemExit(f"recordings have different steps {sorted(steps)}; pass --step")
@@ -121,10 +128,8 @@ def pooled(recs: list[Recording], args: argparse.Namespace) -> list[MethodScore]
         present[u:u + n, :k] = res.present
         units += [f"{r.name}:{x}" for x in res.units]
         u += n
-    combined = ReplayResult(np.arange(T) * step, step, recs[0].result.horizon_s, units, fts, prob, ttf,
-                            labels, present, signal, thresh)
-    return score(combined, threshold=args.threshold, baseline_window_s=args.baseline_window,
-                 static_fraction=args.static_fraction)
+    return ReplayResult(np.arange(T) * step, step, recs[0].result.horizon_s, units, fts, prob, ttf,
+                        labels, present, signal, thresh)
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -359,6 +364,10 @@ def main() -> int:
         return 2
     recs = [load(p, args) for p in paths]
     pool = pooled(recs, args)
+    # pooled over the fleet; the reliability bins only for the failures the targets are about
+    cals = calibration(combined(recs), threshold=args.threshold)
+    cal_header, cal_rows = calibration_rows(cals, args.threshold)
+    rel_header, rel_rows = reliability_rows([c for c in cals if c.failure_type in TARGET_FAILURES])
     stalls = [s for r in recs for s in stall_checks(r, args)]
     events = [e for r in recs for e in event_leads(r, args)]
     checks = targets(recs, pool, stalls, events)
@@ -367,7 +376,8 @@ def main() -> int:
         json.dump({"params": {k: getattr(args, k) for k in ("threshold", "horizon", "baseline_window",
                                                             "static_fraction", "step")},
                    "scenarios": {r.name: {"meta": r.meta, "scores": [asdict(x) for x in r.rows]} for r in recs},
-                   "pooled": [asdict(x) for x in pool], "stalls": stalls, "events": events,
+                   "pooled": [asdict(x) for x in pool], "calibration": [asdict(c) for c in cals],
+                   "stalls": stalls, "events": events,
                    "targets": checks},
                   sys.stdout, indent=2, default=str)
         print()
@@ -382,6 +392,10 @@ def main() -> int:
         print(markdown(COLS, rows))
         print()
         print(markdown(ev_cols, ev_rows))
+        print()
+        print(markdown(cal_header, cal_rows))
+        print()
+        print(markdown(rel_header, rel_rows))
         print()
         print(markdown(("target", "backtest value", "result", "fresh-warning view"),
                        [[c["target"], c["value"], "pass" if c["pass"] else "**FAIL**", c.get("also", "")]
@@ -416,6 +430,17 @@ def main() -> int:
     for r in ev_rows:
         et.add_row(*r)
     console.print(et)
+    for title, header, body in (
+            ("pooled: can the detector be taken at its word? (steps with no failure under way; outcome: an onset "
+             "within the horizon; Brier skill > 0: better than always forecasting the base rate)", cal_header, cal_rows),
+            ("pooled reliability: steps binned by the detector's probability, the share followed by an onset",
+             rel_header, rel_rows)):
+        ct = Table(title=title)
+        for c in header:
+            ct.add_column(c, justify="left" if c == "failure_type" else "right")
+        for r in body:
+            ct.add_row(*r)
+        console.print(ct)
     tt = Table(title="targets (pass/fail on the backtest's numbers)")
     for c in ("target", "backtest value", "result", "fresh-warning view"):
         tt.add_column(c)

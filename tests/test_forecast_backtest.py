@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vllm_otel.forecast import cli
-from vllm_otel.forecast.backtest import ReplayResult, _runs, predict_linear, score
+from vllm_otel.forecast.backtest import ReplayResult, _runs, calibration, predict_linear, score
 from vllm_otel.forecast.promjson import InputError, in_shard, parse_query_range, parse_shard, shard_index
 from vllm_otel.forecast.synthetic import scenario, to_query_range
 
@@ -159,6 +159,45 @@ def test_an_alarm_that_is_always_on_shows_in_the_quiet_time_share() -> None:
     assert rows["static"].quiet_alarm_share == 0.0
 
 
+def test_calibration_of_probabilities_and_times_to_failure() -> None:
+    """Can the detector be taken at its word? Outcome at a step: a failure begins within the
+    horizon (120 steps of 1 s). Failing steps, and steps whose horizon runs past the data without
+    a failure, have no outcome and are left out."""
+    T = 600
+    labels = np.zeros(T, dtype=bool)
+    labels[300:311] = True
+    sig = np.where(labels, 0.96, 0.5)
+    prob = np.zeros(T)
+    prob[240:300] = 0.9          # the 60 s before the onset: a failure follows each of them
+    prob[100:140] = 0.9          # a false alarm: nothing begins within 120 s of 100-139
+    res = _one_unit_result(prob, sig, labels)
+    ttf = np.full(T, np.nan)
+    ttf[240:300] = 300 - np.arange(240, 300) + 10.0   # always 10 s later than the onset came
+    res.time_to_failure[0, :, 0] = ttf
+    (c,) = calibration(res, threshold=0.7)
+    # known outcomes: 0-299 (a failure within 120 s, or none with the horizon inside the data)
+    # and 311-479; 480-599 run past the end with no failure: unknown
+    assert c.steps == 300 + (480 - 311)
+    positive = 120                                   # steps 180-299 are followed by the onset
+    assert c.base_rate == pytest.approx(positive / c.steps)
+    assert (c.alarm_steps, c.alarm_hit_rate) == (100, pytest.approx(60 / 100))
+    top = c.bins[-1]
+    assert (top["steps"], top["mean_p"], top["observed"]) == (100, pytest.approx(0.9), pytest.approx(0.6))
+    # 240-299: 0.9, then the onset; 100-139: 0.9, nothing; 180-239: 0, then the onset
+    expected = (60 * 0.1 ** 2 + 40 * 0.9 ** 2 + 60 * 1.0 ** 2) / c.steps
+    assert c.brier == pytest.approx(expected)
+    base = positive / c.steps
+    assert c.brier_skill == pytest.approx(1 - expected / (base * (1 - base)))
+    assert (c.ttf_steps, c.ttf_median_abs_error_s, c.ttf_sooner_share) == (60, pytest.approx(10.0), 1.0)
+    # a detector that says 1 exactly when a failure follows, and 0 otherwise, is perfect
+    perfect = np.zeros(T)
+    perfect[180:300] = 1.0
+    (p,) = calibration(_one_unit_result(perfect, sig, labels))
+    assert p.brier == 0.0 and p.brier_skill == 1.0 and p.alarm_hit_rate == 1.0
+    # nothing forecast: nothing to calibrate
+    assert calibration(_one_unit_result(np.full(T, np.nan), sig, labels)) == []
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small query_range dump: one KV ramp, one stall, one healthy instance; a gap, a restart."""
@@ -201,13 +240,15 @@ def test_backtest_jsonl_and_json_score(recording: Path, tmp_path: Path,
     assert stall["events"] == 1 and stall["caught"] == 1 and stall["false_alarms"] == 0
     assert rows[("engine_stall", "predict_linear")]["caught"] == 0
     assert report["threshold"] == 0.7 and report["instances"] == 3
+    cal = {c["failure_type"]: c for c in report["calibration"]}
+    assert cal["kv_cache_exhaustion"]["alarm_steps"] > 0 and cal["kv_cache_exhaustion"]["bins"]
 
 
 def test_backtest_score_table(recording: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _backtest([str(recording), "--score", "--max-refits", "0"]) == 0
     table = capsys.readouterr().out
     for word in ("kv_cache_exhaustion", "engine_stall", "detector", "predict_linear", "static", "recall",
-                 "median lead s"):
+                 "median lead s", "Brier", "taken at its word"):
         assert word in table
     assert '"probability"' not in table  # with --score and no --output, only the score is printed
 

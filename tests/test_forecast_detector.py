@@ -434,3 +434,30 @@ def test_learned_tail_adds_no_alarm_to_gaussian_noise() -> None:
     series = _healthy(n)
     series["kv_usage"] = np.clip(0.45 + np.random.default_rng(4).normal(0, 0.08, n), 0, 1)
     assert np.nanmax(_kv_probability(series, trend_tail="learned")) < 0.05
+
+
+def test_time_to_failure_agrees_with_the_probability() -> None:
+    """A user paged with "P = 0.9 within 120 s" needs a time to go with it. On a bursty KV series
+    the trend's probability comes from the bursts reaching 0.95, not from its mean line (which
+    stays below): the time to failure is when a crossing has become as likely as not, so every
+    alarm carries one. (Before, it was where the mean line crossed: here never, so no alarm had a
+    time.)"""
+    n = 700
+    rng = np.random.default_rng(0)
+    series = _healthy(n)
+    kv = np.linspace(0.25, 0.6, n) + rng.normal(0, 0.03, n)
+    for k in range(0, n, 20):
+        kv[k:k + 3] += 0.4
+    series["kv_usage"] = np.clip(kv, 0, 1)
+    cross = int(np.argmax(series["kv_usage"] >= 0.95))
+    det = PredictiveFailureDetector({**FAST, "step_s": 1.0, "use_state_graph": False})
+    res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()})
+           for k in range(cross)]
+    j = res[0].failure_types.index("kv_cache_exhaustion")
+    p = np.array([r.probability[0, j] for r in res])
+    ttf = np.array([r.time_to_failure[0, j] for r in res])
+    alarm = np.flatnonzero(p >= 0.7)
+    assert len(alarm), float(np.nanmax(p))
+    assert np.isfinite(ttf[alarm]).all() and (ttf[alarm] <= 120.0).all(), ttf[alarm]
+    likely = p >= 0.5                          # as likely as not: a time within the horizon
+    assert np.isfinite(ttf[likely]).all()

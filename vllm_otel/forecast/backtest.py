@@ -25,6 +25,16 @@ at a fraction of the failure threshold):
 
 Every method alarms while a failure is already under way (it is visible to all), so what
 separates them is what happens before onsets and in quiet periods.
+
+Whether the detector's numbers can be taken at their word (:func:`calibration`): at every step
+with a probability and no failure under way, the outcome is whether a failure of that type
+begins within the horizon (steps whose horizon runs past the end of the data without one are
+left out: their outcome is unknown). Reported: the Brier score, its skill against always
+forecasting the base rate, and a reliability table (steps binned by probability: the mean
+forecast against how often the failure came). For the time to failure, at the steps that
+alarmed and were followed by an onset within the horizon: the predicted time against the actual
+time to the onset (median and 90th-percentile absolute error, and how often the failure came
+sooner than said).
 """
 
 from __future__ import annotations
@@ -40,8 +50,8 @@ from vllm_otel.forecast.detector import DetectorConfig, PredictiveFailureDetecto
 from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
-__all__ = ["ReplayResult", "MethodScore", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
-           "score", "score_alarms", "score_json", "METHODS"]
+__all__ = ["ReplayResult", "MethodScore", "Calibration", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
+           "score", "score_alarms", "score_json", "calibration", "calibration_rows", "reliability_rows", "METHODS"]
 
 METHODS = ("detector", "predict_linear", "static")
 
@@ -249,13 +259,105 @@ def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float
     return out
 
 
-def score_json(rows: list[MethodScore], result: ReplayResult, **params: Any) -> dict[str, Any]:
+@dataclass
+class Calibration:
+    """How far the detector's probability and time to failure for one failure type can be trusted."""
+    failure_type: str
+    steps: int                           # with a probability, no failure under way, outcome known
+    base_rate: float | None              # share of them followed by an onset within the horizon
+    brier: float | None                  # mean (p - outcome)^2; 0 is perfect
+    brier_skill: float | None            # 1 - brier / brier of always forecasting the base rate
+    alarm_steps: int                     # of those, with p >= the alarm threshold
+    alarm_hit_rate: float | None         # share of alarming steps followed by an onset
+    bins: list[dict[str, float]]         # reliability: lo, hi, steps, mean_p, observed
+    ttf_steps: int                       # alarming steps followed by an onset, with a predicted time
+    ttf_median_abs_error_s: float | None
+    ttf_p90_abs_error_s: float | None
+    ttf_sooner_share: float | None       # the failure came sooner than the predicted time
+
+
+def calibration(result: ReplayResult, threshold: float = 0.7, n_bins: int = 10) -> list[Calibration]:
+    """Reliability of the detector's probabilities and times to failure (see the module docstring),
+    per failure type that had at least one step with a probability and a known outcome."""
+    t, H = result.t, max(1, int(round(result.horizon_s / result.step_s)))
+    T = len(t)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    out: list[Calibration] = []
+    for j, f in enumerate(result.failure_types):
+        lab = result.labels[:, :, j]
+        # index of the first failing step after each step (T + H + 1: none)
+        idx = np.where(lab, np.arange(T)[None, :], T + H + 1)
+        nxt = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+        nxt = np.concatenate([nxt[:, 1:], np.full((lab.shape[0], 1), T + H + 1)], axis=1)
+        ahead = nxt - np.arange(T)[None, :]              # steps until the next onset after k
+        hit = ahead <= H
+        known = hit | (np.arange(T)[None, :] + H <= T - 1)
+        p = result.probability[:, :, j].astype(float)
+        use = np.isfinite(p) & ~lab & known & result.present
+        if not use.any():
+            continue
+        pv, ov = np.clip(p[use], 0.0, 1.0), hit[use].astype(float)
+        base = float(ov.mean())
+        brier = float(np.mean((pv - ov) ** 2))
+        ref = base * (1.0 - base)
+        bins = []
+        which = np.clip(np.searchsorted(edges, pv, side="right") - 1, 0, n_bins - 1)
+        for b in range(n_bins):
+            m = which == b
+            if m.any():
+                bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "steps": int(m.sum()),
+                             "mean_p": float(pv[m].mean()), "observed": float(ov[m].mean())})
+        alarm = use & (p >= threshold)
+        ttf = result.time_to_failure[:, :, j].astype(float)
+        timed = alarm & hit & np.isfinite(ttf)
+        onset_t = t[np.minimum(nxt, T - 1)]
+        err = ttf[timed] - (onset_t - t[None, :])[timed]  # > 0: the failure came sooner than said
+        out.append(Calibration(
+            f, int(use.sum()), base, brier, (1.0 - brier / ref) if ref > 0 else None,
+            int(alarm.sum()), float(hit[alarm].mean()) if alarm.any() else None, bins,
+            int(timed.sum()),
+            float(np.median(np.abs(err))) if len(err) else None,
+            float(np.percentile(np.abs(err), 90)) if len(err) else None,
+            float((err > 0).mean()) if len(err) else None))
+    return out
+
+
+def _fmt(v: float | None, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def calibration_rows(cals: list[Calibration], threshold: float) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the calibration summary, for a terminal or markdown table."""
+    header = ["failure_type", "steps", "base rate", "Brier", "Brier skill", f"steps p>={threshold:g}",
+              "of them followed by an onset", "time to failure: median abs. error s", "p90 abs. error s",
+              "came sooner than said"]
+    rows = [[c.failure_type, str(c.steps), _fmt(c.base_rate, ".3f"), _fmt(c.brier, ".3f"), _fmt(c.brier_skill),
+             str(c.alarm_steps), _fmt(c.alarm_hit_rate), _fmt(c.ttf_median_abs_error_s, ".0f"),
+             _fmt(c.ttf_p90_abs_error_s, ".0f"),
+             "-" if c.ttf_sooner_share is None else f"{100 * c.ttf_sooner_share:.0f} %"] for c in cals]
+    return header, rows
+
+
+def reliability_rows(cals: list[Calibration]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the reliability tables: per failure type and probability bin, the mean
+    forecast against the share of those steps followed by an onset within the horizon."""
+    header = ["failure_type", "p from", "p to", "steps", "mean forecast", "observed"]
+    rows = [[c.failure_type, f"{b['lo']:.1f}", f"{b['hi']:.1f}", str(b["steps"]), f"{b['mean_p']:.2f}",
+             f"{b['observed']:.2f}"] for c in cals for b in c.bins]
+    return header, rows
+
+
+def score_json(rows: list[MethodScore], result: ReplayResult, calibrations: list[Calibration] | None = None,
+               **params: Any) -> dict[str, Any]:
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and not math.isfinite(v) else v
 
-    return {
+    out = {
         "step_s": result.step_s, "horizon_s": result.horizon_s, **params,
         "instances": len(result.units), "steps": len(result.t),
         "instance_hours": float(result.present.sum()) * result.step_s / 3600.0,
         "results": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
     }
+    if calibrations is not None:
+        out["calibration"] = [{k: clean(v) for k, v in asdict(c).items()} for c in calibrations]
+    return out

@@ -54,7 +54,7 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_otel.forecast.backtest import replay, score, score_json, write_jsonl
+    from vllm_otel.forecast.backtest import calibration, replay, score, score_json, write_jsonl
     from vllm_otel.forecast.detector import DetectorConfig
     from vllm_otel.forecast.promjson import InputError, load_query_range, parse_shard
 
@@ -99,11 +99,13 @@ def run(args: argparse.Namespace) -> int:
                      static_fraction=args.static_fraction)
         params = {"threshold": args.threshold, "baseline_window_s": args.baseline_window,
                   "static_fraction": args.static_fraction}
+        cals = calibration(result, threshold=args.threshold)
         if args.json:
-            json.dump(score_json(rows, result, **params), sys.stdout, indent=2)
+            json.dump(score_json(rows, result, cals, **params), sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             _print_table(rows, result, params)
+            _print_calibration(cals, params)
     return 0
 
 
@@ -131,6 +133,25 @@ def _print_table(rows: list[Any], result: Any, params: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"predict_linear: lookback {params['baseline_window_s']:g}s, same horizon and thresholds; "
                   f"static: {params['static_fraction']:g} x threshold")
+
+
+def _print_calibration(cals: list[Any], params: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vllm_otel.forecast.backtest import calibration_rows
+
+    header, rows = calibration_rows(cals, params["threshold"])
+    table = Table(title="can the detector be taken at its word? (steps with no failure under way; outcome: "
+                        "an onset within the horizon)")
+    for col in header:
+        table.add_column(col, justify="left" if col == "failure_type" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console(file=sys.stdout, width=max(150, Console().width))
+    console.print(table)
+    console.print("Brier skill: 1 - Brier / Brier of always forecasting the base rate (> 0: better than that); "
+                  "--json adds the reliability table (mean forecast against observed share, per bin)")
 
 
 # -- vllm-otel forecaster ----------------------------------------------------------------------
