@@ -409,18 +409,23 @@ def _kv_probability(series: dict[str, np.ndarray], **cfg: object) -> np.ndarray:
     return _p(res, "kv_cache_exhaustion")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_learned_tail_warns_of_bursts_a_gaussian_tail_misses(seed: int) -> None:
-    """KV usage rising slowly with bursts on top (a few long requests landing together, as on
-    the real vLLM): the burst that first crosses 0.95 is warned of from the bursts seen before
-    it; a Gaussian tail around the same trend line says < 0.7 until the crossing."""
-    n = 700
+def _bursty_kv(seed: int, n: int = 700) -> dict[str, np.ndarray]:
+    """KV usage rising slowly (0.25 -> 0.6 over n 1 s steps) with a 3-step burst of +0.4 every 20 steps."""
     rng = np.random.default_rng(seed)
     series = _healthy(n)
     kv = np.linspace(0.25, 0.6, n) + rng.normal(0, 0.03, n)
     for k in range(0, n, 20):
         kv[k:k + 3] += 0.4
     series["kv_usage"] = np.clip(kv, 0, 1)
+    return series
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learned_tail_warns_of_bursts_a_gaussian_tail_misses(seed: int) -> None:
+    """KV usage rising slowly with bursts on top (a few long requests landing together, as on
+    the real vLLM): the burst that first crosses 0.95 is warned of from the bursts seen before
+    it; a Gaussian tail around the same trend line says < 0.7 until the crossing."""
+    series = _bursty_kv(seed)
     cross = int(np.argmax(series["kv_usage"] >= 0.95))
     learned = _kv_probability(series, trend_tail="learned")
     gaussian = _kv_probability(series, trend_tail="gaussian")
@@ -442,13 +447,7 @@ def test_time_to_failure_agrees_with_the_probability() -> None:
     stays below): the time to failure is when a crossing has become as likely as not, so every
     alarm carries one. (Before, it was where the mean line crossed: here never, so no alarm had a
     time.)"""
-    n = 700
-    rng = np.random.default_rng(0)
-    series = _healthy(n)
-    kv = np.linspace(0.25, 0.6, n) + rng.normal(0, 0.03, n)
-    for k in range(0, n, 20):
-        kv[k:k + 3] += 0.4
-    series["kv_usage"] = np.clip(kv, 0, 1)
+    series = _bursty_kv(0)
     cross = int(np.argmax(series["kv_usage"] >= 0.95))
     det = PredictiveFailureDetector({**FAST, "step_s": 1.0, "use_state_graph": False})
     res = [det.step(1000.0 + k, ["a"], {name: np.array([v[k]]) for name, v in series.items()})
