@@ -10,7 +10,9 @@ the recording's ``.meta.json``, as an operator would configure them: the running
 the memory budget.
 
 Printed: one row per scenario x failure type x method (recall, precision, F1, false alarms per
-hour, median lead), the same pooled over all scenarios, and pass/fail against the targets:
+hour, median lead), the same pooled over all scenarios, the pooled calibration of the detector's
+probabilities and times to failure (``vllm_otel.forecast.backtest.calibration``: Brier skill,
+reliability bins, time-to-failure error), and pass/fail against the targets:
 
 * ``kv_cache_exhaustion``, ``queue_overload``, ``engine_stall`` (detector, pooled): recall >= 0.9
   and precision >= 0.8 at probability 0.7;
@@ -354,7 +356,7 @@ def main() -> int:
     ap.add_argument("--static-fraction", type=float, default=0.8, help="static threshold fraction (default 0.8)")
     ap.add_argument("--step", type=float, help="resample to S seconds (default: the recording's 1 s)")
     ap.add_argument("--detector-config", metavar="JSON", help='more DetectorConfig fields, e.g. '
-                    '\'{"use_capacity": true}\' (the offered-load-against-capacity experiment)')
+                    '\'{"use_capacity": false}\' (without the offered-load model, on by default)')
     ap.add_argument("--markdown", action="store_true", help="print markdown tables (for the README)")
     ap.add_argument("--json", action="store_true", help="print everything as JSON")
     args = ap.parse_args()
