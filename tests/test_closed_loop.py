@@ -136,13 +136,22 @@ class Rx:
     def wait_action(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float, what: str) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         acts: list[dict[str, Any]] = []
+        slow: list[str] = []
         while time.monotonic() < deadline:
-            acts = self.actions()
+            try:
+                acts = self.actions()
+            except httpx.TimeoutException as e:
+                # One slow poll is no verdict: the receiver shares this process (and the 2 cores)
+                # with the load generator, and a poll once timed out at 10 s under the 20x replay
+                # while other work ran on the machine. The deadline still bounds the wait.
+                slow.append(type(e).__name__)
+                continue
             hit = next((a for a in acts if pred(a)), None)
             if hit is not None:
                 return hit
             time.sleep(0.25)
-        raise AssertionError(f"no action {what} within {timeout_s:.0f} s; audit trail: {acts}")
+        raise AssertionError(f"no action {what} within {timeout_s:.0f} s ({len(slow)} polls timed out); "
+                             f"audit trail: {acts}")
 
 
 @contextmanager
