@@ -156,6 +156,33 @@ def test_stall_probability_is_learned_from_flat_spells() -> None:
     assert steps[0] == K - 1
 
 
+def test_early_stalls_of_one_instance_do_not_alarm_the_fleet() -> None:
+    """Instance "a" stalls three times in its first two and a half minutes; "b" serves without a
+    pause. With no flat spell under way, P(engine_stall) is the fleet's stall rate over the
+    horizon: counted from those minutes alone (no prior exposure) it put "b" in alarm; from the
+    default prior of ten stall-free horizons it stays low, and "a"'s stalls are still caught."""
+    step, n = 1.0, 200
+    healthy = _healthy(n)
+    stalling = _healthy(n, seed=1)
+    k = np.arange(n)
+    rate = np.where((k >= 62) & (k < 150) & ((k - 62) % 30 < 22), 0.0, 100.0)
+    stalling["generation_tokens"] = np.cumsum(rate)          # flat 22 s from 62, 92 and 122
+
+    def run(**cfg: object) -> tuple[np.ndarray, np.ndarray]:
+        det = PredictiveFailureDetector({**FAST, "step_s": step, **cfg})
+        res = [det.step(1000.0 + k, ["a", "b"], {name: np.array([stalling[name][k], healthy[name][k]])
+                                                  for name in healthy}) for k in range(n)]
+        j = res[0].failure_types.index("engine_stall")
+        return (np.array([r.probability[0, j] for r in res]), np.array([r.probability[1, j] for r in res]))
+
+    a, b = run()
+    a_old, b_old = run(stall_base_prior_horizons=0.0)
+    assert (b_old[146:171] >= 0.7).all(), np.round(b_old[146:171], 2)   # what it did
+    assert (b[146:] < 0.3).all(), np.round(b[146:], 2)
+    for start in (62, 92, 122):                                         # a's stalls still alarm
+        assert (a[start + 2:start + 20] >= 0.7).any()
+
+
 def test_load_trend_ignores_a_frozen_engine() -> None:
     """After a freeze, the backlog flooding in is no trend: the fit starts when the engine moves."""
     step, n = 1.0, 240

@@ -149,6 +149,13 @@ class DetectorConfig(BaseModel):
     # definition with a probability learned from the spells seen so far (fleet-wide), starting
     # from a prior mean of k / (steps that make a stall) with this many pseudo-spells.
     stall_prior_strength: float = Field(2.0, gt=0.0)
+    # With no flat spell under way, P(engine_stall) is the fleet's rate of stall onsets per
+    # flowing instance-step, over the horizon. Counted from the first minutes alone, one stall
+    # makes it a coin flip for every instance (on the recorded stall scenario: 0.58-0.60 for the
+    # rest of the run, where 0.05 of those steps saw a stall), and two would alarm them all. So
+    # the rate starts from this many horizons of stall-free exposure; over a fleet's hours of
+    # data it weighs nothing.
+    stall_base_prior_horizons: float = Field(10.0, ge=0.0)
     # Queue overload from offered load against capacity (a leading signal, see ``_capacity``):
     # arrivals = finished + growth of running + waiting over a short window; service time per
     # running request = mean running / finish rate (Little's law), learned from the instance's
@@ -582,7 +589,8 @@ class PredictiveFailureDetector:
 
         Beta-binomial on the spells seen: of those that lasted at least k steps, how many went
         on to a stall; prior mean k/K with ``stall_prior_strength`` pseudo-spells. Not flat
-        (k = 0): the learned rate of stall onsets per instance-step, over the horizon.
+        (k = 0): the learned rate of stall onsets per flowing instance-step (starting from
+        ``stall_base_prior_horizons`` horizons without a stall), over the horizon.
         """
         K, H = self.stall_steps, self.horizon_steps
         reached_by_len = np.concatenate([np.cumsum(self._flat_broken[::-1])[::-1], [0.0]])  # sum_{L>=k}
@@ -590,7 +598,7 @@ class PredictiveFailureDetector:
         reached = self._flat_stalls + reached_by_len[np.minimum(kk, K)]
         s = self.config.stall_prior_strength
         flat_p = (self._flat_stalls + s * kk / K) / (reached + s)
-        rate = self._flat_stalls / (self._flowing_steps + 1.0)
+        rate = self._flat_stalls / (self._flowing_steps + 1.0 + self.config.stall_base_prior_horizons * H)
         base = 1.0 - (1.0 - rate) ** H
         prob = np.where(kk >= K, 1.0, np.where(kk > 0, flat_p, base))
         steps = np.where(kk > 0, np.maximum(K - kk, 0).astype(float), np.nan)
