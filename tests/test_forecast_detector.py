@@ -176,7 +176,7 @@ def test_early_stalls_of_one_instance_do_not_alarm_the_fleet() -> None:
         return (np.array([r.probability[0, j] for r in res]), np.array([r.probability[1, j] for r in res]))
 
     a, b = run()
-    a_old, b_old = run(stall_base_prior_horizons=0.0)
+    _, b_old = run(stall_base_prior_horizons=0.0)
     assert (b_old[146:171] >= 0.7).all(), np.round(b_old[146:171], 2)   # what it did
     assert (b[146:] < 0.3).all(), np.round(b[146:], 2)
     for start in (62, 92, 122):                                         # a's stalls still alarm

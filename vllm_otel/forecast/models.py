@@ -345,8 +345,7 @@ def select_model(y: Sequence[float] | np.ndarray, candidates: Sequence[str]) -> 
         m.level, m.sigma2, m.nobs, m.aic = float(arr[-1]), 0.0, len(arr), -math.inf
         return m
     best: ForecastModel | None = None
-    deferred = [c for c in candidates if _is_arima(c)]
-    for name in [c for c in candidates if not _is_arima(c)] + deferred:
+    for name in sorted(candidates, key=_is_arima):  # stable: ARIMA models last, order kept
         if best is not None and _is_arima(name):
             if abs(residual_autocorrelation(best, arr)) <= 2.0 / math.sqrt(len(arr)):
                 continue

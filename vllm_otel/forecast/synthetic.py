@@ -79,9 +79,9 @@ def scenario(kind: str, steps: int, step_s: float = 5.0, seed: int = 0, onset: i
     per_bucket = np.zeros((n, len(les)))
     np.add.at(per_bucket, (which, np.searchsorted(les, ttfts, side="left")), 1.0)
     per_step = np.cumsum(per_bucket, axis=1)  # cumulative over le, as Prometheus buckets are
-    # Requests finish at running / service time (Little's law; 8 s per request; drawn last, so the
-    # other series are the same as before it was added), none while the
-    # engine is stalled: what the detector's offered-load model learns capacity from.
+    # Requests finish at running / service time (Little's law, 8 s per request), none while the
+    # engine is stalled: what the detector's offered-load model learns capacity from. Drawn last,
+    # so the other series are the same as before this one was added.
     flowing = tok_rate > 0
     finished = np.cumsum(np.where(flowing, rng.poisson(np.clip(running, 0, None) * step_s / 8.0), 0.0))
     return {
