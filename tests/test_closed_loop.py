@@ -170,7 +170,10 @@ def receiver(lp: Loop, policy: Policy, name: str) -> Iterator[Rx]:
 @dataclass
 class Load:
     """A trace replay in a background thread; :meth:`stop` cancels it (clients disconnect, and
-    vLLM aborts what they leave behind)."""
+    vLLM aborts what they leave behind). With ``repeat`` the trace starts over each time it ends,
+    until :meth:`stop`: a replay that has fallen behind its schedule under a concurrency cap sends
+    the rest at once, and once the server answers 503 in milliseconds that takes seconds, so a
+    test that needs load for as long as it takes must not depend on the trace's length."""
 
     url: str
     requests: list[Any]
@@ -178,6 +181,7 @@ class Load:
     max_input_tokens: int = 256
     max_output_tokens: int = 128
     concurrency: int | None = None
+    repeat: bool = False
     results: list[tuple[float, RequestResult]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -191,10 +195,13 @@ class Load:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
             self._ready.set()
-            await replay(self.requests, self.url, speed=self.speed, max_input_tokens=self.max_input_tokens,
-                         max_output_tokens=self.max_output_tokens, progress=False, timeout_s=300,
-                         concurrency=self.concurrency,
-                         on_result=lambda r: self.results.append((time.time(), r)))
+            while True:
+                await replay(self.requests, self.url, speed=self.speed, max_input_tokens=self.max_input_tokens,
+                             max_output_tokens=self.max_output_tokens, progress=False, timeout_s=300,
+                             concurrency=self.concurrency,
+                             on_result=lambda r: self.results.append((time.time(), r)))
+                if not self.repeat:
+                    return
 
         try:
             asyncio.run(main())
@@ -322,9 +329,10 @@ def test_queue_overload_is_met_with_backpressure(loop: Loop, traces_dir: Path) -
     try:
         # The trace at 20x through a client that keeps at most 40 requests open (a load
         # balancer's connection cap): many times what this vLLM serves, so about 30 requests
-        # wait all the time, a steady queue rather than bursts.
+        # wait all the time, a steady queue rather than bursts. Repeated until stopped: the drain
+        # must be shown under load however soon the action comes.
         with receiver(loop, policy, "rx-queue") as rx, Load(loop.url, trace(traces_dir, 1500), speed=20.0,
-                                                          concurrency=40) as load:
+                                                          concurrency=40, repeat=True) as load:
             act = rx.wait_action(lambda a: a["strategy"] == "enable_backpressure" and a["timings"]["started_at"],
                                  timeout_s=120, what="enable_backpressure started")
             assert act["alert"]["alertname"] == "VllmRequestsQueueing" and ts(act["alert"]["starts_at"]) >= t0 - 5
