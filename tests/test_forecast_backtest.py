@@ -173,6 +173,8 @@ def test_calibration_of_probabilities_and_times_to_failure() -> None:
     res = _one_unit_result(prob, sig, labels)
     ttf = np.full(T, np.nan)
     ttf[240:300] = 300 - np.arange(240, 300) + 10.0   # always 10 s later than the onset came
+    ttf[100:140] = 30.0                                # the false alarm's time: nothing came by it
+    ttf[350:360] = 5.0                                 # a time with p = 0, after the failure: none came
     res.time_to_failure[0, :, 0] = ttf
     (c,) = calibration(res, threshold=0.7)
     # known outcomes: 0-299 (a failure within 120 s, or none with the horizon inside the data)
@@ -189,6 +191,8 @@ def test_calibration_of_probabilities_and_times_to_failure() -> None:
     base = positive / c.steps
     assert c.brier_skill == pytest.approx(1 - expected / (base * (1 - base)))
     assert (c.ttf_steps, c.ttf_median_abs_error_s, c.ttf_sooner_share) == (60, pytest.approx(10.0), 1.0)
+    # every step with a time, whatever followed: the failure began by the time said at 240-299 only
+    assert (c.ttf_dated_steps, c.ttf_by_share) == (110, pytest.approx(60 / 110))
     # a detector that says 1 exactly when a failure follows, and 0 otherwise, is perfect
     perfect = np.zeros(T)
     perfect[180:300] = 1.0

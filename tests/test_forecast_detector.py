@@ -487,3 +487,41 @@ def test_time_to_failure_agrees_with_the_probability() -> None:
     assert np.isfinite(ttf[alarm]).all() and (ttf[alarm] <= 120.0).all(), ttf[alarm]
     likely = p >= 0.5                          # as likely as not: a time within the horizon
     assert np.isfinite(ttf[likely]).all()
+
+
+def _preemption_probability(counter: np.ndarray, **cfg: object) -> tuple[np.ndarray, list[StepResult]]:
+    series = _healthy(len(counter))
+    series["preemptions"] = counter
+    results = _run(PredictiveFailureDetector({**FAST, **cfg}), series)
+    return _p(results, "preemption_storm"), results
+
+
+def test_preemptions_ageing_out_of_the_window_are_no_storm_coming() -> None:
+    """Five preemptions in one burst, then none: the window holds 5 (a storm is more than 5 in
+    60 s) until they age out. With every quiet scrape a sixth is less likely, and once the burst
+    has left the window there is nothing to add to. A model of the windowed count itself
+    (``preemption_model="forecast"``) went the other way: up as the burst aged, and up again
+    when the count fell to 0."""
+    counter = np.zeros(60)
+    counter[30:] = 5.0
+    p, results = _preemption_probability(counter)
+    j = results[0].failure_types.index("preemption_storm")
+    assert not any(r.breached[0, j] for r in results)
+    assert p[30] >= 0.5                                  # just after the burst: one more is a storm
+    assert (np.diff(p[30:]) <= 1e-12).all() and p[30] > p[35] > p[40]
+    assert (p[42:] == 0.0).all()                         # aged out (12 scrapes of 5 s)
+    old, _ = _preemption_probability(counter, preemption_model="forecast")
+    assert not (np.diff(old[30:]) <= 1e-12).all()
+
+
+def test_a_steady_trickle_of_preemptions_is_warned_of_before_the_storm() -> None:
+    counter = np.zeros(60)
+    counter[30:] = np.arange(1, 31)                      # one more at every scrape (5 s) from step 30
+    p, results = _preemption_probability(counter)
+    j = results[0].failure_types.index("preemption_storm")
+    onset = next(k for k, r in enumerate(results) if r.breached[0, j])
+    assert onset == 35                                   # six in the window: more than five
+    first = int(np.argmax(p >= 0.7))
+    assert 30 <= first and (onset - first) * STEP >= 15
+    ttf = results[first].time_to_failure[0, j]
+    assert 0 < ttf <= 60

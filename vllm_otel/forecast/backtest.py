@@ -34,7 +34,12 @@ forecasting the base rate, and a reliability table (steps binned by probability:
 forecast against how often the failure came). For the time to failure, at the steps that
 alarmed and were followed by an onset within the horizon: the predicted time against the actual
 time to the onset (median and 90th-percentile absolute error, and how often the failure came
-sooner than said).
+sooner than said). Those steps are chosen by their outcome, so they favour early failures: the
+detector's time is the median of the first passage, unconditional (the time by which the failure
+is more likely than not, and none where it is less likely than not within the horizon), and at
+p = 0.7 a failure that does come is expected before it. The unbiased check of that time is over
+every step that gave one, whatever followed: the share where a failure began by the time said,
+which is 0.5 when the time is what it claims to be.
 """
 
 from __future__ import annotations
@@ -274,6 +279,8 @@ class Calibration:
     ttf_median_abs_error_s: float | None
     ttf_p90_abs_error_s: float | None
     ttf_sooner_share: float | None       # the failure came sooner than the predicted time
+    ttf_dated_steps: int                 # steps (as for ``steps``) with a predicted time, whatever followed
+    ttf_by_share: float | None           # of them, a failure began by that time (0.5: a true median)
 
 
 def calibration(result: ReplayResult, threshold: float = 0.7, n_bins: int = 10) -> list[Calibration]:
@@ -312,13 +319,17 @@ def calibration(result: ReplayResult, threshold: float = 0.7, n_bins: int = 10) 
         timed = alarm & hit & np.isfinite(ttf)
         onset_t = t[np.minimum(nxt, T - 1)]
         err = ttf[timed] - (onset_t - t[None, :])[timed]  # > 0: the failure came sooner than said
+        dated = use & np.isfinite(ttf)
+        # hit implies nxt < T, so onset_t is the real onset there
+        by = hit & ((onset_t - t[None, :]) <= ttf)
         out.append(Calibration(
             f, int(use.sum()), base, brier, (1.0 - brier / ref) if ref > 0 else None,
             int(alarm.sum()), float(hit[alarm].mean()) if alarm.any() else None, bins,
             int(timed.sum()),
             float(np.median(np.abs(err))) if len(err) else None,
             float(np.percentile(np.abs(err), 90)) if len(err) else None,
-            float((err > 0).mean()) if len(err) else None))
+            float((err > 0).mean()) if len(err) else None,
+            int(dated.sum()), float(by[dated].mean()) if dated.any() else None))
     return out
 
 
@@ -330,11 +341,12 @@ def calibration_rows(cals: list[Calibration], threshold: float) -> tuple[list[st
     """(header, rows) of the calibration summary, for a terminal or markdown table."""
     header = ["failure_type", "steps", "base rate", "Brier", "Brier skill", f"steps p>={threshold:g}",
               "of them followed by an onset", "time to failure: median abs. error s", "p90 abs. error s",
-              "came sooner than said"]
+              "came sooner than said", "steps with a time", "failed by the time said (0.5 ideal)"]
     rows = [[c.failure_type, str(c.steps), _fmt(c.base_rate, ".3f"), _fmt(c.brier, ".3f"), _fmt(c.brier_skill),
              str(c.alarm_steps), _fmt(c.alarm_hit_rate), _fmt(c.ttf_median_abs_error_s, ".0f"),
              _fmt(c.ttf_p90_abs_error_s, ".0f"),
-             "-" if c.ttf_sooner_share is None else f"{100 * c.ttf_sooner_share:.0f} %"] for c in cals]
+             "-" if c.ttf_sooner_share is None else f"{100 * c.ttf_sooner_share:.0f} %",
+             str(c.ttf_dated_steps), _fmt(c.ttf_by_share)] for c in cals]
     return header, rows
 
 

@@ -216,6 +216,10 @@ class _Window:
         self.vals[rows, p] = v
         self.pos[rows] = (p + 1) % self.len
 
+    def entries(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(times, values) of the ring, (rows, length): -inf / NaN where nothing was pushed."""
+        return self.ts[rows], self.vals[rows]
+
     def total(self, rows: np.ndarray, t: float, window: float) -> np.ndarray:
         """Sum over the window; NaN where the window holds no known value at all."""
         inside = self.ts[rows] > t - window + 1e-9
@@ -264,6 +268,11 @@ class SignalExtractor:
         self._running_limit = np.zeros(0)
         self._remap_prev = np.zeros(0)
         self.grow(capacity)
+
+    def preemption_increments(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scrape times, preemptions since the scrape before), (rows, ring length), covering at
+        least the storm window: what the window's count is made of."""
+        return self._pre.entries(rows)
 
     # -- row management -------------------------------------------------------------------
     def grow(self, cap: int) -> None:
