@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.special import ndtr, pdtrc
+from scipy.special import betainc, ndtr
 
 from vllm_otel.forecast.failures import FAILURE_TYPES, FORECAST_SIGNAL, SCORE_SIGNAL, FailureCatalog
 from vllm_otel.forecast.models import MODELS, get_model, select_model
@@ -177,10 +177,11 @@ class DetectorConfig(BaseModel):
                                            "Poisson error (short bursts are taken to last: false "
                                            "alarms at a steady 0.8 x load, kept for comparison)")
     # A preemption storm is a count over a sliding window, so the count ahead is what of the
-    # window's past stays in it plus new preemptions, Poisson at the recent rate (half-life
-    # below). "forecast": the generic model of the windowed count, which trends a window that
-    # must empty as its preemptions age out (kept for comparison: on the ten recordings of
-    # 2026-11-29, steps it put at P 0.3-0.5 saw a storm follow 4-9 % of the time).
+    # window's past stays in it plus new preemptions, in bursts at the recent rate (half-life
+    # below; see ``_preemption_window``). "forecast": the generic model of the windowed count,
+    # which trends a window that must empty as its preemptions age out (kept for comparison: on
+    # the ten recordings of 2026-11-29 it warned of none of five storms, and steps it put at
+    # P 0.3-0.5 saw a storm follow 4-9 % of the time).
     preemption_model: str = Field("window_rate", pattern="^(window_rate|forecast)$")
     preemption_rate_halflife_s: float = Field(10.0, gt=0.0)
     catalog: FailureCatalog = Field(default_factory=FailureCatalog)
@@ -703,9 +704,11 @@ class PredictiveFailureDetector:
         time that is more likely than not; NaN where the window's data are not known.
 
         At ``t + h`` the window holds the past preemptions younger than the window by then (known
-        exactly) plus the new ones since ``t`` (at most a window's worth): Poisson with the
-        recent rate, weighted by age with ``preemption_rate_halflife_s``. The path's probability
-        is the largest over ``h`` (the counts ahead are strongly correlated, as for forecasts)."""
+        exactly) plus the new ones since ``t`` (at most a window's worth). Preemptions come in
+        bursts (a scrape with several, then quiet), so the new ones are bursts at the recent
+        burst rate, uncertain as few bursts were seen, each of the recent mean size; the recent
+        past is weighted by age with ``preemption_rate_halflife_s``. The path's probability is
+        the largest over ``h`` (the counts ahead are strongly correlated, as for forecasts)."""
         cfg, cat = self.config, self.catalog.preemption_storm
         W, c, step, H = cat.window_s, cat.max_preemptions, cfg.step_s, self.horizon_steps
         ts, vals = self.extractor.preemption_increments(rows)
@@ -720,11 +723,29 @@ class PredictiveFailureDetector:
             np.add.at(left, (np.repeat(np.arange(n), stay.shape[1]), stay.ravel()), v.ravel())
             known_ahead = np.cumsum(left[:, ::-1], axis=1)[:, ::-1][:, 1:]   # (n, H): h = 1..H
             w = np.where(inside, 0.5 ** (np.where(inside, age, 0.0) / cfg.preemption_rate_halflife_s), 0.0)
-            rate = (w * v).sum(axis=1) / np.maximum(w.sum(axis=1) * step, 1e-12)   # per second
-            hs = np.arange(1, H + 1) * step
-            mu = rate[:, None] * np.minimum(hs, W)[None, :]
             need = c - known_ahead                                 # more than this many new ones
-            p_h = np.where(need < 0, 1.0, pdtrc(np.floor(np.maximum(need, 0.0)), mu))
+            k = np.floor(np.maximum(need, 0.0))
+            hs = np.minimum(np.arange(1, H + 1) * step, W)[None, :]
+            expo = (w.sum(axis=1) * step)[:, None]                # weighted seconds watched
+            bursts = (w * (v > 0)).sum(axis=1)[:, None]          # weighted scrapes with any
+            size = np.maximum((w * v).sum(axis=1)[:, None] / np.maximum(bursts, 1e-12), 1.0)
+            # Bursts over the next hs seconds: Poisson at a rate known only from the bursts seen
+            # (Gamma posterior: shape = bursts, rate = exposure), i.e. negative binomial. Each
+            # burst's size is geometric with the mean seen, so b bursts stay within k
+            # preemptions when k Bernoulli(1 / size) trials hold at least b successes.
+            pb = expo / (expo + hs)
+            shape = np.maximum(bursts, 1e-12)
+            within = np.zeros_like(k)                            # P(new preemptions <= k)
+            cdf_prev = np.zeros_like(k)
+            for b in range(int(k.max()) + 1 if k.size else 0):
+                cdf = betainc(shape, b + 1, pb)                  # negative binomial cdf at b
+                # P(Binomial(k, q) >= b) = I_q(b, k - b + 1)
+                fit = 1.0 if b == 0 else betainc(b, np.maximum(k - b + 1, 1.0), 1.0 / size)
+                within += np.where(b <= k, (cdf - cdf_prev) * fit, 0.0)
+                cdf_prev = cdf
+                if cdf.min() > 1.0 - 1e-12:                      # no mass left on more bursts
+                    break
+            p_h = np.where(need < 0, 1.0, np.where(bursts > 0, 1.0 - within, 0.0))
         prob = p_h.max(axis=1)
         half = p_h >= 0.5
         ttf = np.where(half.any(axis=1), (np.argmax(half, axis=1) + 1) * step, np.nan)
