@@ -737,7 +737,9 @@ class PredictiveFailureDetector:
             shape = np.maximum(bursts, 1e-12)
             within = np.zeros_like(k)                            # P(new preemptions <= k)
             cdf_prev = np.zeros_like(k)
-            for b in range(int(k.max()) + 1 if k.size else 0):
+            # (at most 256 bursts: beyond, a storm threshold in the hundreds is read as reached,
+            # which errs towards warning)
+            for b in range(min(int(k.max()) + 1 if k.size else 0, 256)):
                 cdf = betainc(shape, b + 1, pb)                  # negative binomial cdf at b
                 # P(Binomial(k, q) >= b) = I_q(b, k - b + 1)
                 fit = 1.0 if b == 0 else betainc(b, np.maximum(k - b + 1, 1.0), 1.0 / size)
