@@ -40,9 +40,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_otel.forecast.backtest import (METHODS, MethodScore, ReplayResult, calibration,  # noqa: E402
-                                         calibration_rows, predict_linear, reliability_rows, replay,
-                                         score)
+from vllm_otel.forecast.backtest import (CALIBRATION_LEGEND, METHODS, MethodScore, ReplayResult,  # noqa: E402
+                                         calibration, calibration_rows, predict_linear, reliability_rows,
+                                         replay, score)
 from vllm_otel.forecast.failures import STRICT  # noqa: E402
 from vllm_otel.forecast.detector import DetectorConfig  # noqa: E402
 from vllm_otel.forecast.failures import FailureCatalog  # noqa: E402
@@ -397,6 +397,8 @@ def main() -> int:
         print()
         print(markdown(cal_header, cal_rows))
         print()
+        print(CALIBRATION_LEGEND)
+        print()
         print(markdown(rel_header, rel_rows))
         print()
         print(markdown(("target", "backtest value", "result", "fresh-warning view"),
@@ -434,7 +436,7 @@ def main() -> int:
     console.print(et)
     for title, header, body in (
             ("pooled: can the detector be taken at its word? (steps with no failure under way; outcome: an onset "
-             "within the horizon; Brier skill > 0: better than always forecasting the base rate)", cal_header, cal_rows),
+             "within the horizon)", cal_header, cal_rows),
             ("pooled reliability: steps binned by the detector's probability, the share followed by an onset",
              rel_header, rel_rows)):
         ct = Table(title=title)
@@ -443,6 +445,8 @@ def main() -> int:
         for r in body:
             ct.add_row(*r)
         console.print(ct)
+        if header is cal_header:
+            console.print(CALIBRATION_LEGEND)
     tt = Table(title="targets (pass/fail on the backtest's numbers)")
     for c in ("target", "backtest value", "result", "fresh-warning view"):
         tt.add_column(c)

@@ -56,7 +56,8 @@ from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
 __all__ = ["ReplayResult", "MethodScore", "Calibration", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
-           "score", "score_alarms", "score_json", "calibration", "calibration_rows", "reliability_rows", "METHODS"]
+           "score", "score_alarms", "score_json", "calibration", "calibration_rows", "reliability_rows", "METHODS",
+           "CALIBRATION_LEGEND"]
 
 METHODS = ("detector", "predict_linear", "static")
 
@@ -339,15 +340,24 @@ def _fmt(v: float | None, fmt: str = ".2f") -> str:
 
 def calibration_rows(cals: list[Calibration], threshold: float) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the calibration summary, for a terminal or markdown table."""
-    header = ["failure_type", "steps", "base rate", "Brier", "Brier skill", f"steps p>={threshold:g}",
-              "of them followed by an onset", "time to failure: median abs. error s", "p90 abs. error s",
-              "came sooner than said", "steps with a time", "failed by the time said (0.5 ideal)"]
+    header = ["failure_type", "steps", "base rate", "Brier", "Brier skill", f"p>={threshold:g}", "then failed",
+              "TTF err s", "TTF p90 s", "sooner", "with TTF", "by TTF"]
     rows = [[c.failure_type, str(c.steps), _fmt(c.base_rate, ".3f"), _fmt(c.brier, ".3f"), _fmt(c.brier_skill),
              str(c.alarm_steps), _fmt(c.alarm_hit_rate), _fmt(c.ttf_median_abs_error_s, ".0f"),
              _fmt(c.ttf_p90_abs_error_s, ".0f"),
              "-" if c.ttf_sooner_share is None else f"{100 * c.ttf_sooner_share:.0f} %",
              str(c.ttf_dated_steps), _fmt(c.ttf_by_share)] for c in cals]
     return header, rows
+
+
+CALIBRATION_LEGEND = (
+    "Brier skill: 1 - Brier / Brier of always forecasting the base rate (> 0: better than that). "
+    "p>=X: steps at the alarm level; then failed: the share of them followed by an onset within the "
+    "horizon; TTF err s / TTF p90 s: median / p90 absolute error of the time to failure at those, "
+    "sooner: the share where the failure came sooner than said (these steps are picked by their "
+    "outcome, which favours early failures); with TTF: every step with a time to failure, whatever "
+    "followed; by TTF: the share of them where a failure began by that time (0.5 when the time is "
+    "the median it claims to be).")
 
 
 def reliability_rows(cals: list[Calibration]) -> tuple[list[str], list[list[str]]]:

@@ -139,7 +139,7 @@ def _print_calibration(cals: list[Any], params: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from vllm_otel.forecast.backtest import calibration_rows
+    from vllm_otel.forecast.backtest import CALIBRATION_LEGEND, calibration_rows
 
     header, rows = calibration_rows(cals, params["threshold"])
     table = Table(title="can the detector be taken at its word? (steps with no failure under way; outcome: "
@@ -150,8 +150,8 @@ def _print_calibration(cals: list[Any], params: dict[str, Any]) -> None:
         table.add_row(*row)
     console = Console(file=sys.stdout, width=max(150, Console().width))
     console.print(table)
-    console.print("Brier skill: 1 - Brier / Brier of always forecasting the base rate (> 0: better than that); "
-                  "--json adds the reliability table (mean forecast against observed share, per bin)")
+    console.print(CALIBRATION_LEGEND + " --json adds the reliability table (mean forecast against observed "
+                  "share, per bin).")
 
 
 # -- vllm-otel forecaster ----------------------------------------------------------------------
