@@ -140,29 +140,51 @@ def test_client_disconnect_is_counted_as_abort(vllm_server):
 
 def test_stopped_engine_core_is_reported_stalled_while_health_says_200(vllm_server):
     core = engine_core_process(vllm_server.proc.pid)
-    load = [threading.Thread(target=lambda: httpx.post(
-        f"{vllm_server.url}/v1/completions", timeout=120,
-        json={"model": "tiny", "prompt": [40, 41, 42], "max_tokens": 1800, "ignore_eos": True}))
-        for _ in range(3)]
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        # Requests one after another until the test is over: on a quiet machine the tiny model
+        # writes 1,800 tokens in well under a second, so a fixed batch could be finished before
+        # the SIGSTOP (that is how this test once failed in CI).
+        while not done.is_set():
+            httpx.post(f"{vllm_server.url}/v1/completions", timeout=120,
+                       json={"model": "tiny", "prompt": [40, 41, 42], "max_tokens": 1800, "ignore_eos": True})
+
+    load = [threading.Thread(target=keep_busy, daemon=True) for _ in range(3)]
+    tokens0 = _metric(vllm_server.metrics_text(), "vllm:generation_tokens_total") or 0.0
     for t in load:
         t.start()
-    # Requests must still be running at the SIGSTOP: 1,800 tokens take the tiny model ~4 s each
-    # here (600 took ~1.2 s: a faster machine could have finished them before the stop).
-    time.sleep(1.0)
+    # Requests must be decoding at the SIGSTOP: wait until vLLM says so.
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = vllm_server.metrics_text()
+        if (_metric(text, "vllm:num_requests_running") or 0) >= 1 and \
+                (_metric(text, "vllm:generation_tokens_total") or 0) > tokens0:
+            break
+        time.sleep(0.1)
+    else:
+        done.set()
+        pytest.fail("the requests never started decoding")
     os.kill(core.pid, signal.SIGSTOP)
     try:
         t0 = time.time()
         stalled_after = None
         while time.time() - t0 < 4 * STALL_TIMEOUT_S:
-            if _metric(vllm_server.metrics_text(), "vllm_otel_engine_stalled", engine="0") == 1.0:
+            text = vllm_server.metrics_text()
+            if _metric(text, "vllm_otel_engine_stalled", engine="0") == 1.0:
                 stalled_after = time.time() - t0
                 break
             time.sleep(0.2)
         health = httpx.get(f"{vllm_server.url}/health", timeout=5).status_code
         state = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=5).json()["engines"]["0"]
+        # the fault itself: the process is stopped and no token came while it was
+        frozen = (core.status(), _metric(text, "vllm:generation_tokens_total"),
+                  _metric(vllm_server.metrics_text(), "vllm:generation_tokens_total"))
     finally:
         os.kill(core.pid, signal.SIGCONT)
-    assert stalled_after is not None and stalled_after <= 2 * STALL_TIMEOUT_S, stalled_after
+        done.set()
+    assert frozen[0] == psutil.STATUS_STOPPED and frozen[1] == frozen[2], f"the SIGSTOP did not hold: {frozen}"
+    assert stalled_after is not None and stalled_after <= 2 * STALL_TIMEOUT_S, (stalled_after, state)
     assert health == 200  # vLLM's own health check does not see the hang
     assert state["lifecycle_state"] == "stalled"
     for t in load:

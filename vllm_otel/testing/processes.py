@@ -134,13 +134,23 @@ class ManagedProcess:
 def engine_core_process(pid: int):  # -> psutil.Process (imported lazily)
     """vLLM's engine-core child of the server process ``pid`` (for SIGSTOP fault injection).
 
-    Found among the server's own descendants by its process title, never system-wide.
+    Found among the server's own descendants by its process title, never system-wide. A process
+    forked by the engine core inherits its title until it sets its own, so the one whose parent
+    is not an engine core is the engine core.
     """
     import psutil
 
+    found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
             if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    pids = {c.pid for c in found}
+    for child in found:
+        try:
+            if child.ppid() not in pids:
                 return child
         except psutil.Error:
             continue
