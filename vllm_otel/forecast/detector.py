@@ -68,6 +68,12 @@ TREND_PRECURSORS: dict[str, tuple[str, str]] = {
 SOURCES = ("none", "breach", "forecast", "state_graph", "precursor")
 
 
+def _first_time(reached: np.ndarray, dt: float) -> np.ndarray:
+    """(n, H) bool, True from where the failure is more likely than not -> the time of the first
+    True column ((column + 1) x ``dt``), NaN in rows without one."""
+    return np.where(reached.any(axis=1), (np.argmax(reached, axis=1) + 1) * dt, np.nan)
+
+
 class DetectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -693,8 +699,7 @@ class PredictiveFailureDetector:
             # it agrees with the probability. The line's mean alone crosses later, if at all: the
             # noise reaches the threshold first. On the recorded scenarios the mean's crossing put
             # the failure 48 s (median) later than it came, and too late in 90 % of alarming steps.
-            half = p_by >= 0.5
-            ttf = np.where(half.any(axis=1), (np.argmax(half, axis=1) + 1) * B * cfg.step_s, np.nan)
+            ttf = _first_time(p_by >= 0.5, B * cfg.step_s)
         ok = (m >= max(3, nb // 2)) & (sxx > 0) & np.isfinite(thr) & np.isfinite(prob) & (bank.gap[rows] <= 1)
         prob, ttf = np.where(ok, prob, np.nan), np.where(ok, ttf, np.nan)
         return ok & (slope > 0) & (prob >= 0.5), prob, ttf
@@ -749,8 +754,7 @@ class PredictiveFailureDetector:
                     break
             p_h = np.where(need < 0, 1.0, np.where(bursts > 0, 1.0 - within, 0.0))
         prob = p_h.max(axis=1)
-        half = p_h >= 0.5
-        ttf = np.where(half.any(axis=1), (np.argmax(half, axis=1) + 1) * step, np.nan)
+        ttf = _first_time(p_h >= 0.5, step)
         # at least a third of the window scraped, and the newest scrape known
         ok = (inside.sum(axis=1) * step >= W / 3) & np.isfinite(vals[np.arange(n), np.argmax(ts, axis=1)])
         return np.where(ok, prob, np.nan), np.where(ok, ttf, np.nan)
@@ -953,7 +957,13 @@ class PredictiveFailureDetector:
                 bank = self.banks[s]
                 thr = self._transform(s, self.catalog.threshold(f, sig))
                 ok = (bank.nobs[rows] >= self.warmup_steps) & (bank.gap[rows] <= 1) & np.isfinite(thr) & warm
-                if ok.any():
+                if ok.any() and f == "preemption_storm" and cfg.preemption_model == "window_rate":
+                    # the window's own model instead of the generic forecast of the windowed count
+                    wp, wt = self._preemption_window(rows[ok], t)
+                    prob[ok, j], ttf[ok, j] = wp, wt
+                    source[ok, j] = np.where(np.isfinite(wp), 2, 0)
+                    forecast_p[ok, j] = wp
+                elif ok.any():
                     mean, std = bank.forecast(rows[ok], H)
                     # P(the path crosses within H) lies between max_h P(y_h >= thr) (paths driven by
                     # the same accumulated errors, i.e. fully correlated) and 1 - prod(1 - p_h)
@@ -965,14 +975,8 @@ class PredictiveFailureDetector:
                         z = (mean - thr[ok, None]) / np.maximum(std, 1e-12)
                     p_h = ndtr(z)
                     prob[ok, j] = p_h.max(axis=1)
-                    crossed = p_h >= 0.5
-                    ttf[ok, j] = np.where(crossed.any(axis=1), (np.argmax(crossed, axis=1) + 1) * cfg.step_s,
-                                          np.nan)
+                    ttf[ok, j] = _first_time(p_h >= 0.5, cfg.step_s)
                     source[ok, j] = 2
-                    if f == "preemption_storm" and cfg.preemption_model == "window_rate":
-                        wp, wt = self._preemption_window(rows[ok], t)
-                        prob[ok, j], ttf[ok, j] = wp, wt
-                        source[ok, j] = np.where(np.isfinite(wp), 2, 0)
                     forecast_p[ok, j] = prob[ok, j]
                 codes = bank.model[rows]
                 models[s] = [self._model_names[c] if c >= 0 else self._default_name for c in codes]
