@@ -154,12 +154,12 @@ def test_stopped_engine_core_is_reported_stalled_while_health_says_200(vllm_serv
     tokens0 = _metric(vllm_server.metrics_text(), "vllm:generation_tokens_total") or 0.0
     for t in load:
         t.start()
-    # Requests must be decoding at the SIGSTOP: wait until vLLM says so.
+    # Requests must be decoding at the SIGSTOP: wait until tokens come. (Not for the running
+    # gauge to read 1: while the tiny model generates, vLLM's front end answers /metrics mostly
+    # between requests, when that gauge is 0. The three threads keep the engine busy from here.)
     deadline = time.time() + 30
     while time.time() < deadline:
-        text = vllm_server.metrics_text()
-        if (_metric(text, "vllm:num_requests_running") or 0) >= 1 and \
-                (_metric(text, "vllm:generation_tokens_total") or 0) > tokens0:
+        if (_metric(vllm_server.metrics_text(), "vllm:generation_tokens_total") or 0) > tokens0:
             break
         time.sleep(0.1)
     else:
