@@ -15,7 +15,11 @@ for a causal rule on that feature (a rule that learns its threshold while it run
 find the same one); the detector's own row is printed beside them for comparison. ``--learned S``
 adds a model of all features together: a logistic regression of "a failure begins within S
 seconds", fitted for each recording on the others (out of sample), its alarm level again picked
-in hindsight. Features are computed causally at each step from the raw series (10 s windows;
+in hindsight. With ``--holdout scenario`` it is fitted only on recordings of *other* scenarios
+(``scenario`` in the .meta.json, a ``_slow`` variant counted with its base): repeated recordings
+of one scenario are near copies of each other (same engine, same cache, same trace, same load
+shape), so leaving out only the recording itself measures how well a model remembers the
+scenario, not whether what it learned carries to another deployment. Features are computed causally at each step from the raw series (10 s windows;
 slopes over 30 s):
 
     kv_usage        mean vllm:kv_cache_usage_perc (kv_usage_now: the newest sample, as the static baseline)
@@ -31,7 +35,8 @@ slopes over 30 s):
     d_<feature>     least-squares slope over the last 30 s (per second)
 
     .venv/bin/python benchmarks/lead_bound.py [--dir benchmarks/out] [--scenario NAME]... [--pairs]
-                                              [--learned S] [--cut-from-phase swell] [--json]
+                                              [--learned S [--holdout scenario]] [--cut-from-phase swell]
+                                              [--json]
 """
 
 from __future__ import annotations
@@ -160,11 +165,19 @@ def sweep(feature: np.ndarray, labels: np.ndarray, t: np.ndarray, horizon: int, 
     return rows
 
 
-def learned(feats: dict[str, np.ndarray], labels: np.ndarray, window: int) -> np.ndarray:
+def scenario_of(rec_name: str, meta: dict[str, Any]) -> str:
+    """The scenario a recording was made from (its ``_slow`` variant counted with it)."""
+    name = str(meta.get("scenario") or rec_name)
+    return name[:-len("_slow")] if name.endswith("_slow") else name
+
+
+def learned(feats: dict[str, np.ndarray], labels: np.ndarray, window: int,
+            groups: list[str] | None = None) -> np.ndarray:
     """P(a failure begins within ``window`` steps) at every step of every recording, from a
     logistic regression on all features (standardised, ridge-penalised) fitted on the *other*
-    recordings: out of sample, so no level is learned from the recording it is scored on.
-    (U, T); NaN where a feature is unknown."""
+    recordings: out of sample, so no level is learned from the recording it is scored on. With
+    ``groups`` (one key per recording), every recording of the same group is left out too.
+    (U, T); NaN where a feature is unknown, or where nothing was left to learn from."""
     import statsmodels.api as sm
 
     X = np.stack(list(feats.values()), axis=2)                      # (U, T, F)
@@ -178,9 +191,11 @@ def learned(feats: dict[str, np.ndarray], labels: np.ndarray, window: int) -> np
     P = np.full((U, T), np.nan)
     for hold in range(U):
         train = np.arange(U) != hold
+        if groups is not None:
+            train &= np.array([g != groups[hold] for g in groups])
         Xt, yt = X[train].reshape(-1, X.shape[2]), y[train].reshape(-1)
         ok = np.isfinite(Xt).all(axis=1) & ~labels[train].reshape(-1)   # failing steps teach nothing
-        if not yt[ok].any():
+        if not train.any() or not yt[ok].any():
             continue
         mu, sd = Xt[ok].mean(axis=0), Xt[ok].std(axis=0) + 1e-9
         fit = sm.GLM(yt[ok].astype(float), np.column_stack([np.ones(ok.sum()), (Xt[ok] - mu) / sd]),
@@ -209,6 +224,9 @@ def main() -> int:
     ap.add_argument("--pairs", action="store_true", help="also every pair of features (AND), 30 levels each")
     ap.add_argument("--learned", type=float, metavar="S", help="also a logistic regression on all features, "
                     "fitted on the other recordings, of 'a failure begins within S seconds'")
+    ap.add_argument("--holdout", choices=("recording", "scenario"), default="recording",
+                    help="with --learned, leave out of the fit only the recording scored (default) or "
+                         "every recording of its scenario")
     ap.add_argument("--cut-from-phase", metavar="PHASE", help="leave out each recording from the start "
                     "of this phase of its .meta.json on (e.g. swell: the bound without the false-alarm test)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -270,10 +288,15 @@ def main() -> int:
                 per["features"][label] = {"best": best(rows), "at_30s": best_at_lead(rows)}
         if args.learned:
             with np.errstate(all="ignore"):
-                P = learned(feats, labels, int(round(args.learned / step)))
+                groups = ([scenario_of(r.name, r.meta) for r in recs] if args.holdout == "scenario" else None)
+                P = learned(feats, labels, int(round(args.learned / step)), groups)
             levels = np.unique(np.nanquantile(P, np.linspace(0, 1, args.levels))) if np.isfinite(P).any() else []
             rows = sweep(P, labels, t, horizon, merge_gap, np.asarray(levels), f, present)
-            per["learned"] = {"window_s": args.learned, "best": best(rows), "at_30s": best_at_lead(rows)}
+            per["learned"] = {"window_s": args.learned, "holdout": args.holdout,
+                              "scored_recordings": int((np.isfinite(P).any(axis=1) & labels.any(axis=1)).sum()),
+                              "best": best(rows), "at_30s": best_at_lead(rows),
+                              # fixed levels, as a deployed model would have to use
+                              "fixed": sweep(P, labels, t, horizon, merge_gap, np.array([0.5, 0.7]), f, present)}
         if args.pairs:
             names = list(feats)
             pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -320,12 +343,16 @@ def main() -> int:
             tb.add_row(name, *fmt(v["best"]), *fmt(v["at_30s"]))
         console.print(tb)
         if "learned" in per:
-            tl = Table(title=f"{f}: logistic regression on all features, out of sample "
-                             f"(P of an onset within {per['learned']['window_s']:g} s)")
+            lr = per["learned"]
+            tl = Table(title=f"{f}: logistic regression on all features, out of sample (P of an onset "
+                             f"within {lr['window_s']:g} s; fitted without the scored {lr['holdout']}; "
+                             f"{lr['scored_recordings']} recordings with events had a model)")
             for c in ("", "P level", "recall", "precision", "quiet %", "median lead s"):
                 tl.add_column(c, justify="left" if not c else "right")
             tl.add_row("best meeting recall and precision", *fmt(per["learned"]["best"]))
             tl.add_row("best precision at a 30 s lead", *fmt(per["learned"]["at_30s"]))
+            for row in lr["fixed"]:
+                tl.add_row(f"at P >= {row['level']:g}", *fmt(row))
             console.print(tl)
         if per["pairs"]:
             tp = Table(title=f"{f}: best pairs (alarm while a >= level_a and b >= level_b)")

@@ -63,3 +63,27 @@ def test_the_learned_model_is_scored_out_of_sample(tmp_path: Path) -> None:
     hit = learned["best"]
     assert hit["recall"] == 1.0 and hit["precision"] == 1.0
     assert 30 <= hit["lead"] <= 60
+
+
+def test_holding_out_the_whole_scenario_leaves_its_copies_out_of_the_fit(tmp_path: Path) -> None:
+    """--holdout scenario: a recording is scored by a model fitted only on recordings of other
+    scenarios, so a near copy of it cannot teach the model its answer."""
+    for name, scenario, shift in (("a", "x", 0), ("b", "x", 40), ("c", "x_slow", 20)):
+        _recording(tmp_path / f"{name}.json", shift=shift)
+        (tmp_path / f"{name}.meta.json").write_text(json.dumps({"scenario": scenario}))
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lead_bound.py"), "--dir", str(tmp_path),
+                              "--learned", "60", "--holdout", "scenario", "--json"],
+                             capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout)["failures"]["kv_cache_exhaustion"]["learned"]
+
+    # One scenario (x_slow is x's slow variant): nothing is left to fit on, so nothing warns.
+    alone = run()
+    assert alone["holdout"] == "scenario" and alone["scored_recordings"] == 0
+    assert alone["best"] is None and all(row["recall"] == 0.0 for row in alone["fixed"])
+    # A second scenario to learn from: each is scored by the model of the other.
+    (tmp_path / "c.meta.json").write_text(json.dumps({"scenario": "y"}))
+    other = run()
+    assert other["scored_recordings"] == 3
+    assert other["best"]["recall"] == 1.0 and 30 <= other["best"]["lead"] <= 60

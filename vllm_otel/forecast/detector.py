@@ -170,7 +170,14 @@ class DetectorConfig(BaseModel):
     # from a saturated queue, which no trend of ``waiting`` saw) with no false alarm on any of
     # them. Earlier recordings had shown two false alarms on kv_ramp (benchmarks/README.md).
     use_capacity: bool = True
-    arrival_window_s: float = Field(10.0, gt=0.0, description="arrivals are counted over this window")
+    # Arrivals are Poisson-like counts: over W seconds at a rate lam the measured rate is off by
+    # sqrt(lam / W), while a rise at slope s is seen s W / 2 late. An overload within the horizon
+    # needs arrivals only ~threshold / horizon above capacity (32 / 120 s = 0.27 req/s on the
+    # recorded queue_ramp), so at 10 s (noise 0.67 req/s at 4.5 req/s) the warning drowned in
+    # noise until the overflow; 20 s halves the variance for 5 s more lag. On the twelve
+    # recordings of 2026-11-29 (benchmarks/README.md): queue lead 14 -> 38 s, precision 1.00 ->
+    # 0.95; 30 s went on to 42 s but at 0.71, its lag now counting queues that KV fills build.
+    arrival_window_s: float = Field(20.0, gt=0.0, description="arrivals are counted over this window")
     capacity_halflife_s: float = Field(120.0, gt=0.0, description="memory of the learned service time")
     capacity_min_finished: float = Field(10.0, gt=0.0, description="finished requests (decayed) "
                                                                    "before the service time is trusted")
