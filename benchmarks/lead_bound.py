@@ -236,7 +236,7 @@ def main() -> int:
     if not paths:
         return 2
     ns = argparse.Namespace(step=None, detector_config=None, horizon=args.horizon, threshold=0.7,
-                            baseline_window=300.0, static_fraction=0.8)
+                            baseline_window=300.0, static_fraction=0.8, hold=0.0)
     recs = [load(p, ns) for p in track(paths, description="replaying", transient=True)]
     for r in recs:
         if len(r.result.units) != 1:

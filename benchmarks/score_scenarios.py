@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllm_otel.forecast.backtest import (CALIBRATION_LEGEND, METHODS, MethodScore, ReplayResult,  # noqa: E402
-                                         calibration, calibration_rows, predict_linear, reliability_rows,
+                                         calibration, calibration_rows, hold_alarms, predict_linear, reliability_rows,
                                          replay, score)
 from vllm_otel.forecast.failures import STRICT  # noqa: E402
 from vllm_otel.forecast.detector import DetectorConfig  # noqa: E402
@@ -90,7 +90,7 @@ def load(path: Path, args: argparse.Namespace) -> Recording:
     cfg = DetectorConfig(step_s=frame.step_s, horizon_s=args.horizon, catalog=FailureCatalog(**catalog), **extra)
     result = replay(frame, cfg)
     rows = score(result, threshold=args.threshold, baseline_window_s=args.baseline_window,
-                 static_fraction=args.static_fraction)
+                 static_fraction=args.static_fraction, hold_s=args.hold)
     return Recording(path.stem, meta, result, rows)
 
 
@@ -98,7 +98,7 @@ def pooled(recs: list[Recording], args: argparse.Namespace) -> list[MethodScore]
     """Score all recordings as one fleet: each recording is one unit on a shared relative time grid
     (steps are equal), so recall, precision and the median lead pool every event and alarm."""
     return score(combined(recs), threshold=args.threshold, baseline_window_s=args.baseline_window,
-                 static_fraction=args.static_fraction)
+                 static_fraction=args.static_fraction, hold_s=args.hold)
 
 
 def combined(recs: list[Recording]) -> ReplayResult:
@@ -190,12 +190,13 @@ def alarms(res: ReplayResult, j: int, args: argparse.Namespace) -> dict[str, np.
     """(U, T) alarm masks per method, defined exactly as :func:`vllm_otel.forecast.backtest.score`."""
     f = res.failure_types[j]
     sig, thr, lab = res.signal[:, :, j], res.threshold[:, :, j], res.labels[:, :, j]
+    held = int(round(args.hold / res.step_s))
     with np.errstate(invalid="ignore"):
         pl = predict_linear(sig, res.t, args.baseline_window, res.horizon_s)
         static_thr = args.static_fraction * thr if f != "gpu_hardware" else thr
-        out = {"detector": (res.probability[:, :, j] >= args.threshold) | lab,
-               "predict_linear": ((pl > thr) if f in STRICT else (pl >= thr)) | lab,
-               "static": ((sig > static_thr) if f in STRICT else (sig >= static_thr)) | lab}
+        out = {"detector": hold_alarms(res.probability[:, :, j] >= args.threshold, held) | lab,
+               "predict_linear": hold_alarms((pl > thr) if f in STRICT else (pl >= thr), held) | lab,
+               "static": hold_alarms((sig > static_thr) if f in STRICT else (sig >= static_thr), held) | lab}
     return {m: np.asarray(a, dtype=bool) for m, a in out.items()}
 
 
@@ -355,6 +356,8 @@ def main() -> int:
     ap.add_argument("--baseline-window", type=float, default=300.0, help="predict_linear lookback, s (default 300)")
     ap.add_argument("--static-fraction", type=float, default=0.8, help="static threshold fraction (default 0.8)")
     ap.add_argument("--step", type=float, help="resample to S seconds (default: the recording's 1 s)")
+    ap.add_argument("--hold", type=float, default=0.0, metavar="S", help="keep every method's alarms on S s "
+                    "after they stop, as an alert rule with keep_firing_for: S pages (default 0)")
     ap.add_argument("--detector-config", metavar="JSON", help='more DetectorConfig fields, e.g. '
                     '\'{"use_capacity": false}\' (without the offered-load model, on by default)')
     ap.add_argument("--markdown", action="store_true", help="print markdown tables (for the README)")
@@ -376,7 +379,7 @@ def main() -> int:
 
     if args.json:
         json.dump({"params": {k: getattr(args, k) for k in ("threshold", "horizon", "baseline_window",
-                                                            "static_fraction", "step")},
+                                                            "static_fraction", "step", "hold")},
                    "scenarios": {r.name: {"meta": r.meta, "scores": [asdict(x) for x in r.rows]} for r in recs},
                    "pooled": [asdict(x) for x in pool], "calibration": [asdict(c) for c in cals],
                    "stalls": stalls, "events": events,
@@ -407,7 +410,8 @@ def main() -> int:
         return 0
 
     console = Console(width=160)
-    t = Table(title=f"backtest of recorded scenarios: alarm at p >= {args.threshold:g}, horizon {args.horizon:g} s, "
+    t = Table(title=f"backtest of recorded scenarios: alarm at p >= {args.threshold:g}"
+                    + (f" held {args.hold:g} s" if args.hold else "") + f", horizon {args.horizon:g} s, "
                     f"predict_linear over {args.baseline_window:g} s, static at {args.static_fraction:g} x threshold")
     for c in COLS:
         t.add_column(c, justify="left" if c in COLS[:3] else "right", no_wrap=True)

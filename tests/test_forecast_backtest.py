@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vllm_otel.forecast import cli
-from vllm_otel.forecast.backtest import ReplayResult, _runs, calibration, predict_linear, score
+from vllm_otel.forecast.backtest import ReplayResult, _runs, calibration, hold_alarms, predict_linear, score
 from vllm_otel.forecast.promjson import InputError, in_shard, parse_query_range, parse_shard, shard_index
 from vllm_otel.forecast.synthetic import scenario, to_query_range
 
@@ -128,6 +128,32 @@ def test_only_fresh_alarm_episodes_are_credited() -> None:
     prob[250:256] = 0.9   # 50 s before it: a warning, even though it stopped again
     det = {r.method: r for r in score(_one_unit_result(prob, sig, labels), threshold=0.7)}["detector"]
     assert (det.events, det.caught, det.median_lead_s, det.alarms, det.false_alarms) == (2, 1, 50.0, 4, 1)
+
+
+def test_a_held_alarm_is_scored_as_the_page_an_alert_rule_would_send() -> None:
+    """--hold S: a warning that flickers across the threshold is one alarm from its first crossing,
+    as an alert rule with keep_firing_for: S fires; the raw steps make it several alarms, and
+    the run still on at the onset short."""
+    T = 400
+    labels = np.zeros(T, dtype=bool)
+    labels[200:211] = True
+    sig = np.where(labels, 0.96, 0.5)
+    prob = np.zeros(T)
+    for a in (160, 172, 184, 196):       # on 8 s, off 4 s, from 40 s before the onset
+        prob[a:a + 8] = 0.9
+    prob[320:325] = 0.9                  # a false alarm after the failure, 5 s long
+    raw = {r.method: r for r in score(_one_unit_result(prob, sig, labels))}["detector"]
+    held = {r.method: r for r in score(_one_unit_result(prob, sig, labels), hold_s=10.0)}["detector"]
+    assert (raw.alarms, raw.false_alarms, raw.caught, raw.median_lead_s) == (5, 1, 1, 40.0)
+    assert (held.alarms, held.false_alarms, held.caught, held.median_lead_s) == (2, 1, 1, 40.0)
+    assert raw.precision == 0.8 and held.precision == 0.5
+    # a 4 s gap is bridged by a hold of 4 s, not of 3
+    on = prob >= 0.7
+    assert hold_alarms(on[None], 4)[0, 160:204].all()
+    assert not hold_alarms(on[None], 3)[0, 160:200].all()
+    # the false alarm stays on 10 s longer, and the quiet time in alarm shows it
+    assert held.quiet_alarm_share > raw.quiet_alarm_share
+    np.testing.assert_array_equal(hold_alarms(on[None], 0), on[None])
 
 
 def test_an_alarm_that_is_always_on_shows_in_the_quiet_time_share() -> None:
@@ -255,6 +281,8 @@ def test_backtest_score_table(recording: Path, capsys: pytest.CaptureFixture[str
                  "median lead s", "Brier", "taken at its word"):
         assert word in table
     assert '"probability"' not in table  # with --score and no --output, only the score is printed
+    assert _backtest([str(recording), "--score", "--max-refits", "0", "--hold", "30", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hold_s"] == 30
 
 
 def test_backtest_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,3 +297,6 @@ def test_backtest_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert _backtest([str(empty)]) == 2
     assert "no vLLM series" in capsys.readouterr().err
     assert _backtest([str(empty), "--shard", "3/2"]) == 2
+    capsys.readouterr()
+    assert _backtest([str(empty), "--score", "--hold", "-5"]) == 2
+    assert "--hold must be 0 or more seconds" in capsys.readouterr().err

@@ -23,6 +23,13 @@ at a fraction of the failure threshold):
   that runs into a failure counts as one true alarm however long it lasts: an alarm that is
   always on scores precision 1.00 on a recording where failures keep coming. This share shows it.
 
+With ``hold_s`` (``--hold`` on the command line) each method's alarm is scored as an alert rule
+with Prometheus's ``keep_firing_for: <hold_s>`` would page: it stays on for that long after the
+method stops alarming. A warning that flickers across the threshold is then one page from its
+first crossing, not several short ones, so precision counts it once (a flicker no longer adds
+true alarms) and the alarm run still on at the onset starts where the page did. Every method is
+held alike. The default (0) scores the raw steps.
+
 Every method alarms while a failure is already under way (it is visible to all), so what
 separates them is what happens before onsets and in quiet periods.
 
@@ -56,7 +63,7 @@ from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
 __all__ = ["ReplayResult", "MethodScore", "Calibration", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
-           "score", "score_alarms", "score_json", "calibration", "calibration_rows", "reliability_rows", "METHODS",
+           "score", "score_alarms", "hold_alarms", "score_json", "calibration", "calibration_rows", "reliability_rows", "METHODS",
            "CALIBRATION_LEGEND"]
 
 METHODS = ("detector", "predict_linear", "static")
@@ -203,6 +210,17 @@ def _quiet(labels: np.ndarray, horizon: int) -> np.ndarray:
     return (nxt - np.arange(T)[None, :]) > horizon
 
 
+def hold_alarms(alarm: np.ndarray, steps: int) -> np.ndarray:
+    """(U, T) bool -> on wherever the alarm was on within the last ``steps`` steps (inclusive):
+    what an alert rule with ``keep_firing_for`` of that many steps shows."""
+    alarm = np.asarray(alarm, dtype=bool)
+    if steps <= 0 or alarm.size == 0:
+        return alarm
+    k = np.arange(alarm.shape[-1])
+    last = np.maximum.accumulate(np.where(alarm, k, -steps - 1), axis=-1)   # last step it was on
+    return (k - last) <= steps
+
+
 def score_alarms(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: np.ndarray,
                  horizon: int, merge_gap: int, hours: float, present: np.ndarray | None = None) -> MethodScore:
     """Score one method's alarms, (U, T) bool, against the failure labels, (U, T) bool, as the
@@ -241,11 +259,13 @@ def score_alarms(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: 
 
 
 def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float = 300.0,
-          static_fraction: float = 0.8, merge_gap_s: float = 60.0) -> list[MethodScore]:
-    """Score the detector and both baselines for every failure type the data could show."""
+          static_fraction: float = 0.8, merge_gap_s: float = 60.0, hold_s: float = 0.0) -> list[MethodScore]:
+    """Score the detector and both baselines for every failure type the data could show; with
+    ``hold_s``, each method's alarms held on for that long after they stop (see the module doc)."""
     t, step = result.t, result.step_s
     horizon = max(1, int(round(result.horizon_s / step)))
     merge_gap = int(round(merge_gap_s / step))
+    held = int(round(hold_s / step))
     hours = float(result.present.sum()) * step / 3600.0
     out: list[MethodScore] = []
     for j, f in enumerate(result.failure_types):
@@ -254,11 +274,11 @@ def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float
             continue  # nothing in the data can show this failure
         with np.errstate(invalid="ignore"):
             p = result.probability[:, :, j]
-            det_alarm = (p >= threshold) | lab
+            det_alarm = hold_alarms(p >= threshold, held) | lab
             pl = predict_linear(sig, t, baseline_window_s, result.horizon_s)
-            pl_alarm = ((pl > thr) if f in STRICT else (pl >= thr)) | lab
+            pl_alarm = hold_alarms((pl > thr) if f in STRICT else (pl >= thr), held) | lab
             static_thr = static_fraction * thr if f != "gpu_hardware" else thr
-            static_alarm = ((sig > static_thr) if f in STRICT else (sig >= static_thr)) | lab
+            static_alarm = hold_alarms((sig > static_thr) if f in STRICT else (sig >= static_thr), held) | lab
         for method, alarm in zip(METHODS, (det_alarm, pl_alarm, static_alarm)):
             out.append(score_alarms(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours,
                                     result.present))

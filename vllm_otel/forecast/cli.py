@@ -39,6 +39,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="predict_linear lookback window, seconds (default 300)")
     p.add_argument("--static-fraction", type=float, default=0.8,
                    help="static early warning at this fraction of each failure threshold (default 0.8)")
+    p.add_argument("--hold", type=float, default=0.0, metavar="S",
+                   help="with --score: keep each alarm on for S seconds after it stops, as an alert "
+                        "rule with keep_firing_for: S would page (default 0: the raw steps)")
     p.add_argument("--max-refits", type=int, default=8, metavar="N",
                    help="statsmodels refits per step at most (default 8)")
     p.add_argument("--json", action="store_true", help="print the score as JSON")
@@ -62,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--threshold must be in (0, 1]")
     if args.horizon <= 0 or args.baseline_window <= 0:
         return _fail("--horizon and --baseline-window must be positive")
+    if not args.hold >= 0:
+        return _fail("--hold must be 0 or more seconds")
     try:
         shard = parse_shard(args.shard) if args.shard else None
         frame = load_query_range(args.input, step=args.step, shard=shard)
@@ -96,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.score:
         rows = score(result, threshold=args.threshold, baseline_window_s=args.baseline_window,
-                     static_fraction=args.static_fraction)
+                     static_fraction=args.static_fraction, hold_s=args.hold)
         params = {"threshold": args.threshold, "baseline_window_s": args.baseline_window,
-                  "static_fraction": args.static_fraction}
+                  "static_fraction": args.static_fraction, "hold_s": args.hold}
         cals = calibration(result, threshold=args.threshold)
         if args.json:
             json.dump(score_json(rows, result, cals, **params), sys.stdout, indent=2)
@@ -117,7 +122,8 @@ def _print_table(rows: list[Any], result: Any, params: dict[str, Any]) -> None:
         return "-" if v is None else f"{v:.2f}"
 
     table = Table(title=(f"backtest: {len(result.units)} instance(s), {len(result.t)} steps of "
-                         f"{result.step_s:g}s, horizon {result.horizon_s:g}s, alarm at p>={params['threshold']}"))
+                         f"{result.step_s:g}s, horizon {result.horizon_s:g}s, alarm at p>={params['threshold']}"
+                         + (f", held {params['hold_s']:g}s" if params.get("hold_s") else "")))
     for col in ("failure_type", "method", "events", "caught", "recall", "alarms", "precision",
                 "false/h", "quiet in alarm", "median lead s", "F1"):
         table.add_column(col, justify="left" if col in ("failure_type", "method") else "right", no_wrap=True)
