@@ -19,8 +19,9 @@ in hindsight. With ``--holdout scenario`` it is fitted only on recordings of *ot
 (``scenario`` in the .meta.json, a ``_slow`` variant counted with its base): repeated recordings
 of one scenario are near copies of each other (same engine, same cache, same trace, same load
 shape), so leaving out only the recording itself measures how well a model remembers the
-scenario, not whether what it learned carries to another deployment. Features are computed causally at each step from the raw series (10 s windows;
-slopes over 30 s):
+scenario, not whether what it learned carries to another deployment.
+
+Features are computed causally at each step from the raw series (10 s windows; slopes over 30 s):
 
     kv_usage        mean vllm:kv_cache_usage_perc (kv_usage_now: the newest sample, as the static baseline)
     occupancy       mean running + waiting

@@ -63,8 +63,8 @@ from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
 __all__ = ["ReplayResult", "MethodScore", "Calibration", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
-           "score", "score_alarms", "hold_alarms", "score_json", "calibration", "calibration_rows", "reliability_rows", "METHODS",
-           "CALIBRATION_LEGEND"]
+           "score", "score_alarms", "hold_alarms", "score_json", "calibration", "calibration_rows",
+           "reliability_rows", "METHODS", "CALIBRATION_LEGEND"]
 
 METHODS = ("detector", "predict_linear", "static")
 
