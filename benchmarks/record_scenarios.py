@@ -22,6 +22,7 @@ Scenarios (default load durations; ``--minutes`` sets all):
                             rise takes 2.4 x as long (about 2 to 4 minutes from 0.5 x capacity).
 * ``kv_ramp_large`` (5.75 min) ``kv_ramp`` with a KV cache four times as large (512 blocks, ~55
                             average requests; at most 128 running).
+* ``kv_ramp_large_slow`` (14 min) ``kv_ramp_large`` at the pace of ``kv_ramp_slow``.
 * ``stall`` (3 min)         Azure conversation trace at 0.5 x capacity from a pool of 24 connections;
                             120 s in (more than the 120 s horizon after the detector's warm-up), the
                             engine-core process is frozen (SIGSTOP) for 40 s, then resumed.
@@ -169,6 +170,12 @@ SCENARIOS["kv_ramp_large"] = dataclasses.replace(
     description="Azure conversation trace; 512 KV blocks (64k tokens), at most 128 running: the KV "
                 "cache is the limit. Twice: rate rising until the KV cache is full, then calm; then a "
                 "swell to 0.8 x the lowest failing rate")
+# The large cache at the slow pace: at the default pace a ramp covers the last 20 % of its
+# failing rate in about 20 s, so a swell to 0.8 x that rate looks like a ramp 20 s before it
+# fails (benchmarks/README.md); at 2.4 x slower, about 48 s.
+SCENARIOS["kv_ramp_large_slow"] = dataclasses.replace(
+    SCENARIOS["kv_ramp_large"], name="kv_ramp_large_slow", minutes=14.0,
+    description=SCENARIOS["kv_ramp_large"].description + "; rises 2.4 x slower (load 14 min)")
 # What a plain run records (~34 min); the other variants are recorded with --scenario.
 DEFAULT_SCENARIOS = ("kv_ramp", "kv_ramp_large", "queue_ramp", "stall", "leak")
 
@@ -631,7 +638,7 @@ def main() -> int:
                     help=f"record only this scenario (repeatable): {', '.join(SCENARIOS)}; default: "
                          f"{', '.join(DEFAULT_SCENARIOS)}")
     ap.add_argument("--minutes", type=float, help="load duration of every scenario in minutes "
-                    "(default: kv_ramp and queue_ramp 5.75, their _slow versions 14, stall 3, leak 2)")
+                    "(default: kv_ramp, kv_ramp_large and queue_ramp 5.75, the _slow versions 14, stall 3, leak 2)")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (default benchmarks/out)")
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "tiny-model")
     ap.add_argument("--traces", type=Path, default=default_traces_dir(), help="folder of the trace files")
