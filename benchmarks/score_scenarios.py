@@ -41,9 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllm_otel.forecast.backtest import (CALIBRATION_LEGEND, METHODS, MethodScore, ReplayResult,  # noqa: E402
-                                         calibration, calibration_rows, hold_alarms, predict_linear, reliability_rows,
-                                         replay, score)
-from vllm_otel.forecast.failures import STRICT  # noqa: E402
+                                         calibration, calibration_rows, method_alarms, reliability_rows, replay,
+                                         score)
 from vllm_otel.forecast.detector import DetectorConfig  # noqa: E402
 from vllm_otel.forecast.failures import FailureCatalog  # noqa: E402
 from vllm_otel.forecast.promjson import load_query_range  # noqa: E402
@@ -187,17 +186,8 @@ def stall_checks(rec: Recording, args: argparse.Namespace) -> list[dict[str, Any
 
 
 def alarms(res: ReplayResult, j: int, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    """(U, T) alarm masks per method, defined exactly as :func:`vllm_otel.forecast.backtest.score`."""
-    f = res.failure_types[j]
-    sig, thr, lab = res.signal[:, :, j], res.threshold[:, :, j], res.labels[:, :, j]
-    held = int(round(args.hold / res.step_s))
-    with np.errstate(invalid="ignore"):
-        pl = predict_linear(sig, res.t, args.baseline_window, res.horizon_s)
-        static_thr = args.static_fraction * thr if f != "gpu_hardware" else thr
-        out = {"detector": hold_alarms(res.probability[:, :, j] >= args.threshold, held) | lab,
-               "predict_linear": hold_alarms((pl > thr) if f in STRICT else (pl >= thr), held) | lab,
-               "static": hold_alarms((sig > static_thr) if f in STRICT else (sig >= static_thr), held) | lab}
-    return {m: np.asarray(a, dtype=bool) for m, a in out.items()}
+    """(U, T) alarm masks per method, exactly as :func:`vllm_otel.forecast.backtest.score` scores them."""
+    return method_alarms(res, j, args.threshold, args.baseline_window, args.static_fraction, args.hold)
 
 
 def event_leads(rec: Recording, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -63,7 +63,7 @@ from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
 __all__ = ["ReplayResult", "MethodScore", "Calibration", "replay", "iter_jsonl", "write_jsonl", "predict_linear",
-           "score", "score_alarms", "hold_alarms", "score_json", "calibration", "calibration_rows",
+           "score", "score_alarms", "hold_alarms", "method_alarms", "score_json", "calibration", "calibration_rows",
            "reliability_rows", "METHODS", "CALIBRATION_LEGEND"]
 
 METHODS = ("detector", "predict_linear", "static")
@@ -258,6 +258,23 @@ def score_alarms(f: str, method: str, alarm: np.ndarray, labels: np.ndarray, t: 
                        float((alarm & quiet).sum()) / n_quiet if n_quiet else None)
 
 
+def method_alarms(result: ReplayResult, j: int, threshold: float = 0.7, baseline_window_s: float = 300.0,
+                  static_fraction: float = 0.8, hold_s: float = 0.0) -> dict[str, np.ndarray]:
+    """Each method's (U, T) alarms for failure type ``j``: the detector at ``threshold``,
+    ``predict_linear`` over ``baseline_window_s``, the static rule at ``static_fraction`` of the
+    threshold, each held ``hold_s`` after it stops, and every method on while the failure is."""
+    f = result.failure_types[j]
+    sig, thr, lab = result.signal[:, :, j], result.threshold[:, :, j], result.labels[:, :, j]
+    held = int(round(hold_s / result.step_s))
+    with np.errstate(invalid="ignore"):
+        pl = predict_linear(sig, result.t, baseline_window_s, result.horizon_s)
+        static_thr = static_fraction * thr if f != "gpu_hardware" else thr
+        raw = {"detector": result.probability[:, :, j] >= threshold,
+               "predict_linear": (pl > thr) if f in STRICT else (pl >= thr),
+               "static": (sig > static_thr) if f in STRICT else (sig >= static_thr)}
+    return {m: np.asarray(hold_alarms(raw[m], held) | lab, dtype=bool) for m in METHODS}
+
+
 def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float = 300.0,
           static_fraction: float = 0.8, merge_gap_s: float = 60.0, hold_s: float = 0.0) -> list[MethodScore]:
     """Score the detector and both baselines for every failure type the data could show; with
@@ -265,23 +282,15 @@ def score(result: ReplayResult, threshold: float = 0.7, baseline_window_s: float
     t, step = result.t, result.step_s
     horizon = max(1, int(round(result.horizon_s / step)))
     merge_gap = int(round(merge_gap_s / step))
-    held = int(round(hold_s / step))
     hours = float(result.present.sum()) * step / 3600.0
     out: list[MethodScore] = []
     for j, f in enumerate(result.failure_types):
-        sig, thr, lab = result.signal[:, :, j], result.threshold[:, :, j], result.labels[:, :, j]
-        if not np.isfinite(sig).any():
+        if not np.isfinite(result.signal[:, :, j]).any():
             continue  # nothing in the data can show this failure
-        with np.errstate(invalid="ignore"):
-            p = result.probability[:, :, j]
-            det_alarm = hold_alarms(p >= threshold, held) | lab
-            pl = predict_linear(sig, t, baseline_window_s, result.horizon_s)
-            pl_alarm = hold_alarms((pl > thr) if f in STRICT else (pl >= thr), held) | lab
-            static_thr = static_fraction * thr if f != "gpu_hardware" else thr
-            static_alarm = hold_alarms((sig > static_thr) if f in STRICT else (sig >= static_thr), held) | lab
-        for method, alarm in zip(METHODS, (det_alarm, pl_alarm, static_alarm)):
-            out.append(score_alarms(f, method, np.asarray(alarm, dtype=bool), lab, t, horizon, merge_gap, hours,
-                                    result.present))
+        alarms = method_alarms(result, j, threshold, baseline_window_s, static_fraction, hold_s)
+        for method in METHODS:
+            out.append(score_alarms(f, method, alarms[method], result.labels[:, :, j], t, horizon, merge_gap,
+                                    hours, result.present))
     return out
 
 
