@@ -2,7 +2,7 @@
 
 For each scenario: a real vLLM (tiny local model; KV cache capped with ``--num-gpu-blocks-override``;
 ``--max-num-seqs`` set so the running-request limit is known) and a real Prometheus scraping it
-every second; load replayed from a real request trace (``../shared/data/traces``: Azure 2023,
+every second; load replayed from a real request trace (shipped in ``vllm_otel/loadgen/data``: Azure 2023,
 Mooncake) with prompts clipped to 1024 tokens and outputs to 128; faults injected for real. At the
 end every ``vllm:`` and ``vllm_otel_`` series is downloaded with ``/api/v1/query_range`` (step 1 s)
 into ``benchmarks/out/<scenario>.json``, and what happened when (phases, rates, faults, limits) into

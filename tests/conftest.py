@@ -50,8 +50,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def traces_dir() -> Path:
     d = default_traces_dir()
-    if d is None or not d.is_dir():
-        pytest.fail("real traces not found: set VLLM_OTEL_TRACES_DIR or keep ../shared/data/traces")
+    if not d.is_dir():
+        pytest.fail(f"trace folder {d} not found (VLLM_OTEL_TRACES_DIR points elsewhere?)")
     return d
 
 

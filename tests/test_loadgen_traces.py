@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from vllm_otel.loadgen.traces import (BLOCK_TOKENS, MIN_TOKEN_ID, TraceError, TraceRequest,
-                                      detect_format, load_trace, prompt_text, prompt_token_ids)
+from vllm_otel.loadgen.traces import (BLOCK_TOKENS, MIN_TOKEN_ID, SHIPPED_DIR, SHIPPED_TRACES, TraceError,
+                                      TraceRequest, detect_format, load_trace, prompt_text,
+                                      prompt_token_ids, resolve_trace)
 
-TRACES = Path("/work/shared/data/traces")
-needs_traces = pytest.mark.skipif(not TRACES.is_dir(), reason=f"public traces not at {TRACES}")
+# The traces shipped inside the package: every test here reads them, so a clone needs nothing else.
+TRACES = SHIPPED_DIR
 
 
 # ---------------------------------------------------------------------------------------------
 # The real files
 
 
-@needs_traces
 @pytest.mark.parametrize("name, rows", [
     ("AzureLLMInferenceTrace_code.csv", 8819),
     ("AzureLLMInferenceTrace_conv.csv", 19366),
@@ -35,7 +35,6 @@ def test_real_trace_rows_are_sorted_offsets_from_zero(name: str, rows: int) -> N
     assert all(r.input_tokens > 0 and r.output_tokens > 0 for r in reqs)
 
 
-@needs_traces
 def test_azure_seven_digit_timestamps_give_sub_second_offsets() -> None:
     reqs = load_trace(TRACES / "AzureLLMInferenceTrace_code.csv", limit=2)
     # 18:17:03.9799600 -> 18:17:04.0319600
@@ -43,7 +42,6 @@ def test_azure_seven_digit_timestamps_give_sub_second_offsets() -> None:
     assert (reqs[0].input_tokens, reqs[0].output_tokens, reqs[0].hash_ids) == (4808, 10, ())
 
 
-@needs_traces
 def test_mooncake_hash_ids_and_millisecond_timestamps() -> None:
     reqs = load_trace(TRACES / "mooncake_conversation_trace.jsonl")
     assert reqs[0].hash_ids[:3] == (0, 1, 2)
@@ -53,7 +51,36 @@ def test_mooncake_hash_ids_and_millisecond_timestamps() -> None:
     assert synthetic[2].offset_s == pytest.approx(0.040)  # "timestamp": 40 (ms)
 
 
-@needs_traces
+def test_the_four_public_traces_ship_compressed_with_their_licences() -> None:
+    """A clone or a pip install has the traces: each one xz-compressed, found by its plain name,
+    with the same bytes as published (sha256 in PROVENANCE.md) and its licence named there."""
+    import hashlib
+    import lzma
+
+    provenance = (SHIPPED_DIR / "PROVENANCE.md").read_text()
+    assert "CC-BY-4.0" in provenance and "Apache-2.0" in provenance and "Splitwise" in provenance
+    for name in SHIPPED_TRACES:
+        shipped = SHIPPED_DIR / f"{name}.xz"
+        assert resolve_trace(name) == shipped
+        assert resolve_trace(Path("/nowhere") / name) == shipped
+        digest = hashlib.sha256(lzma.decompress(shipped.read_bytes())).hexdigest()
+        assert digest in provenance, f"{name}: content differs from the published file"
+        assert detect_format(name) == ("azure" if name.endswith(".csv") else "mooncake")
+
+
+def test_a_gzip_trace_of_your_own_is_read_as_it_is(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "mine.csv.gz"
+    path.write_bytes(gzip.compress(b"TIMESTAMP,ContextTokens,GeneratedTokens\n0.5,10,2\n1.5,20,3\n"))
+    reqs = load_trace(path)
+    assert [(r.offset_s, r.input_tokens, r.output_tokens) for r in reqs] == [(0.0, 10, 2), (1.0, 20, 3)]
+    assert load_trace(tmp_path / "mine.csv") == reqs  # the compressed copy beside a missing plain file
+    (tmp_path / "broken.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(TraceError, match="broken.csv.gz"):
+        load_trace(tmp_path / "broken.csv.gz")
+
+
 def test_start_and_limit_select_a_window_rebased_to_zero() -> None:
     path = TRACES / "AzureLLMInferenceTrace_conv.csv"
     full = load_trace(path)

@@ -1,6 +1,6 @@
 """Load real LLM request traces and turn their records into prompts of exact length.
 
-Two public formats are understood (see ``/work/shared/data/traces/PROVENANCE.md``):
+Two public formats are understood (see ``vllm_otel/loadgen/data/PROVENANCE.md``):
 
 * Azure LLM inference trace 2023 (CSV, header ``TIMESTAMP,ContextTokens,GeneratedTokens``, absolute
   wall-clock timestamps with 7 fractional digits; plain seconds are accepted too).
@@ -9,14 +9,21 @@ Two public formats are understood (see ``/work/shared/data/traces/PROVENANCE.md`
 
 Prompts are synthesised rather than taken from anywhere: the traces only publish lengths (and, for
 Mooncake, prefix structure), which is exactly what load on a server depends on.
+
+The package ships the four public traces xz-compressed (:data:`SHIPPED_DIR`); a path that does not
+exist is looked up there by its file name, and ``.xz`` / ``.gz`` files are read as they are.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import math
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -27,7 +34,8 @@ import numpy as np
 
 __all__ = [
     "TraceRequest", "TraceError", "load_trace", "detect_format", "prompt_token_ids", "prompt_text",
-    "BLOCK_TOKENS", "MIN_TOKEN_ID", "DEFAULT_VOCAB_SIZE",
+    "BLOCK_TOKENS", "MIN_TOKEN_ID", "DEFAULT_VOCAB_SIZE", "SHIPPED_DIR", "SHIPPED_TRACES",
+    "resolve_trace", "default_traces_dir",
 ]
 
 TraceFormat = Literal["azure", "mooncake"]
@@ -37,6 +45,49 @@ MIN_TOKEN_ID = 8  # Below this are special tokens (<unk>, <s>, </s>, role marker
 DEFAULT_VOCAB_SIZE = 500  # Fits the 512-entry tiny test model; real models have far more ids.
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+# The traces shipped with the package (data only; licences and sources in PROVENANCE.md there).
+SHIPPED_DIR = Path(__file__).resolve().parent / "data"
+SHIPPED_TRACES = ("AzureLLMInferenceTrace_conv.csv", "AzureLLMInferenceTrace_code.csv",
+                  "mooncake_conversation_trace.jsonl", "mooncake_synthetic_trace.jsonl")
+_COMPRESSED = (".xz", ".gz")
+
+
+def default_traces_dir() -> Path:
+    """``$VLLM_OTEL_TRACES_DIR`` when set (your own traces), else the shipped ones."""
+    env = os.environ.get("VLLM_OTEL_TRACES_DIR")
+    return Path(env) if env else SHIPPED_DIR
+
+
+def resolve_trace(path: str | Path) -> Path:
+    """The file to read for ``path``: itself when it exists, else its compressed copy beside it,
+    else the shipped trace of that file name. A name found nowhere is returned unchanged (the
+    caller's read then names it in its error)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (p.with_name(p.name + ext) for ext in _COMPRESSED):
+        if cand.exists():
+            return cand
+    base = SHIPPED_DIR / _plain_name(p)
+    for cand in (base, *(base.with_name(base.name + ext) for ext in _COMPRESSED)):
+        if cand.exists():
+            return cand
+    return p
+
+
+def _plain_name(p: Path) -> str:
+    """The file name without a compression suffix (``x.csv.xz`` -> ``x.csv``)."""
+    return p.name[: -len(p.suffix)] if p.suffix.lower() in _COMPRESSED else p.name
+
+
+def _open_text(p: Path) -> io.TextIOBase:
+    suffix = p.suffix.lower()
+    if suffix == ".xz":
+        return lzma.open(p, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
+    if suffix == ".gz":
+        return gzip.open(p, "rt", encoding="utf-8", newline="")  # type: ignore[return-value]
+    return p.open(encoding="utf-8", newline="")
 
 
 class TraceError(ValueError):
@@ -59,14 +110,14 @@ class TraceRequest:
 
 def detect_format(path: str | Path) -> TraceFormat:
     """``.csv`` is Azure, ``.jsonl``/``.json`` Mooncake; anything else is sniffed from content."""
-    p = Path(path)
-    suffix = p.suffix.lower()
+    p = resolve_trace(path)
+    suffix = Path(_plain_name(p)).suffix.lower()
     if suffix == ".csv":
         return "azure"
     if suffix in (".jsonl", ".json"):
         return "mooncake"
     try:
-        with p.open(encoding="utf-8") as fh:
+        with _open_text(p) as fh:
             first = next((line.strip() for line in fh if line.strip()), "")
     except OSError as exc:
         raise TraceError(f"{p}: cannot read trace: {exc.strerror or exc}") from exc
@@ -85,15 +136,17 @@ def load_trace(path: str | Path, *, limit: int | None = None, start: int = 0) ->
         raise ValueError(f"start must be >= 0, got {start}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    p = Path(path)
+    p = resolve_trace(path)
     fmt = detect_format(p)
     try:
-        with p.open(encoding="utf-8", newline="") as fh:
+        with _open_text(p) as fh:
             rows = list(_read_azure(p, fh) if fmt == "azure" else _read_mooncake(p, fh))
     except OSError as exc:
         raise TraceError(f"{p}: cannot read trace: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise TraceError(f"{p}: not a UTF-8 text file ({exc.reason})") from exc
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError) as exc:
+        raise TraceError(f"{p}: corrupt compressed trace ({exc})") from exc
     if not rows:
         raise TraceError(f"{p}: trace file has no requests")
 

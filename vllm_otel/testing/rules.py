@@ -25,15 +25,11 @@ def default_alert_rules() -> list[Path]:
     return sorted((root / "alerts").glob("*.rules.yml")) if root else []
 
 
-def default_traces_dir() -> Path | None:
-    import os
+def default_traces_dir() -> Path:
+    """``$VLLM_OTEL_TRACES_DIR`` when set, else the traces shipped with the package."""
+    from vllm_otel.loadgen.traces import default_traces_dir as _shipped
 
-    env = os.environ.get("VLLM_OTEL_TRACES_DIR")
-    if env:
-        return Path(env)
-    root = repo_root()
-    cand = root.parent / "shared" / "data" / "traces" if root else None
-    return cand if cand and cand.is_dir() else None
+    return _shipped()
 
 
 def rules_with_short_for(rule_file: str | Path, out_file: str | Path, hold: str = "1s",
