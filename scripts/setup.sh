@@ -64,11 +64,13 @@ have_am() {
   command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1
 }
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
-if ! have_prom || ! have_am || ! have_pg; then
+# Headless chromium: the tests open the demo's report (and the receiver's approvals page) in it.
+have_browser() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
+if ! have_prom || ! have_am || ! have_pg || ! have_browser; then
   if [[ "${VLLM_OTEL_NO_APT:-0}" != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-    log "installing prometheus, prometheus-alertmanager and postgresql (Debian packages)"
+    log "installing prometheus, prometheus-alertmanager, postgresql and chromium (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
-    pkgs="prometheus prometheus-alertmanager postgresql"
+    pkgs="prometheus prometheus-alertmanager postgresql chromium"
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $pkgs >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $pkgs >/dev/null; }
@@ -81,7 +83,7 @@ if ! have_prom || ! have_am || ! have_pg; then
     log "WARNING: prometheus/alertmanager not found and apt-get not usable: see README 'Other platforms'"
   fi
 else
-  log "prometheus, alertmanager and postgresql present"
+  log "prometheus, alertmanager, postgresql and chromium present"
 fi
 
 # 5. The tiny model the tests and the demo serve (no downloads: random weights, local tokenizer).

@@ -135,7 +135,8 @@ class PrometheusServer(_Server):
     def __init__(self, workdir: str | Path, *, targets: Mapping[str, Iterable[str]] | None = None,
                  rule_files: Sequence[str | Path] = (), alertmanager: str | None = None,
                  scrape_interval: str = "1s", evaluation_interval: str = "1s",
-                 port: int | None = None, name: str = "prometheus") -> None:
+                 port: int | None = None, name: str = "prometheus",
+                 honor_labels: Iterable[str] = ()) -> None:
         self.binary = find_binary("VLLM_OTEL_PROMETHEUS_BIN", "prometheus")
         self.workdir = Path(workdir)
         self.port = port or free_port()
@@ -144,8 +145,10 @@ class PrometheusServer(_Server):
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg: dict[str, Any] = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
+            # honor_labels for exporters that speak about other targets (the forecaster's series
+            # carry the vLLM instance they predict for, which must not become the forecaster's).
             "scrape_configs": [
-                {"job_name": job, "metrics_path": "/metrics",
+                {"job_name": job, "metrics_path": "/metrics", "honor_labels": job in set(honor_labels),
                  "static_configs": [{"targets": [t.removeprefix("http://") for t in tgts]}]}
                 for job, tgts in (targets or {}).items()],
         }

@@ -37,8 +37,14 @@ _CORPUS = [
 
 
 def write_tiny_model(directory: str | Path, *, max_position_embeddings: int = DEFAULT_MAX_POSITIONS,
-                     vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write config, random weights (safetensors) and a trained tokenizer to ``directory``."""
+                     vocab_size: int = 512, seed: int = 0, hidden_size: int = 128,
+                     num_hidden_layers: int = 2) -> Path:
+    """Write config, random weights (safetensors) and a trained tokenizer to ``directory``.
+
+    ``hidden_size`` / ``num_hidden_layers`` make a larger model whose steps take GPU-like
+    milliseconds on a CPU (the demo's), so an overload builds over seconds rather than between
+    two scrapes; heads stay 64 wide (the CPU attention backend's minimum).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -62,8 +68,9 @@ def write_tiny_model(directory: str | Path, *, max_position_embeddings: int = DE
     fast.save_pretrained(out)
 
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_position_embeddings,
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=hidden_size // 64,
+        num_key_value_heads=max(1, hidden_size // 128), max_position_embeddings=max_position_embeddings,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, torch_dtype="float32", tie_word_embeddings=True,
     )
@@ -74,5 +81,6 @@ def write_tiny_model(directory: str | Path, *, max_position_embeddings: int = DE
     (out / "chat_template.jinja").write_text(_CHAT_TEMPLATE)
     (out / "vllm_otel_tiny_model.json").write_text(json.dumps(
         {"made_by": "vllm-otel tiny-model", "seed": seed,
-         "max_position_embeddings": max_position_embeddings, "head_dim": 64}, indent=2))
+         "max_position_embeddings": max_position_embeddings, "head_dim": 64,
+         "hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers}, indent=2))
     return out
