@@ -92,8 +92,15 @@ def _run(args: argparse.Namespace) -> int:
         if live is None:
             console.print(f"[bold cyan]•[/] {msg}")
 
-    from vllm_otel.demo.run import run_demo
+    import signal
 
+    from vllm_otel.demo.run import run_demo
+    from vllm_otel.testing.processes import ProcessFailed
+
+    def _terminate(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM (a service manager, CI) stops everything as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, _terminate)
     console.print(f"vllm-otel demo: report in {report_dir}")
     try:
         result = run_demo(settings, plan, duration_s=args.duration, report_dir=report_dir, step=step, live=live)
@@ -103,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
     except BinaryNotFound as e:
         print(f"vllm-otel demo: {e}", file=sys.stderr)
         return 2
+    except ProcessFailed as e:  # a service did not start or died: everything else was stopped
+        print(f"vllm-otel demo: the loop did not close: a service failed: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(dict(result), indent=2, default=str))
     _print_result(console, result, report_dir)

@@ -34,14 +34,29 @@ PLOTS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Requests answered per second (load generator)", "requests/s", [("ok", "ok_rps"), ("errors", "err_rps")]),
 ]
 
-_MARK_STYLE = {"predicted": ("tab:red", "-"), "alert_received": ("tab:orange", "--"),
-               "action_started": ("tab:purple", "--"), "verified": ("tab:green", "-"),
-               "failure": ("black", ":"), "sigstop": ("tab:brown", "-"), "restarted": ("tab:cyan", "--"),
-               "serving_again": ("tab:green", ":")}
+# The steps are drawn the same way on every plot (grey vertical lines, labelled on the first);
+# the signals take the colours, so a step never reads as a series.
+_MARK_STYLE = {"predicted": "-", "alert_received": "--", "action_started": "-.", "verified": "-",
+               "failure": ":", "sigstop": "-", "restarted": "--", "serving_again": ":"}
+_SERIES_COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+_GAP_S = 3.0  # no sample for longer than this (the server was down): the line breaks
+
+
+def _with_gaps(pts: Points) -> tuple[list[float], list[float]]:
+    xs: list[float] = []
+    ys: list[float] = []
+    for i, (t, v) in enumerate(pts):
+        if i and t - pts[i - 1][0] > _GAP_S:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(t)
+        ys.append(v)
+    return xs, ys
 
 
 def _svg(title: str, ylabel: str, lines: Sequence[tuple[str, Points]], t0: float,
-         marks: Mapping[str, float], phases: Sequence[Mapping[str, Any]], threshold: float | None) -> str:
+         marks: Mapping[str, float], phases: Sequence[Mapping[str, Any]], threshold: float | None,
+         label_marks: bool = False) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -52,15 +67,19 @@ def _svg(title: str, ylabel: str, lines: Sequence[tuple[str, Points]], t0: float
         if ph.get("start") and ph.get("end"):
             ax.axvspan(ph["start"] - t0, ph["end"] - t0, color=shade.get(ph["phase"], "#f8f8f8"), zorder=0)
     drawn = False
-    for label, pts in lines:
+    for (label, pts), colour in zip(lines, _SERIES_COLOURS):
         if pts:
-            ax.plot([t - t0 for t, _ in pts], [v for _, v in pts], label=label, linewidth=1.4)
+            xs, ys = _with_gaps(pts)
+            ax.plot([x - t0 for x in xs], ys, label=label, linewidth=1.4, color=colour)
             drawn = True
     if threshold is not None:
-        ax.axhline(threshold, color="tab:red", linewidth=0.8, linestyle=":", label=f"threshold {threshold}")
+        ax.axhline(threshold, color="black", linewidth=0.8, linestyle=":", label=f"threshold {threshold}")
     for name, at in marks.items():
-        color, style = _MARK_STYLE.get(name, ("grey", ":"))
-        ax.axvline(at - t0, color=color, linestyle=style, linewidth=1.1, label=name.replace("_", " "))
+        ax.axvline(at - t0, color="dimgrey", linestyle=_MARK_STYLE.get(name, ":"), linewidth=1.0)
+        if label_marks:
+            ax.annotate(name.replace("_", " "), xy=(at - t0, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(2, -2), textcoords="offset points", rotation=90, va="top", fontsize=6,
+                        color="dimgrey")
     ax.set_title(title, fontsize=10, loc="left")
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_xlabel("seconds since the start of the load", fontsize=8)
@@ -103,10 +122,11 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], series: Mapping[str,
         "serving_again": (steps.get("stall") or {}).get("serving_again_at"),
     }.items() if v is not None}
     figures = []
-    for title, ylabel, keys in PLOTS:
+    for i, (title, ylabel, keys) in enumerate(PLOTS):
         lines = [(label, list(series.get(key, []))) for label, key in keys]
         threshold = summary.get("threshold") if title.startswith("Predicted") else None
-        figures.append(f'<figure class="plot">{_svg(title, ylabel, lines, t0, marks, summary["phases"], threshold)}</figure>')
+        svg = _svg(title, ylabel, lines, t0, marks, summary["phases"], threshold, label_marks=i < 2)
+        figures.append(f'<figure class="plot">{svg}</figure>')
 
     verdict = ("The loop closed" if summary["loop_closed"]
                else f"The loop did not close: {summary.get('not_closed_because')}")
@@ -144,7 +164,8 @@ warning ahead of the failure: {lat.get("lead_s", "-")} s{" (prevented)" if (step
 <h2>Steps (seconds since the load started)</h2>
 {_table(step_rows, ("step", "when", "what"))}
 <h2>Signals, forecasts and actions</h2>
-<p>Shaded: the scenario's phases (green calm, orange ramp, blue stall). Vertical lines: the steps above.</p>
+<p>Shaded: the scenario's phases (grey probe, green calm, orange ramp, blue stall). Grey vertical
+lines: the steps above (named on the first two plots). Lines break where the server was not scraped.</p>
 {"".join(figures)}
 <h2>The learner</h2>
 {_table(learner_rows, ("situation", "strategy", "attempts", "successes", "estimate")) if learner_rows else "<p>nothing learnt yet</p>"}
