@@ -1,5 +1,8 @@
 """A custom mitigation strategy: shift traffic away from an overloaded vLLM at your load balancer.
 
+(The built-in ``rebalance_load`` calls such a hook on any load; this one shows how to write your
+own, with its own precondition: act only once a given number of requests wait.)
+
 What a strategy is (see ``vllm_otel.mitigate.strategies.base``): typed parameters validated when
 the policy loads, a precondition on the target's current metrics, one action through the
 actuator (here an HTTP hook the policy points at your load balancer's API), and a verification
@@ -74,7 +77,10 @@ class ShiftTraffic(Strategy):
     async def execute(self, ctx: StrategyContext, actuator: Actuator) -> ActionResult:
         p: ShiftTrafficParams = self.params  # type: ignore[assignment]
         assert ctx.target is not None
-        answer = await actuator.call(ctx.target, f"hook.{p.hook}", {"weight": p.weight})
+        # Template variables the hook's URL, headers and body may use (${instance} is added by the actuator).
+        variables = {"weight": p.weight, "alertname": ctx.alert.alertname, "reason": ctx.why,
+                     "action_id": ctx.action_id, "strategy": self.name}
+        answer = await actuator.call(ctx.target, f"hook.{p.hook}", variables)
         return ActionResult(ok=True, detail=f"weight -> {p.weight} through hook {p.hook}",
                             data={"weight": p.weight, "answer": dict(answer)})
 

@@ -112,8 +112,8 @@ def test_the_custom_strategy_acts_through_a_real_receiver(receiver_with_custom_s
         time.sleep(0.3)
     assert act.get("outcome") == "success", act
     assert act["result"]["data"]["weight"] == 0.25
-    calls = [c for c in rx["lb"].received if c["path"] == f"/members/{rx['instance']}"]
-    assert calls and calls[0]["payload"] == {"weight": "0.25", "reason": "VllmOtelFailurePredicted"}
+    calls = [c for c in rx["lb"].received if c["path"] == "/members/" + rx["instance"].replace(":", "%3A")]
+    assert calls and calls[0]["payload"] == {"weight": 0.25, "reason": "VllmOtelFailurePredicted"}, rx["lb"].received
 
 
 def test_the_monitoring_example_against_a_real_server(vllm_server: Any, prometheus: Any) -> None:
