@@ -204,7 +204,9 @@ def stack(vllm_server, workdir: Path, traces_dir: Path):  # noqa: ANN001
     policy = Policy.from_mapping({"targets": [{"instance": inst, "url": vllm_server.url}],
                                   "default_mode": "dry-run",
                                   "rules": [{"alertname": "VllmKvCacheNearlyFull",
-                                             "strategies": ["reduce_batch_size", "enable_backpressure"]}]})
+                                             "strategies": ["reduce_batch_size", "enable_backpressure"]}],
+                                  "strategies": {"escalate_to_human": {"params": {
+                                      "url": "http://127.0.0.1:9/unused", "timeout_s": 5}}}})
     app = create_app(policy, Store(f"sqlite:///{d / 'receiver.db'}"), token=RECEIVER_TOKEN,
                      registry=CollectorRegistry())
     rx = UvicornThread(app).__enter__()

@@ -37,11 +37,16 @@ def repo_root() -> Path:
 def generated_files(root: Path) -> dict[Path, str]:
     """Every generated file and its content: dashboards/*.json and the Kubernetes manifests made
     from them and from alerts/*.rules.yml."""
+    from vllm_otel.dashboards.alertpack import rule_files
     from vllm_otel.dashboards.kube import kubernetes_manifests
 
     dashes = build_all()
     out = {root / "dashboards" / name: render(d) for name, d in dashes.items()}
-    out.update({root / rel: text for rel, text in kubernetes_manifests(root, dashes).items()})
+    rules = rule_files(root)
+    out.update({root / rel: text for rel, text in rules.items()})
+    # The PrometheusRule holds every rules file: the hand-written ones as they are on disk, the
+    # generated ones as generated now.
+    out.update({root / rel: text for rel, text in kubernetes_manifests(root, dashes, rules).items()})
     return out
 
 
