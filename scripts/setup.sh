@@ -64,11 +64,13 @@ have_am() {
   command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1
 }
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
-if ! have_prom || ! have_am || ! have_pg; then
+# systemd-analyze checks deploy/systemd/ in the tests (tests/test_deploy.py).
+have_sd() { command -v systemd-analyze >/dev/null 2>&1; }
+if ! have_prom || ! have_am || ! have_pg || ! have_sd; then
   if [[ "${VLLM_OTEL_NO_APT:-0}" != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
     log "installing prometheus, prometheus-alertmanager and postgresql (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
-    pkgs="prometheus prometheus-alertmanager postgresql"
+    pkgs="prometheus prometheus-alertmanager postgresql systemd"
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $pkgs >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $pkgs >/dev/null; }

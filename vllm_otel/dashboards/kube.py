@@ -8,12 +8,13 @@ tests/test_deploy.py) fail when they differ from their sources.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["kubernetes_manifests", "GENERATED", "prometheus_rule", "RULE_LABELS"]
+__all__ = ["kubernetes_manifests", "GENERATED", "NAMESPACE", "prometheus_rule", "alertmanager_config", "RULE_LABELS"]
 
 GENERATED = Path("deploy/kubernetes/generated")
 NAMESPACE = "vllm-otel"
@@ -51,17 +52,45 @@ def prometheus_rule(root: Path, generated: dict[Path, str] | None = None) -> dic
             "spec": {"groups": groups}}
 
 
-def alertmanager_secret(root: Path) -> dict[str, Any]:
-    """Alertmanager's whole configuration, as the Operator's ``alertmanagerConfigSecret`` expects."""
-    cfg = (root / "alerts" / "alertmanager.yml").read_text()
-    # The Operator mounts Secrets named in Alertmanager.spec.secrets under /etc/alertmanager/secrets/<name>/,
-    # and Alertmanager runs in the monitoring namespace: the receiver is reached by its full name.
-    cfg = (cfg.replace("/etc/alertmanager/secrets/receiver-token",
-                       "/etc/alertmanager/secrets/vllm-otel-receiver-token/token")
-           .replace("http://vllm-otel-receiver:9095", f"http://vllm-otel-receiver.{NAMESPACE}.svc:9095"))
-    return {"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "alertmanager-vllm-otel", "labels": {"app.kubernetes.io/part-of": "vllm-otel"}},
-            "type": "Opaque", "stringData": {"alertmanager.yaml": cfg}}
+_MATCHER = re.compile(r'^\s*(\w+)\s*(=~|!~|!=|=)\s*"(.*)"\s*$')
+
+
+def _matchers(items: list[str]) -> list[dict[str, str]]:
+    out = []
+    for m in items:
+        got = _MATCHER.match(m)
+        if not got:
+            raise ValueError(f"alerts/alertmanager.yml: matcher {m!r} is not NAME OP \"VALUE\"")
+        out.append({"name": got.group(1), "matchType": got.group(2), "value": got.group(3)})
+    return out
+
+
+def alertmanager_config(root: Path) -> dict[str, Any]:
+    """The receiver's route, receiver and inhibit rules of ``alerts/alertmanager.yml`` as an
+    AlertmanagerConfig, which the Operator merges into the cluster's Alertmanager (the humans'
+    routes there stay the cluster's own). The token comes from the receiver's Secret."""
+    cfg = yaml.safe_load((root / "alerts" / "alertmanager.yml").read_text())
+    route = next(r for r in cfg["route"]["routes"] if r["receiver"] == "vllm-otel-receiver")
+    hook = next(r for r in cfg["receivers"] if r["name"] == "vllm-otel-receiver")["webhook_configs"][0]
+    path = hook["url"].split(":9095", 1)[1]
+    return {
+        "apiVersion": "monitoring.coreos.com/v1alpha1", "kind": "AlertmanagerConfig",
+        "metadata": {"name": "vllm-otel", "labels": dict(RULE_LABELS)},
+        "spec": {
+            "route": {"receiver": "vllm-otel-receiver", "groupBy": route["group_by"],
+                      "groupWait": route["group_wait"], "groupInterval": route["group_interval"],
+                      "repeatInterval": route["repeat_interval"], "continue": route["continue"],
+                      "matchers": _matchers(route["matchers"])},
+            "receivers": [{"name": "vllm-otel-receiver", "webhookConfigs": [{
+                "url": f"http://vllm-otel-receiver.{NAMESPACE}.svc:9095{path}",
+                "sendResolved": hook["send_resolved"], "maxAlerts": hook["max_alerts"],
+                "httpConfig": {"authorization": {"type": "Bearer", "credentials": {
+                    "name": "vllm-otel-receiver", "key": "token"}}}}]}],
+            "inhibitRules": [{"sourceMatch": _matchers(i["source_matchers"]),
+                              "targetMatch": _matchers(i["target_matchers"]), "equal": i["equal"]}
+                             for i in cfg["inhibit_rules"]],
+        },
+    }
 
 
 def kubernetes_manifests(root: Path, dashes: dict[str, dict[str, Any]],
@@ -69,5 +98,5 @@ def kubernetes_manifests(root: Path, dashes: dict[str, dict[str, Any]],
     return {
         GENERATED / "dashboards.yaml": _dump(dashboard_configmaps(dashes), "dashboards/*.json"),
         GENERATED / "prometheusrule.yaml": _dump([prometheus_rule(root, rules)], "alerts/*.rules.yml"),
-        GENERATED / "alertmanager.yaml": _dump([alertmanager_secret(root)], "alerts/alertmanager.yml"),
+        GENERATED / "alertmanagerconfig.yaml": _dump([alertmanager_config(root)], "alerts/alertmanager.yml"),
     }
