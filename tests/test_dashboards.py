@@ -197,9 +197,12 @@ def stack(vllm_server, workdir: Path, traces_dir: Path):  # noqa: ANN001
     d.mkdir(exist_ok=True)
     inst = vllm_server.url.removeprefix("http://")
     fport = free_port()
+    # A 30 s horizon: predictions after 15 s of data instead of a minute.
+    (d / "forecaster.json").write_text(json.dumps({"horizon_s": 30}))
     forecaster = ManagedProcess("forecaster", [sys.executable, "-m", "vllm_otel", "forecaster", "--scrape",
-                                               vllm_server.url, "--interval", "1",
-                                               "--listen", f"127.0.0.1:{fport}"], d / "forecaster.log")
+                                               vllm_server.url, "--interval", "1", "--config",
+                                               str(d / "forecaster.json"), "--listen", f"127.0.0.1:{fport}"],
+                                d / "forecaster.log")
     forecaster.start()
     policy = Policy.from_mapping({"targets": [{"instance": inst, "url": vllm_server.url}],
                                   "default_mode": "dry-run",

@@ -21,12 +21,14 @@ ALARM_THRESHOLD = 0.7
 U = 'instance=~"$instance"'
 P = f'{U}, failure_type=~"$failure_type"'
 
-# forecast signal -> (the actual series it forecasts, unit)
+# forecast signal -> (the actual series it forecasts, unit). The forecaster forecasts the signals
+# its failure types are defined on (vllm_otel.forecast.failures.FORECAST_SIGNAL); these three have
+# a series of the same meaning in Prometheus (TTFT: the failure catalog's default quantile, 0.95).
 SIGNAL_ACTUALS: dict[str, tuple[str, str]] = {
     "kv_usage": (f"max by (instance) (vllm:kv_cache_usage_perc{{{U}}})", "percentunit"),
     "waiting": (f"sum by (instance) (vllm:num_requests_waiting{{{U}}})", "none"),
-    "running": (f"sum by (instance) (vllm:num_requests_running{{{U}}})", "none"),
-    "generation_rate": (f"sum by (instance) (rate(vllm:generation_tokens_total{{{U}}}[{RI}]))", "short"),
+    "ttft_quantile": ("histogram_quantile(0.95, sum by (instance, le) "
+                      f"(rate(vllm:time_to_first_token_seconds_bucket{{{U}}}[{RI}])))", "s"),
 }
 
 
