@@ -126,6 +126,10 @@ def test_amtool_check_config():
     ("alertname=VllmGpuXidError severity=critical instance=a:8000", "humans"),
     ("alertname=VllmTargetAbsent severity=critical job=vllm", "humans"),
     ("alertname=VllmTtftSloBurnSlow severity=warning instance=a:8000", "humans"),
+    # a forecast reaches the receiver once, whatever its name, by its failure_type
+    ("alertname=VllmOtelFailurePredicted severity=warning failure_type=kv_cache_exhaustion", "vllm-otel-receiver,humans"),
+    ("alertname=VllmKvCacheExhaustionPredicted severity=warning failure_type=kv_cache_exhaustion",
+     "vllm-otel-receiver,blackhole"),
 ])
 def test_alertmanager_routes(labels: str, receivers: str):
     r = subprocess.run([_amtool(), "config", "routes", "test", "--config.file", str(AM_CONFIG), *labels.split()],

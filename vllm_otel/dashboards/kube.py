@@ -70,17 +70,22 @@ def alertmanager_config(root: Path) -> dict[str, Any]:
     AlertmanagerConfig, which the Operator merges into the cluster's Alertmanager (the humans'
     routes there stay the cluster's own). The token comes from the receiver's Secret."""
     cfg = yaml.safe_load((root / "alerts" / "alertmanager.yml").read_text())
-    route = next(r for r in cfg["route"]["routes"] if r["receiver"] == "vllm-otel-receiver")
+    routes = [r for r in cfg["route"]["routes"] if r["receiver"] == "vllm-otel-receiver"]
     hook = next(r for r in cfg["receivers"] if r["name"] == "vllm-otel-receiver")["webhook_configs"][0]
     path = hook["url"].split(":9095", 1)[1]
+    first = routes[0]
     return {
         "apiVersion": "monitoring.coreos.com/v1alpha1", "kind": "AlertmanagerConfig",
         "metadata": {"name": "vllm-otel", "labels": dict(RULE_LABELS)},
         "spec": {
-            "route": {"receiver": "vllm-otel-receiver", "groupBy": route["group_by"],
-                      "groupWait": route["group_wait"], "groupInterval": route["group_interval"],
-                      "repeatInterval": route["repeat_interval"], "continue": route["continue"],
-                      "matchers": _matchers(route["matchers"])},
+            # One top route (the Operator adds the namespace matcher to it), the receiver's routes under it.
+            "route": {"receiver": "vllm-otel-receiver", "groupBy": first["group_by"],
+                      "groupWait": first["group_wait"], "groupInterval": first["group_interval"],
+                      "repeatInterval": first["repeat_interval"], "continue": True,
+                      "routes": [{"receiver": "vllm-otel-receiver", "matchers": _matchers(r["matchers"]),
+                                  "groupBy": r["group_by"], "groupWait": r["group_wait"],
+                                  "groupInterval": r["group_interval"],
+                                  "repeatInterval": r["repeat_interval"]} for r in routes]},
             "receivers": [{"name": "vllm-otel-receiver", "webhookConfigs": [{
                 "url": f"http://vllm-otel-receiver.{NAMESPACE}.svc:9095{path}",
                 "sendResolved": hook["send_resolved"], "maxAlerts": hook["max_alerts"],
