@@ -54,9 +54,11 @@ def _stats() -> row:
              "percentunit"),
         stat("Generation tokens / s", "Output tokens produced per second.",
              [target(_rate("vllm:generation_tokens_total"))], "short"),
-        stat("Lifecycle", "Engines in the ready or serving state (vllm-otel lifecycle).",
-             [target(f'count (vllm_otel_lifecycle_state{{{SEL_ENGINE}, state=~"ready|serving"}} == 1)')],
-             "none"),
+        stat("Engines up", "Engines able to take requests: lifecycle state ready, idle, serving, saturated "
+             "or preempting (vllm-otel lifecycle).",
+             [target(f'count (vllm_otel_lifecycle_state{{{SEL_ENGINE}, '
+                     f'state=~"ready|idle|serving|saturated|preempting"}} == 1) or vector(0)')],
+             "none", steps=[(None, "red"), (1, "green")]),
         stat("Preemptions / min", "Requests preempted per minute (KV cache oversubscribed).",
              [target(f"60 * {_rate('vllm:num_preemptions_total')}")], "none",
              steps=[(None, "green"), (1, "orange"), (5, "red")]),
