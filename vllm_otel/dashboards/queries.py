@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Query", "queries", "substitute", "metric_names", "known_metric_names", "unknown_names",
+__all__ = ["Query", "queries", "substitute", "metric_names", "known_metric_names", "unknown_names", "vllm_installed",
            "OPTIONAL", "OPTIONAL_PANELS"]
 
 # Series that legitimately have no data on a CPU test machine; a query using one of them is listed
@@ -150,7 +150,7 @@ def known_metric_names() -> frozenset[str]:
     suffixes, so names are compared with those suffixes stripped.
     """
     names: set[str] = {"ALERTS", "ALERTS_FOR_STATE", "up"}
-    spec = importlib.util.find_spec("vllm")
+    spec = _vllm_spec()
     if spec and spec.submodule_search_locations:
         for root in spec.submodule_search_locations:
             for f in Path(root).rglob("*.py"):
@@ -158,6 +158,17 @@ def known_metric_names() -> frozenset[str]:
     names.update(_own_metric_names())
     names.update(PENDING_NAMES)
     return frozenset(names)
+
+
+def _vllm_spec() -> Any:
+    try:
+        return importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return None
+
+
+def vllm_installed() -> bool:
+    return _vllm_spec() is not None
 
 
 def _own_metric_names() -> set[str]:
@@ -185,10 +196,14 @@ def _base(name: str) -> str:
 
 
 def unknown_names(names: set[str]) -> set[str]:
+    """Names neither the installed vLLM nor vllm-otel defines (vLLM's are not judged without vLLM)."""
     known = known_metric_names()
     known_bases = {_base(k) for k in known}
     out = set()
+    check_vllm = vllm_installed()
     for n in names:
+        if n.startswith("vllm:") and not check_vllm:
+            continue
         if n in known or _base(n) in known_bases or _base(_base(n)) in known_bases:
             continue
         out.add(n)
