@@ -405,3 +405,48 @@ def test_push_errors_are_clear(grafana, tmp_path, capsys):
     assert "cannot reach Grafana" in capsys.readouterr().err
     assert main(["dashboards", "push", "--grafana-url", url, "--token-file", str(tmp_path / "none")]) == 2
     assert "cannot read --token-file" in capsys.readouterr().err
+
+
+# --- the series the mitigation dashboard adds -------------------------------------------------------
+
+@pytest.mark.parametrize("kill_switch, expected", [
+    (False, {("kill_switch", "allow"), ("blast_radius", "allow"), ("stale_data", "allow")}),
+    (True, {("kill_switch", "deny")}),
+])
+def test_receiver_counts_guard_decisions_by_guard_and_decision(tmp_path, kill_switch, expected):
+    """The real receiver app and worker on SQLite, one Alertmanager webhook, the worker drained."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from vllm_otel.mitigate.policy import Policy
+    from vllm_otel.mitigate.receiver import create_app
+    from vllm_otel.store import Store
+
+    policy = Policy.from_mapping({"targets": [{"instance": "10.0.0.1:8000"}], "default_mode": "dry-run",
+                                  "kill_switch": kill_switch,
+                                  "rules": [{"alertname": "VllmKvCacheNearlyFull", "strategies": ["reduce_batch_size"]}],
+                                  "strategies": {"escalate_to_human": {"params": {"url": "http://127.0.0.1:9/x"}}}})
+    registry = CollectorRegistry()
+    app = create_app(policy, Store(f"sqlite:///{tmp_path / 'r.db'}"), token=RECEIVER_TOKEN, registry=registry,
+                     start_worker=False)
+    alert = {"status": "firing", "labels": {"alertname": "VllmKvCacheNearlyFull", "instance": "10.0.0.1:8000",
+                                            "severity": "warning"},
+             "annotations": {}, "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": "0123456789abcdef"}
+    body = {"version": "4", "groupKey": "g", "status": "firing", "receiver": "vllm-otel", "groupLabels": {},
+            "commonLabels": {}, "commonAnnotations": {}, "externalURL": "", "truncatedAlerts": 0, "alerts": [alert]}
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://rx",
+                                     headers={"Authorization": f"Bearer {RECEIVER_TOKEN}"}) as c:
+            assert (await c.post("/webhook", json=body)).status_code == 202
+        await app.state.receiver.drain()
+
+    asyncio.run(go())
+    got = {(s.labels["guard"], s.labels["decision"]) for m in registry.collect()
+           if m.name == "vllm_otel_mitigation_guard_decisions" for s in m.samples
+           if s.name.endswith("_total") and s.value > 0}
+    assert expected <= got
+    if kill_switch:
+        assert got == {("kill_switch", "deny")}, "nothing after the kill switch is checked"
