@@ -28,8 +28,12 @@ SERVING_VARIABLES = [
 ANNOTATIONS = [
     annotation("Alerts firing", 'ALERTS{alertstate="firing"}', color="red",
                title="{{alertname}}", text="{{instance}} {{severity}}"),
+    # increase() misses the first decision of a strategy and outcome (its series starts at 1), so
+    # series that did not exist one interval earlier count too.
     annotation("Mitigation actions",
-               f"sum by (strategy, outcome) (increase(vllm_otel_mitigations_total[{RI}])) > 0",
+               f"(sum by (strategy, outcome) (increase(vllm_otel_mitigations_total[{RI}])) > 0) or "
+               f"sum by (strategy, outcome) (vllm_otel_mitigations_total unless vllm_otel_mitigations_total "
+               f"offset {RI})",
                color="purple", title="mitigation {{strategy}}", text="outcome {{outcome}}"),
 ]
 
