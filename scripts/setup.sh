@@ -66,11 +66,13 @@ have_am() {
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
 # Headless chromium: the tests open the demo's report (and the receiver's approvals page) in it.
 have_browser() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
-if ! have_prom || ! have_am || ! have_pg || ! have_browser; then
+# systemd-analyze checks deploy/systemd/ in the tests (tests/test_deploy.py).
+have_sd() { command -v systemd-analyze >/dev/null 2>&1; }
+if ! have_prom || ! have_am || ! have_pg || ! have_browser || ! have_sd; then
   if [[ "${VLLM_OTEL_NO_APT:-0}" != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-    log "installing prometheus, prometheus-alertmanager, postgresql and chromium (Debian packages)"
+    log "installing prometheus, prometheus-alertmanager, postgresql, chromium and systemd (Debian packages)"
     export DEBIAN_FRONTEND=noninteractive
-    pkgs="prometheus prometheus-alertmanager postgresql chromium"
+    pkgs="prometheus prometheus-alertmanager postgresql chromium systemd"
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $pkgs >/dev/null 2>&1 \
       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $pkgs >/dev/null; }

@@ -86,6 +86,9 @@ class MitigationMetrics:
         self.registry = registry
         self.mitigations = Counter("vllm_otel_mitigations", "finished mitigation decisions",
                                    ["strategy", "outcome"], registry=registry)
+        self.guard_decisions = Counter("vllm_otel_mitigation_guard_decisions",
+                                       "guard checks recorded with a decision, by guard and decision "
+                                       "(allow, deny)", ["guard", "decision"], registry=registry)
         self.escalations = Counter("vllm_otel_mitigation_escalations",
                                    "times automation stopped and asked for a human", ["reason"],
                                    registry=registry)
@@ -401,6 +404,11 @@ class Worker:
         self.metrics.mitigations.labels(strategy or "none",
                                         outcome.value if isinstance(outcome, Outcome) else outcome).inc()
 
+    def count_guards(self, decisions: list[GuardDecision]) -> None:
+        """Guard checks as they are stored with an action (a deferred re-check is not counted)."""
+        for d in decisions:
+            self.metrics.guard_decisions.labels(d.guard, "allow" if d.ok else "deny").inc()
+
     async def _process(self, job: JobRecord) -> None:
         alert = await asyncio.to_thread(self.store.alert, job.alert_id)
         if alert is None:  # pragma: no cover - foreign key makes this impossible
@@ -526,6 +534,7 @@ class Worker:
                 metrics_before=metrics, now=now)
             self.store.finish_action(aid, outcome, detail=why, now=now)
             self.count(None, outcome)
+            self.count_guards(decisions)
             self._done(job.id, action_id=aid)
             return _Plan(action_id=aid, escalations=[escalate] if escalate else [])
 
@@ -620,6 +629,7 @@ class Worker:
             self.store.finish_action(aid, Outcome.DRY_RUN, now=now,
                                      detail=f"dry-run: would run {name} with {params}")
             self.count(name, Outcome.DRY_RUN)
+            self.count_guards(decisions)
             self._done(job.id, action_id=aid)
             return _Plan(action_id=aid)
         if mode is Mode.APPROVAL:
@@ -628,6 +638,7 @@ class Worker:
                 mode=mode.value, why=why, confidence=confidence, params=params,
                 guards=[d.model_dump() for d in decisions], state=state, errors=errors,
                 metrics_before=metrics, now=now)
+            self.count_guards(decisions)
             self._done(job.id, JobState.WAITING_APPROVAL, action_id=aid)
             log.info("action %d (%s on %s) awaits approval: POST /actions/%d/approve", aid, name,
                      alert.instance, aid)
@@ -651,6 +662,8 @@ class Worker:
         late: list[GuardDecision] = list(late_checks or [])
 
         def record(ds: list[GuardDecision]) -> int:
+            # decisions before an approval were counted when the action was proposed
+            self.count_guards(late if action_id is not None else ds)
             if action_id is not None:
                 return action_id
             return self.store.create_action(
