@@ -25,6 +25,9 @@ _SUBCOMMANDS = {
     "demo": "vllm_otel.demo",
     "receiver": "vllm_otel.mitigate.cli",
     "supervise": "vllm_otel.mitigate.supervise_cli",
+    "check": "vllm_otel.prestartup_check",
+    "status": "vllm_otel.status",
+    "plugins": "vllm_otel.plugins.cli",
 }
 
 
