@@ -304,3 +304,25 @@ def test_supervise_does_not_start_vllm_when_the_check_fails(tmp_path):
     assert p.returncode == 2
     assert "pre-startup check found errors" in p.stderr and "does not exist" in p.stderr
     assert not marker.exists()
+
+
+@needs_tiny
+def test_real_vllm_refuses_to_start_when_the_check_fails(tmp_path):
+    """The general plugin inside a real vLLM API server: a busy port is caught before the model loads
+    (vLLM alone would load the model first and fail to bind after it)."""
+    pytest.importorskip("vllm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        env = {**os.environ, "VLLM_MONITOR_PRESTARTUP_CHECK": "true", "VLLM_PLUGINS": "vllm_otel"}
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TINY),
+                            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"],
+                           capture_output=True, text=True, timeout=300, env=env)
+        took = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert "refusing to start vLLM" in out and f"port {port}" in out
+    assert "Loading weights" not in out and "init engine" not in out.lower()
+    print(f"refused after {took:.1f} s")
