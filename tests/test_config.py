@@ -65,7 +65,8 @@ def test_bad_file_gives_clear_error_naming_key_value_and_source(tmp_path, conten
 
 
 @pytest.mark.parametrize("env, needles", [
-    ({"VLLM_MONITOR_PRESTARTUP_CHECK": "maybe"}, ["prestartup_check='maybe'", "VLLM_MONITOR_PRESTARTUP_CHECK", "boolean"]),
+    ({"VLLM_MONITOR_PRESTARTUP_CHECK": "maybe"},
+     ["prestartup_check='maybe'", "VLLM_MONITOR_PRESTARTUP_CHECK", "boolean"]),
     ({"VLLM_MONITOR_STALL_TIMEOUT_S": "soon"}, ["stall_timeout_s='soon'", "VLLM_MONITOR_STALL_TIMEOUT_S"]),
     ({"VLLM_MONITOR_PREDICTIVE": "true"}, ["PREDICTIVE='true'", "VLLM_MONITOR_PREDICTIVE", "forecaster"]),
     ({"VLLM_MONITOR_AUTO_MITIGATE": "yes"}, ["VLLM_MONITOR_AUTO_MITIGATE", "default_mode"]),

@@ -61,7 +61,8 @@ def test_missing_dependency_and_cycle_are_reported_by_name(tmp_path):
     m = PluginManager(tmp_path, entry_points=False)
     errors = m.load_all()
     assert "requires ghost" in errors[str(tmp_path / "lonely.py")]
-    assert re.search(r"dependency cycle: (ping -> pong -> ping|pong -> ping -> pong)", errors[str(tmp_path / "ping.py")])
+    assert re.search(r"dependency cycle: (ping -> pong -> ping|pong -> ping -> pong)",
+                     errors[str(tmp_path / "ping.py")])
     assert list(m.plugins) == ["fine"]  # the rest still loads
     assert {r["name"]: r["state"] for r in m.status()}["lonely"] == "failed"
 
@@ -248,7 +249,8 @@ def test_strategy_plugins_join_the_catalog_and_reload_into_the_policy(tmp_path):
         assert policy.strategy("nudge_scheduler") is not first
         assert policy.strategy("nudge_scheduler").params.level == 2
         # A broken new version (not a valid strategy: no docstring) is refused; the old one stays.
-        f.write_text(STRATEGY.format(level=3).replace('"""Log a nudge (touches nothing): a strategy from a plugin file."""', "pass"))
+        doc = '"""Log a nudge (touches nothing): a strategy from a plugin file."""'
+        f.write_text(STRATEGY.format(level=3).replace(doc, "pass"))
         with pytest.raises(PluginError):
             m.load_file(f)
         assert REGISTRY.get("nudge_scheduler").Params().level == 2
@@ -299,7 +301,8 @@ def test_receiver_loads_hot_reloads_and_rolls_back_plugins(tmp_path):
     base = [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(policy)]
     r = subprocess.run([*base, "--check-config"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "nudge_scheduler" in r.stderr
-    r = subprocess.run([*base, "--check-config", "--plugin-dir", str(plugins)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*base, "--check-config", "--plugin-dir", str(plugins)], capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0 and "2 plugins" in r.stdout, r.stderr
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -330,3 +333,16 @@ def _ok(c: httpx.Client, url: str) -> bool:
         return c.get(url).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_plugins_check_command(tmp_path):
+    write(tmp_path, "good", collector("good", 1))
+    r = subprocess.run([sys.executable, "-m", "vllm_otel", "plugins", "check", "--dir", str(tmp_path), "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [(p["name"], p["state"], p["last_result"]) for p in __import__("json").loads(r.stdout)] == \
+        [("good", "active", {"value": 1.0})]
+    write(tmp_path, "bad", "raise ImportError('needs a package this host lacks')\n")
+    r = subprocess.run([sys.executable, "-m", "vllm_otel", "plugins", "check", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "failed" in r.stdout and "needs a package this host lacks" in r.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -143,7 +142,8 @@ def test_nccl_interface_that_does_not_exist_and_no_secret_in_the_output():
 def test_vllm_command_lines_are_read():
     o = options_from_vllm_argv(["serve", "/m", "--port", "9001", "--dtype", "float32", "-tp", "2",
                                 "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "3"})
-    assert (o.model, o.port, o.dtype, o.tensor_parallel_size, o.cpu_kvcache_space_gib) == ("/m", 9001, "float32", 2, 3.0)
+    assert (o.model, o.port, o.dtype, o.tensor_parallel_size, o.cpu_kvcache_space_gib) == \
+        ("/m", 9001, "float32", 2, 3.0)
     o = options_from_vllm_argv(["--model", "/x", "--max-model-len", "512"], env={})
     assert (o.model, o.max_model_len, o.port) == ("/x", 512, 8000)
 
@@ -326,3 +326,15 @@ def test_real_vllm_refuses_to_start_when_the_check_fails(tmp_path):
     assert "refusing to start vLLM" in out and f"port {port}" in out
     assert "Loading weights" not in out and "init engine" not in out.lower()
     print(f"refused after {took:.1f} s")
+
+
+def test_a_check_that_breaks_is_a_warning_and_the_others_still_run(monkeypatch):
+    import vllm_otel.prestartup.host as host
+
+    def broken(rep, *a):  # noqa: ANN001, ANN002, ANN202
+        raise PermissionError("/dev/shm: permission denied")
+
+    monkeypatch.setattr(host, "check_shm", broken)
+    rep = run_checks(CheckOptions(port=None, env={}), nvml=None)
+    assert rep.get("shm").status == "warn" and "permission denied" in rep.get("shm").message
+    assert rep.get("open_files") is not None and rep.get("nccl").status == "ok"

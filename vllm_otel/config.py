@@ -60,7 +60,8 @@ class MonitorConfig(BaseModel):
     enabled: bool = Field(True, description="VLLM_ENABLE_MONITORING: master switch for code inside vLLM")
     log_level: str = Field("INFO", description="level of the vllm_otel logger inside vLLM")
     prestartup_check: bool = Field(False, description="run the pre-startup check before vLLM starts "
-                                                      "(general plugin, vllm-otel supervise); refuse to start on errors")
+                                                      "(general plugin, vllm-otel supervise); refuse to start "
+                                                      "on errors")
     plugin_directory: str | None = Field(None, description="directory of plugin modules the receiver loads "
                                                            "and hot-reloads (vllm-otel receiver)")
     instance: str | None = Field(None, description="instance label; default host:port of the vLLM server")

@@ -100,13 +100,14 @@ def gather(url: str | None = None, forecaster: str | None = None, receiver: str 
     """Everything the status shows, as a dict; each part asked about is either data or ``error``."""
     out: dict[str, Any] = {}
     with httpx.Client(timeout=timeout) as c:
-        for key, target, fn in (("vllm", url, lambda: _vllm(c, url)),  # type: ignore[arg-type]
-                                ("forecaster", forecaster, lambda: _forecaster(c, forecaster, top)),  # type: ignore[arg-type]
-                                ("receiver", receiver, lambda: _receiver(c, receiver, token, top))):  # type: ignore[arg-type]
+        parts = (("vllm", url, lambda t: _vllm(c, t)),
+                 ("forecaster", forecaster, lambda t: _forecaster(c, t, top)),
+                 ("receiver", receiver, lambda t: _receiver(c, t, token, top)))
+        for key, target, fn in parts:
             if not target:
                 continue
             try:
-                out[key] = {"url": target, **fn()}
+                out[key] = {"url": target, **fn(target)}
             except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as e:
                 out[key] = {"url": target, "error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__}
     return out

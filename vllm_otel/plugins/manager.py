@@ -136,7 +136,8 @@ class PluginManager:
                 self._fail(src, path.stem if not old else old[0].name, "load", str(e))
                 for p in old:
                     self.failures[(p.name, "reload")] += 1
-                raise PluginError(f"{path.name}: {e}" + ("; the previous version keeps running" if old else "")) from None
+                kept = "; the previous version keeps running" if old else ""
+                raise PluginError(f"{path.name}: {e}{kept}") from None
             self._hashes[src] = digest
             self.errors.pop(src, None)
             for p in old:
