@@ -346,3 +346,20 @@ def test_plugins_check_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vllm_otel", "plugins", "check", "--dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "failed" in r.stdout and "needs a package this host lacks" in r.stdout
+
+
+def test_entry_point_plugins_load_like_files(tmp_path, monkeypatch):
+    """An installed package's `vllm_otel.plugins` entry point (a real dist-info on sys.path)."""
+    site = tmp_path / "site"
+    (site / "acme_probe-1.0.dist-info").mkdir(parents=True)
+    (site / "acme_probe-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: acme-probe\nVersion: 1.0\n")
+    (site / "acme_probe-1.0.dist-info" / "entry_points.txt").write_text(
+        "[vllm_otel.plugins]\nacme = acme_probe:AcmeProbe\n")
+    (site / "acme_probe.py").write_text(
+        textwrap.dedent(collector("acme", 5)).replace("class P(", "class AcmeProbe("))
+    monkeypatch.syspath_prepend(str(site))
+    m = PluginManager(None)
+    assert m.load_all() == {}
+    assert m.plugins["acme"].source == "entry point acme"
+    assert m.run_once()["acme"] == {"value": 5.0}
