@@ -108,14 +108,18 @@ class PluginManager:
                     found.append((src, _guard_call(ep.load)))
                 except PluginError as e:
                     self._fail(src, ep.name, "load", str(e))
+        digests = {}
         if self.directory is not None:
-            for path in sorted(self.directory.glob("*.py")):
+            for path in sorted(p for p in self.directory.glob("*.py") if _is_plugin_file(p)):
+                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
                 try:
                     found += [(str(path), c) for c in self._import_file(path)]
                 except PluginError as e:
                     self._fail(str(path), path.stem, "load", str(e))
         with self._lock:
             self._activate(found, replacing=(), single=False)
+            # Unchanged files are not reloaded when the watcher reports them.
+            self._hashes.update({s: d for s, d in digests.items() if s not in self.errors})
         return dict(self.errors)
 
     def load_file(self, path: str | Path) -> list[str]:
@@ -136,6 +140,7 @@ class PluginManager:
                 self._fail(src, path.stem if not old else old[0].name, "load", str(e))
                 for p in old:
                     self.failures[(p.name, "reload")] += 1
+                    p.last_error = f"new version refused: {e}"
                 kept = "; the previous version keeps running" if old else ""
                 raise PluginError(f"{path.name}: {e}{kept}") from None
             self._hashes[src] = digest
@@ -408,7 +413,7 @@ class PluginManager:
         assert self.directory is not None
         for changes in watchfiles.watch(self.directory, stop_event=self._stop, debounce=200, step=50,
                                         recursive=False, raise_interrupt=False,
-                                        watch_filter=lambda _c, p: p.endswith(".py")):
+                                        watch_filter=lambda _c, p: _is_plugin_file(Path(p))):
             for change, path in sorted(changes, key=lambda c: c[1]):
                 try:
                     if change == watchfiles.Change.deleted or not Path(path).exists():
@@ -432,6 +437,11 @@ class PluginManager:
                      for src, err in self.errors.items()
                      if not any(p.source == src for p in self.plugins.values())]
         return rows
+
+
+def _is_plugin_file(path: Path) -> bool:
+    """``name.py``; not editor droppings (``.#name.py``) nor private helpers (``_util.py``)."""
+    return path.suffix == ".py" and not path.name.startswith((".", "_"))
 
 
 def _order(items: Mapping[str, tuple[str, type]], requires: Callable[[type], tuple[str, ...]]) -> list[str]:
