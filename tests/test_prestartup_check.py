@@ -236,6 +236,8 @@ def test_gpus_read_through_nvml_findings_per_gpu():
     assert rep.get("gpu3").status == "warn" and "85 C" in rep.get("gpu3").message
     assert rep.get("platform").status == "warn"  # GPUs present, CPU build of vLLM installed here
     assert rep.get("versions").data["driver_cuda"] == "12.8"
+    # vLLM runs a float32 model in float16 on GPUs.
+    assert run_checks(CheckOptions(model=str(TINY), port=None, env={}), nvml=nv).dtype == "float16"
     # CUDA_VISIBLE_DEVICES leaves the bad ones out.
     rep = run_checks(CheckOptions(model=str(TINY), port=None, dtype="float16", max_model_len=1024,
                                   env={"CUDA_VISIBLE_DEVICES": "0"}), nvml=nv)
@@ -259,7 +261,16 @@ def test_gpu_memory_and_tensor_parallel_against_the_gpus():
 
 # --- where the check runs before vLLM --------------------------------------------------------------
 
-def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, caplog):
+@pytest.fixture()
+def keep_log_level(monkeypatch):
+    """register() applies log_level to the vllm_otel logger: put it back after the test."""
+    import logging
+
+    log = logging.getLogger("vllm_otel")
+    monkeypatch.setattr(log, "level", log.level)
+
+
+def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, caplog, keep_log_level):
     from vllm_otel.instrument import plugin
 
     monkeypatch.setattr(plugin, "_registered_pid", None)
@@ -276,7 +287,8 @@ def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, c
 
 
 @needs_tiny
-def test_general_plugin_lets_a_good_command_start_and_never_raises_on_a_broken_check(monkeypatch, caplog):
+def test_general_plugin_lets_a_good_command_start_and_never_raises_on_a_broken_check(monkeypatch, caplog,
+                                                                                     keep_log_level):
     from vllm_otel.instrument import plugin
 
     for name in ("_install_abort_hook",):

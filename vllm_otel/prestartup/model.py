@@ -128,13 +128,13 @@ def check_model_present(rep: Report, opts: CheckOptions) -> ModelInfo | None:
 
 
 def resolve_dtype(dtype: str, info: ModelInfo | None, platform: str) -> str:
-    """What ``--dtype auto`` becomes: the model's dtype, with float32 kept as vLLM does on CPU and
-    turned into half precision on GPUs."""
+    """What ``--dtype auto`` becomes: the model's dtype, except that vLLM runs float32 models in
+    float16 on GPUs (it keeps float32 on CPU)."""
     if dtype != "auto":
         return {"float": "float32", "half": "float16"}.get(dtype, dtype)
     d = str((info.config.get("torch_dtype") or info.config.get("dtype")) if info else "bfloat16")
     if d == "float32" and platform != "cpu":
-        return "bfloat16"
+        return "float16"
     return d if d in _DTYPE_BYTES else "bfloat16"
 
 
