@@ -151,6 +151,8 @@ class PluginManager:
         self.run_once(names)  # fresh results now, not at the next tick
         return names
 
+    load_plugin_file = load_file  # the spec's name
+
     def unload_file(self, path: str | Path) -> None:
         src = str(path)
         with self._lock:
