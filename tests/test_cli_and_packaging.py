@@ -27,7 +27,8 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=120)
 
 
-COMMANDS = ("tiny-model", "replay", "backtest", "forecaster", "demo", "receiver", "supervise", "dashboards")
+COMMANDS = ("tiny-model", "replay", "backtest", "forecaster", "demo", "receiver", "supervise", "dashboards",
+            "check", "status", "plugins")
 
 
 def test_help_lists_subcommands():

@@ -26,6 +26,9 @@ _SUBCOMMANDS = {
     "receiver": "vllm_otel.mitigate.cli",
     "supervise": "vllm_otel.mitigate.supervise_cli",
     "dashboards": "vllm_otel.dashboards.build",
+    "check": "vllm_otel.prestartup_check",
+    "status": "vllm_otel.status",
+    "plugins": "vllm_otel.plugins.cli",
 }
 
 

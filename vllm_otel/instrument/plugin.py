@@ -63,7 +63,10 @@ def register() -> None:
     if not cfg.enabled:
         logger.debug("vllm-otel: monitoring disabled (VLLM_ENABLE_MONITORING)")
         return
+    logger.setLevel(cfg.log_level)
     role = process_role()
+    if cfg.prestartup_check and role == "api_server":
+        _prestartup_check()
     logger.info("vllm-otel plugin registered in pid %d (%s)", os.getpid(), role)
     # Control methods on EngineCore / workers: cheap class attributes, used only when called.
     from vllm_otel.instrument.control import install_engine_side
@@ -74,6 +77,32 @@ def register() -> None:
         from vllm_otel.instrument.offline import install as install_offline
 
         install_offline()
+
+
+def _prestartup_check() -> None:
+    """VLLM_MONITOR_PRESTARTUP_CHECK: check vLLM's command line before it starts.
+
+    vLLM loads general plugins while it builds its argument parser, before it binds the port or
+    loads the model, so this is early enough to refuse. Errors stop vLLM with exit status 2 and the
+    report in the log (the one deliberate exit: SystemExit passes :func:`guarded`); a failure of
+    the check itself is only logged, vLLM starts.
+    """
+    import sys
+
+    try:
+        from vllm_otel.prestartup_check import check_before_start
+
+        argv = list(sys.argv)
+        # The offline API (LLM(...) in a user's script) serves nothing: no port to check.
+        serving = "serve" in argv[1:2] or argv[0].endswith(("api_server.py", "api_server"))
+        ok = check_before_start(argv[1:] if serving else [], "vllm-otel", check_port=serving)
+    except Exception:  # noqa: BLE001 - a broken check must not stop vLLM
+        logger.warning("vllm-otel: pre-startup check failed to run; vLLM starts anyway", exc_info=True)
+        return
+    if not ok:
+        logger.error("vllm-otel: refusing to start vLLM: the pre-startup check found errors "
+                     "(VLLM_MONITOR_PRESTARTUP_CHECK=true; run `vllm-otel check` for the report)")
+        raise SystemExit(2)
 
 
 def _install_abort_hook() -> None:

@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="listen with SO_REUSEPORT (Linux), so that a new receiver on the same port "
                         "and store can start before the old one stops: a rolling restart, with no "
                         "gap in which Alertmanager's deliveries are refused and pile up as retries")
+    p.add_argument("--plugin-dir", default=None,
+                   help="directory of plugin files (collectors, strategies...), hot-reloaded "
+                        "(default: plugin_directory of monitor_config.json / VLLM_MONITOR_PLUGIN_DIRECTORY)")
     p.add_argument("--check-config", action="store_true", help="validate the policy and exit")
     p.set_defaults(func=run)
 
@@ -76,21 +79,44 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _plugins(args: argparse.Namespace, holder: dict[str, Any]) -> Any:
+    """The plugin manager for --plugin-dir / plugin_directory, loaded; None without a directory."""
+    from vllm_otel.config import load_config
+
+    directory = load_config(overrides={"plugin_directory": args.plugin_dir}).plugin_directory
+    if not directory:
+        return None
+    from vllm_otel.mitigate.plugin_hooks import make_plugin_manager
+
+    manager = make_plugin_manager(directory, holder)
+    for src, err in manager.load_all().items():
+        log.warning("plugin %s not loaded: %s", src, err)
+    return manager
+
+
 def run(args: argparse.Namespace) -> int:
     from vllm_otel.mitigate.policy import PolicyError, load_policy
     from vllm_otel.mitigate.receiver import DEFAULT_MAX_BODY_BYTES, create_app
     from vllm_otel.mitigate.strategies import UnavailableActuator
     from vllm_otel.store import DEFAULT_DB_URL, Store
 
+    plugins, holder = None, {}
     try:
-        policy = load_policy(args.config)
+        plugins = _plugins(args, holder)
+    except ValueError as e:  # ConfigError, PluginError
+        print(f"vllm-otel receiver: {e}", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.config)  # after the plugins: the policy may name plugin strategies
     except PolicyError as e:
         print(f"vllm-otel receiver: {e}", file=sys.stderr)
         return 2
+    holder["policy"] = policy
     if args.check_config:
         cfg = policy.config
         print(f"{args.config}: OK: {len(cfg.rules)} rules, {len(policy.strategy_names())} strategies, "
-              f"{len(cfg.targets)} targets, default mode {cfg.default_mode.value}")
+              f"{len(cfg.targets)} targets, default mode {cfg.default_mode.value}"
+              + (f", {len(plugins.plugins)} plugins" if plugins else ""))
         return 0
     token, ok = load_server_token("vllm-otel receiver", args.token_file, args.allow_unauthenticated, args.host)
     if not ok:
@@ -133,8 +159,15 @@ def run(args: argparse.Namespace) -> int:
     # frozen, the collector leaves it alone and only walks what serving allocates. No
     # gc.collect() first: start-up leaves ~30 unreachable objects, and the collection cost
     # 80-100 ms of a restart's gap (the time Alertmanager's notifications are refused).
+    if plugins is not None:
+        plugins.publish_to(app.state.receiver.metrics.registry)
+        plugins.start()
     gc.freeze()
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        if plugins is not None:
+            plugins.stop()
     if not server.started:  # start-up failed (port taken, app start-up error): uvicorn logged why
         return 3
     return 0

@@ -327,6 +327,15 @@ class Policy:
     def strategy_names(self) -> list[str]:
         return sorted(self._strategies)
 
+    def rebind(self, name: str) -> bool:
+        """Re-create strategy ``name`` from the registry with its configured params (a strategy
+        plugin was reloaded); False when the policy does not use it. Raises StrategyConfigError."""
+        if name not in self._strategies:
+            return False
+        cfg = self.config.strategies.get(name, StrategyConfig())
+        self._strategies[name] = self.registry.create(name, cfg.params)
+        return True
+
     def mode(self, name: str) -> Mode:
         cfg = self.config.strategies.get(name)
         return (cfg.mode if cfg and cfg.mode else None) or self.config.default_mode

@@ -72,6 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"another argument POST /restart may change (built in: {' '.join(DEFAULT_ALLOWED_ARGS)})")
     p.add_argument("--allow-env", action="append", default=[], metavar="NAME",
                    help=f"another environment variable (glob) it may change (built in: {' '.join(DEFAULT_ALLOWED_ENV)})")
+    p.add_argument("--prestartup-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the pre-startup check on the command first and refuse to start on "
+                        "errors (default: VLLM_MONITOR_PRESTARTUP_CHECK / monitor_config.json)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the vLLM command line")
     p.set_defaults(func=run)
 
@@ -167,6 +170,20 @@ def run(args: argparse.Namespace) -> int:
     token, ok = load_server_token("vllm-otel supervise", args.token_file, args.allow_unauthenticated, host)
     if not ok:
         return 2
+    from vllm_otel.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(overrides={"prestartup_check": args.prestartup_check})
+    except ConfigError as e:
+        print(f"vllm-otel supervise: {e}", file=sys.stderr)
+        return 2
+    if cfg.prestartup_check:
+        from vllm_otel.prestartup_check import check_before_start
+
+        if not check_before_start(command, "vllm-otel supervise"):
+            print("vllm-otel supervise: the pre-startup check found errors (see above); not starting "
+                  f"{command[0]}", file=sys.stderr)
+            return 2
 
     backend = ProcessBackend(
         command, health_url=args.health_url, control_token_file=args.control_token_file,

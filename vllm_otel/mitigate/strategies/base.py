@@ -216,6 +216,10 @@ class StrategyRegistry:
         self._classes[name] = cls  # type: ignore[index]
         return cls
 
+    def unregister(self, name: str) -> type[Strategy] | None:
+        """Remove a strategy (a plugin file deleted or about to be replaced by its new version)."""
+        return self._classes.pop(name, None)
+
     def get(self, name: str) -> type[Strategy]:
         try:
             return self._classes[name]
@@ -250,6 +254,12 @@ class StrategyRegistry:
 REGISTRY = StrategyRegistry()
 
 
-def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: add ``cls`` to the default registry."""
-    return REGISTRY.register(cls)
+def register_strategy(name_or_cls: str | type[Strategy], strategy: type[Strategy] | None = None) -> type[Strategy]:
+    """Add a strategy class to the default registry: as a class decorator (``@register_strategy``)
+    or as the spec's ``register_strategy(name, strategy)`` (``name`` must be the class's ``name``)."""
+    if isinstance(name_or_cls, str):
+        if strategy is None or getattr(strategy, "name", None) != name_or_cls:
+            raise StrategyConfigError(f"register_strategy({name_or_cls!r}, ...): the class's name is "
+                                      f"{getattr(strategy, 'name', None)!r}")
+        return REGISTRY.register(strategy)
+    return REGISTRY.register(name_or_cls)
