@@ -28,7 +28,12 @@ def _config(otlp_traces_endpoint=None):  # noqa: ANN001, ANN202
 
 @pytest.fixture()
 def monitor(monkeypatch):  # noqa: ANN001, ANN201
+    from vllm_otel.instrument import phases
+
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    # This process's phase records so far (other tests') are not this monitor's vLLM's.
+    monkeypatch.setattr(phases, "_seen", [])
+    monkeypatch.delenv(phases.ENV_OWNER, raising=False)
     reg = CollectorRegistry()
     m = EngineMonitor(_config(), MonitorConfig(stall_timeout_s=5), registry=reg)
     m.engine(0)

@@ -589,11 +589,12 @@ def span_event_listener(tracer: Any = None) -> Listener:
 
     def listener(t: Transition) -> None:
         attrs = transition_attributes(t)
+        at_ns = int(t.timestamp * 1e9)  # the signal's time, which may precede the call
         span = trace.get_current_span()
         if span.is_recording():
-            span.add_event(SPAN_EVENT_NAME, attributes=attrs)
+            span.add_event(SPAN_EVENT_NAME, attributes=attrs, timestamp=at_ns)
         elif tracer is not None:
-            tracer.start_span(SPAN_EVENT_NAME, attributes=attrs).end()
+            tracer.start_span(SPAN_EVENT_NAME, attributes=attrs, start_time=at_ns).end(end_time=at_ns)
 
     return listener
 
