@@ -104,10 +104,15 @@ def test_queue_limit_zero_rejects_with_503_until_lifted(actuator: HttpActuator, 
         assert status(actuator, target)["max_num_queued_reqs"] == 0
         r = complete(control_vllm.url)
         assert r.status_code == 503
+        # A cap of 0 is a drain (what the supervisor does before a restart): the lifecycle says so.
+        assert lifecycle(control_vllm.url)["state"] == "draining"
     finally:
+        t0 = time.time()
         run(actuator.call(target, "control.set_queue_limits",
                           {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
     assert status(actuator, target)["max_num_queued_reqs"] is None
+    doc = lifecycle(control_vllm.url)
+    assert doc["state"] in ("idle", "serving") and doc["since"] >= t0
     assert complete(control_vllm.url).status_code == 200
 
 
@@ -573,6 +578,28 @@ def test_abort_strategies_end_requests_on_the_real_engine(control_vllm: Any, tar
     reasons = [answers[str(i)].json()["choices"][0]["finish_reason"] for i in range(4)]
     assert reasons == (["abort", "length", "length", "length"] if name == "abort_longest_requests"
                        else ["abort"] * 4), reasons
+
+
+@pytest.mark.vllm
+def test_optimize_scheduler_halves_the_real_token_budget(control_vllm: Any, target: Target) -> None:
+    strat, act, src = _strategy(control_vllm, target, "optimize_scheduler", {"min_num_batched_tokens": 16})
+    budget0 = status(act, target)["engine"]["max_num_scheduled_tokens"]
+    threads, _, before = hold_with_load(act, target, control_vllm.url, n=4)
+    try:
+        ctx = _ctx(target, src, before)
+        assert strat.applies(ctx), before
+        result = run(strat.execute(ctx, act))
+        assert result.ok and result.data["before"] == budget0, result
+        # The scheduler in the engine core really has the new budget.
+        assert status(act, target)["engine"]["max_num_scheduled_tokens"] == max(16, budget0 // 2)
+        run(act.call(target, "control.resume", {}))
+        ctx.result = result
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        verdict = run(strat.verify(ctx))  # the queue, read from vLLM's gauge, goes down
+        assert verdict.ok, verdict.detail
+    finally:
+        release(act, target, threads)
+        run(act.call(target, "control.set_token_budget", {"max_num_batched_tokens": budget0}))
 
 
 @pytest.mark.vllm

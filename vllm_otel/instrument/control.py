@@ -221,7 +221,15 @@ class ControlPlane:
                 raise ControlError(f"{name} must be >= 0")
         for name, value in new.items():  # validated first: all or nothing
             object.__setattr__(cfg, name, value)
-        return {"before": before, "after": {n: getattr(cfg, n) for n in names}}
+        after = {n: getattr(cfg, n) for n in names}
+        if (mon := _monitor()) is not None:
+            # A cap of 0 refuses every new request while the admitted ones finish: a drain (what
+            # the supervisor does before a restart); lifting it ends the drain.
+            if after["max_num_queued_reqs"] == 0 and before["max_num_queued_reqs"] != 0:
+                mon.intervention(S.DRAINING, "control: queue limit 0, new requests refused")
+            elif before["max_num_queued_reqs"] == 0 and after["max_num_queued_reqs"] != 0:
+                mon.resume("control: queue limit lifted", frozenset({S.DRAINING}))
+        return {"before": before, "after": after}
 
     async def _do_abort_requests(self, longest: int | None = None, older_than_s: float | None = None) -> dict:
         """Abort the ``longest`` oldest requests, or all older than ``older_than_s`` seconds."""

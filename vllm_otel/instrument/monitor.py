@@ -278,15 +278,16 @@ class EngineMonitor:
     def intervention(self, state: S, reason: str) -> None:
         """The control endpoint acted: enter ``state`` (paused, draining, waking) now."""
         for eng in list(self.engines.values()):
-            # Held on purpose: silence from here on is the operator's, not a stall.
-            eng.progress.held = True
+            # Paused on purpose: silence from here on is the operator's, not a stall. (A drain
+            # still steps: a stall while draining is a stall.)
+            eng.progress.held = state is S.PAUSED
             eng.tracker.transition(state, reason=reason)
 
     @guarded("monitor.resume")
-    def resume(self, reason: str) -> None:
-        """An intervention ended: back to the serving state the load says."""
+    def resume(self, reason: str, ending: frozenset[S] = INTERVENTION_STATES) -> None:
+        """An intervention (one of ``ending``) ended: back to the serving state the load says."""
         for eng in list(self.engines.values()):
-            if eng.tracker.state in INTERVENTION_STATES:
+            if eng.tracker.state in ending:
                 eng.progress.last_progress = eng.progress.last_report = time.time()
                 eng.progress.held = False
                 eng.tracker.transition(self._serving_state(eng), reason=reason)
@@ -380,7 +381,7 @@ class EngineMonitor:
         eng = self.engines.get(idx)
         if eng is None:
             return
-        if eng.tracker.state in INTERVENTION_STATES or eng.tracker.state in END_STATES:
+        if eng.progress.held or eng.tracker.state in END_STATES:
             return  # held by the operator or going away: not a stall of its own
         if stalled:
             logger.warning("vllm-otel: engine %d stalled: %s", idx, why)

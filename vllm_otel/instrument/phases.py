@@ -2,8 +2,9 @@
 
 vLLM announces each start-up phase, its shutdown and its engine's death with a log record
 (format strings below, vLLM 0.32). The general plugin runs in every vLLM process (API server,
-engine core, worker) and installs :class:`PhaseHandler` on the ``vllm`` logger there, so a phase
-is seen in the process that enters it, at the record's own time (``record.created``).
+engine core, worker) and installs :class:`PhaseHandler` on the loggers of the modules that log
+them, so a phase is seen in the process that enters it, at the record's own time
+(``record.created``).
 
 The monitor lives in the API server, but model and KV-cache phases happen in the engine core
 and its worker. The API server therefore makes a private directory (``mkdtemp``, mode 0700) and
@@ -31,14 +32,14 @@ from typing import Callable
 
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 
-__all__ = ["PHASE_RECORDS", "Phase", "PhaseHandler", "install", "collect", "subscribe",
+__all__ = ["PHASE_LOGGERS", "PHASE_RECORDS", "Phase", "PhaseHandler", "install", "collect", "subscribe",
            "process_start_time", "ENV_DIR", "ENV_OWNER"]
 
 logger = logging.getLogger(__name__)
 ENV_DIR = "VLLM_OTEL_LIFECYCLE_DIR"
 ENV_OWNER = "VLLM_OTEL_LIFECYCLE_OWNER"
 
-# (start of vLLM's format string, state it announces, where vLLM logs it)
+# (start of vLLM's format string, state it announces, what it means). vLLM 0.32's messages.
 PHASE_RECORDS: tuple[tuple[str, S, str], ...] = (
     ("non-default args:", S.CONFIGURING, "api server: arguments parsed, engine config next"),
     ("world_size=%d rank=%d local_rank=%d distributed_init_method", S.DISTRIBUTED_INIT,
@@ -51,6 +52,17 @@ PHASE_RECORDS: tuple[tuple[str, S, str], ...] = (
     ("[shutdown] API server: shutdown triggered", S.SHUTTING_DOWN, "api server: shutdown"),
     ("[shutdown] MPClient: engine core exited unexpectedly", S.CRASHED,
      "api server: its engine core process died"),
+)
+# The modules whose loggers log them. The handler sits on these, not on the "vllm" logger: vLLM
+# re-applies its dictConfig after parsing its arguments, which drops the "vllm" logger's
+# handlers but leaves its children's.
+PHASE_LOGGERS: tuple[str, ...] = (
+    "vllm.entrypoints.serve.utils.api_utils", "vllm.entrypoints.launchers.api_server.entry",
+    "vllm.entrypoints.launchers.launcher", "vllm.v1.engine.core_client",
+    "vllm.distributed.parallel_state", "vllm.v1.worker.cpu_model_runner",
+    "vllm.v1.worker.gpu_model_runner", "vllm.model_executor.model_loader.base_loader",
+    "vllm.model_executor.model_loader.default_loader",
+    "vllm.model_executor.model_loader.sharded_state_loader",
 )
 
 
@@ -160,9 +172,11 @@ def install() -> None:
         d = tempfile.mkdtemp(prefix="vllm-otel-lifecycle-")
         os.environ[ENV_DIR], os.environ[ENV_OWNER] = d, str(os.getpid())
         atexit.register(shutil.rmtree, d, True)
-    vllm_logger = logging.getLogger("vllm")
-    if not any(isinstance(h, PhaseHandler) for h in vllm_logger.handlers):
-        vllm_logger.addHandler(PhaseHandler(level=logging.INFO))
+    handler = PhaseHandler(level=logging.INFO)
+    for name in PHASE_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(h, PhaseHandler) for h in log.handlers):
+            log.addHandler(handler)
 
 
 def collect(children: bool = True) -> list[Phase]:
