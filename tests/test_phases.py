@@ -49,3 +49,22 @@ def test_a_foreign_directory_is_never_written() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_handler_survives_vllms_logging_reconfiguration() -> None:
+    """vLLM re-applies its dictConfig after parsing arguments; that clears handlers of every
+    logger under "vllm". The phase handler must still see the next record."""
+    import logging
+
+    import pytest
+
+    vl = pytest.importorskip("vllm.logger")
+    phases.install()
+    from vllm.config.logging import LoggingConfig
+
+    vl.configure_logging(LoggingConfig())
+    log = logging.getLogger("vllm.entrypoints.launchers.api_server.entry")
+    before = len(phases.collect(children=False))
+    log.info("Starting vLLM server on %s", "http://127.0.0.1:1")
+    got = phases.collect(children=False)
+    assert len(got) == before + 1 and got[-1].state is S.READY

@@ -172,11 +172,44 @@ def install() -> None:
         d = tempfile.mkdtemp(prefix="vllm-otel-lifecycle-")
         os.environ[ENV_DIR], os.environ[ENV_OWNER] = d, str(os.getpid())
         atexit.register(shutil.rmtree, d, True)
+    _attach()
+    _follow_vllm_logging_config()
+
+
+def _attach() -> None:
     handler = PhaseHandler(level=logging.INFO)
     for name in PHASE_LOGGERS:
         log = logging.getLogger(name)
         if not any(isinstance(h, PhaseHandler) for h in log.handlers):
             log.addHandler(handler)
+
+
+def _follow_vllm_logging_config() -> None:
+    """Re-attach after each of vLLM's logging (re)configurations.
+
+    vLLM applies a ``dictConfig`` again once it has parsed its arguments (API server), and
+    ``dictConfig`` clears the handlers of every logger under the ones it names, ours included.
+    The wrapper calls vLLM's function unchanged and re-attaches afterwards.
+    """
+    try:
+        import vllm.logger as vllm_logging
+    except Exception:  # noqa: BLE001 - no vLLM (tests, offline tools): nothing reconfigures
+        return
+    original = getattr(vllm_logging, "_configure_vllm_root_logger", None)
+    if original is None or getattr(original, "_vllm_otel_wrapped", False):
+        return
+
+    def _configure_vllm_root_logger(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = original(*args, **kwargs)
+        try:
+            _attach()
+        except Exception:  # noqa: BLE001
+            logger.debug("vllm-otel: phase handler not re-attached", exc_info=True)
+        return result
+
+    _configure_vllm_root_logger._vllm_otel_wrapped = True  # type: ignore[attr-defined]
+    _configure_vllm_root_logger.__wrapped__ = original  # type: ignore[attr-defined]
+    vllm_logging._configure_vllm_root_logger = _configure_vllm_root_logger
 
 
 def collect(children: bool = True) -> list[Phase]:
