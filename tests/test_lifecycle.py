@@ -20,6 +20,7 @@ from vllm_otel.instrument.lifecycle import (
     SPAN_EVENT_NAME,
     STARTUP_ORDER,
     STARTUP_STATES,
+    TERMINAL_STATES,
     TRANSITIONS,
     LifecycleCollector,
     LifecycleState,
@@ -53,7 +54,7 @@ def clock() -> FakeClock:
 def test_states_and_groups_partition_everything() -> None:
     groups = [STARTUP_STATES, SERVING_STATES, INTERVENTION_STATES, END_STATES]
     assert set().union(*groups) == set(S)
-    assert sum(len(g) for g in groups) == len(S) >= 20
+    assert sum(len(g) for g in groups) == len(S) == 19
     assert all(s.value == s.name.lower() for s in S)
     assert f"{S.READY}" == "ready" and S("serving") is S.SERVING
 
@@ -70,17 +71,19 @@ def test_transition_table_is_sane_and_validator_can_fail() -> None:
 
 
 @pytest.mark.parametrize("src, dst, ok", [
-    (S.INITIALIZING, S.VALIDATING, True),
+    (S.INITIALIZING, S.CONFIGURING, True),
     (S.INITIALIZING, S.MODEL_LOADING, True),  # skipped phases are fine
-    (S.KV_CACHE_ALLOCATION, S.COMPILING, True),  # CUDA-graph capture after KV allocation
-    (S.MODEL_LOADING, S.VALIDATING, False),  # start-up never goes back
-    (S.WEIGHTS_LOADING, S.FAILED, True),
-    (S.WARMING_UP, S.SHUTTING_DOWN, True),
+    (S.MODEL_LOADING, S.CONFIGURING, False),  # start-up never goes back
+    (S.WEIGHTS_LOADING, S.CRASHED, True),
+    (S.KV_CACHE_ALLOCATION, S.SHUTTING_DOWN, True),
     (S.READY, S.IDLE, True),
     (S.IDLE, S.SATURATED, True),
     (S.STALLED, S.SERVING, True),
-    (S.SERVING, S.MITIGATING, True),
-    (S.MITIGATING, S.DEGRADED, True),
+    (S.SERVING, S.DRAINING, True),
+    (S.DRAINING, S.PAUSED, True),  # drained
+    (S.PAUSED, S.IDLE, True),  # resumed
+    (S.CRASHED, S.SHUTTING_DOWN, True),
+    (S.STOPPED, S.CRASHED, False),
     (S.SLEEPING, S.WAKING, True),
     (S.SLEEPING, S.SERVING, False),  # must wake first
     (S.WAKING, S.IDLE, True),
@@ -94,7 +97,17 @@ def test_transition_rules(src: S | str, dst: S | str, ok: bool) -> None:
 
 
 def test_anything_may_crash() -> None:
-    assert all(S.CRASHED in TRANSITIONS[s] for s in S if s is not S.CRASHED)
+    assert all(S.CRASHED in TRANSITIONS[s] for s in S if s not in TERMINAL_STATES)
+
+
+def test_a_transition_keeps_the_time_of_its_signal(clock: FakeClock) -> None:
+    tr = LifecycleTracker(clock=clock, started_at=900.0)
+    assert tr.since == 900.0
+    t = tr.transition(S.CONFIGURING, at=950.0)
+    assert t is not None and t.timestamp == 950.0 and t.duration_s == 50.0
+    late = tr.transition(S.MODEL_LOADING, at=940.0)  # an older record: history stays ordered
+    assert late is not None and late.timestamp == 950.0 and late.duration_s == 0.0
+    assert tr.transition(S.READY).timestamp == clock.t
 
 
 def test_startup_path_history_and_time_in_state(clock: FakeClock) -> None:
@@ -254,15 +267,15 @@ def test_prometheus_exposition(clock: FakeClock) -> None:
     tr.transition(S.READY)
     tr.transition(S.SERVING)
     clock.tick(4)
-    tr.transition(S.VALIDATING)  # invalid
-    assert _sample(reg, "vllm_otel_lifecycle_state", state="validating") == 1.0
+    tr.transition(S.CONFIGURING)  # invalid
+    assert _sample(reg, "vllm_otel_lifecycle_state", state="configuring") == 1.0
     assert _sample(reg, "vllm_otel_lifecycle_state", state="initializing") == 0.0
     assert sum(_sample(reg, "vllm_otel_lifecycle_state", state=s.value) for s in S) == 1.0
     assert _sample(reg, "vllm_otel_lifecycle_state_since_timestamp_seconds") == 1007.0
     assert _sample(reg, "vllm_otel_lifecycle_transitions_total",
                    from_state="initializing", to_state="ready") == 1.0
     assert _sample(reg, "vllm_otel_lifecycle_invalid_transitions_total",
-                   from_state="serving", to_state="validating") == 1.0
+                   from_state="serving", to_state="configuring") == 1.0
     assert _sample(reg, "vllm_otel_lifecycle_invalid_transitions_total",
                    from_state="initializing", to_state="ready") is None
     assert _sample(reg, "vllm_otel_lifecycle_state_seconds_total", state="serving") == 4.0
@@ -311,7 +324,7 @@ def test_registration_conflict_and_broken_collect_do_not_raise(
 def test_thread_safety_smoke() -> None:
     reg = CollectorRegistry()
     tr = LifecycleTracker(instance="t", registry=reg, history_size=100_000)
-    cycle = [S.READY, S.IDLE, S.SERVING, S.SATURATED, S.DEGRADED, S.MITIGATING]
+    cycle = [S.READY, S.IDLE, S.SERVING, S.SATURATED, S.PREEMPTING, S.PAUSED]
     results: list[lc.Transition | None] = []
     lock = threading.Lock()
     start = threading.Barrier(8)

@@ -14,6 +14,7 @@ from vllm.v1.engine import FinishReason  # noqa: E402
 from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats  # noqa: E402
 
 from vllm_otel.config import MonitorConfig  # noqa: E402
+from vllm_otel.instrument.lifecycle import LifecycleState as S  # noqa: E402
 from vllm_otel.instrument.monitor import EngineMonitor  # noqa: E402
 
 
@@ -27,7 +28,12 @@ def _config(otlp_traces_endpoint=None):  # noqa: ANN001, ANN202
 
 @pytest.fixture()
 def monitor(monkeypatch):  # noqa: ANN001, ANN201
+    from vllm_otel.instrument import phases
+
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    # This process's phase records so far (other tests') are not this monitor's vLLM's.
+    monkeypatch.setattr(phases, "_seen", [])
+    monkeypatch.delenv(phases.ENV_OWNER, raising=False)
     reg = CollectorRegistry()
     m = EngineMonitor(_config(), MonitorConfig(stall_timeout_s=5), registry=reg)
     m.engine(0)
@@ -66,7 +72,40 @@ def test_accounting_status_and_prometheus(monitor, tmp_path):
     data = json.loads(path.read_text())
     assert data["status"]["engines"]["0"]["aborted_requests"] == 2
     states = [h["to_state"] for h in data["lifecycle"]["0"]["history"]]
-    assert states[-1] in ("idle", "ready") and "warming_up" in states
+    # No vLLM start-up record was logged here: no start-up phase is claimed.
+    assert states == [] and data["lifecycle"]["0"]["state"] == "initializing"
+
+
+def test_phases_come_from_vllms_records_at_their_time(monitor, monkeypatch):
+    """vLLM's own format strings, logged on its logger, move the tracker at the records' times;
+    the control endpoint's pause holds the engine without a stall; exit ends in stopped."""
+    import logging
+
+    from vllm_otel.instrument import phases
+
+    m, reg = monitor
+    phases.install()
+    log = logging.getLogger("vllm.entrypoints.launchers.api_server.entry")
+    monkeypatch.setattr(log, "level", logging.INFO)
+    tracker = m.engines[0].tracker
+    rec = log.makeRecord(log.name, logging.INFO, __file__, 1, "Starting vLLM server on %s",
+                         ("http://127.0.0.1:1",), None)
+    rec.created = tracker.since + 0.25
+    log.handle(rec)
+    assert tracker.state.value == "ready" and tracker.since == rec.created
+    log.info("Some other record %s", "x")
+    assert tracker.state.value == "ready"
+    m.intervention(S.PAUSED, "control: pause (keep)")
+    _step(m, 1, 3, 0.1, 0)
+    m.stall.check()
+    assert tracker.state.value == "paused" and m.engines[0].progress.stalled is False
+    assert reg.get_sample_value("vllm_otel_lifecycle_state", {"instance": "", "engine": "0",
+                                                              "state": "paused"}) == 1.0
+    m.resume("control: resume")
+    assert tracker.state.value == "serving"
+    log.info("[shutdown] API server: shutdown triggered")
+    m.shutdown()
+    assert [t.to_state.value for t in tracker.history()][-2:] == ["shutting_down", "stopped"]
 
 
 def test_lifecycle_follows_load(monitor):

@@ -147,11 +147,11 @@ CASES: list[tuple[str, dict, dict, dict, list, dict, dict, dict]] = [
      [("control.pause", {"mode": "wait"}), ("control.resume", {})],
      {"up": 1, "stalled": 0, "paused": 0, "kv_cache_usage": 0.2}, {"up": 1, "paused": 1},
      {"running": 3, "waiting": 0, "stalled": 1}),
-    ("sleep_and_wake", {}, {**CPU, "running": 0, "waiting": 0, "host_memory_available_fraction": 0.05},
+    ("sleep_and_wake", {}, {**GPU, "gpu_count": 1.0, "running": 0, "waiting": 0, "gpu_memory_used_fraction": 0.95},
      {"control.sleep": ctl({"sleeping": True}), "control.wake_up": ctl({"awake": True})},
      [("control.sleep", {"level": 1}), ("control.wake_up", {})],
-     {"up": 1, "sleeping": 0, "host_memory_available_fraction": 0.3}, {"up": 1, "sleeping": 1},
-     {**CPU, "running": 2, "waiting": 0, "host_memory_available_fraction": 0.05}),
+     {"up": 1, "sleeping": 0, "gpu_memory_used_fraction": 0.5}, {"up": 1, "sleeping": 1},
+     {**GPU, "gpu_count": 1.0, "running": 2, "waiting": 0, "gpu_memory_used_fraction": 0.95}),
     ("restart_workers", {}, {"up": 1, "stalled": 0},
      {"supervisor.restart": RESTARTED},
      [("supervisor.restart", {"drain": True})],
@@ -288,7 +288,7 @@ def test_no_metrics_means_no_live_action() -> None:
 
 
 @pytest.mark.parametrize("name", ["enable_cpu_offloading", "disable_cuda_graphs", "cordon_gpu", "restart_nccl",
-                                  "reduce_model_parallelism"])
+                                  "reduce_model_parallelism", "sleep_and_wake"])
 def test_gpu_only_strategies_say_not_applicable_on_cpu(name: str) -> None:
     strat = REGISTRY.create(name, {})
     # What this machine's vLLM reports: the GPU collector is down (no NVML).

@@ -103,8 +103,9 @@ def test_status_and_lifecycle_endpoints_without_secrets(vllm_server):
     assert FAKE_SECRET not in raw
     hist = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10).json()["engines"]["0"]["history"]
     states = [h["to_state"] for h in hist]
-    for s in ("validating", "configuring", "kv_cache_allocation", "warming_up", "ready", "idle"):
-        assert s in states
+    # vLLM's start-up phases as its own records announced them (timed in test_actuators).
+    assert states[:6] == ["configuring", "distributed_init", "model_loading", "weights_loading",
+                          "kv_cache_allocation", "ready"], states
     assert FAKE_SECRET not in vllm_server.log_tail(2_000_000)
 
 

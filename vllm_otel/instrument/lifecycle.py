@@ -42,35 +42,30 @@ SPAN_EVENT_NAME = "vllm_otel.lifecycle.transition"
 
 
 class LifecycleState(str, Enum):
-    # start-up, in the order vLLM V1 goes through them
+    """Only states something really enters (README, "Lifecycle"): each from a named signal."""
+
+    # start-up, in the order vLLM V1 goes through them (vLLM's own start-up log records)
     INITIALIZING = "initializing"
-    VALIDATING = "validating"
     CONFIGURING = "configuring"
-    PLATFORM_DETECTION = "platform_detection"
     DISTRIBUTED_INIT = "distributed_init"
     MODEL_LOADING = "model_loading"
     WEIGHTS_LOADING = "weights_loading"
-    COMPILING = "compiling"
     KV_CACHE_ALLOCATION = "kv_cache_allocation"
-    WARMING_UP = "warming_up"
     READY = "ready"
-    # serving
+    # serving (from the engine's step stats and the stall watchdog)
     IDLE = "idle"
     SERVING = "serving"
     SATURATED = "saturated"
     PREEMPTING = "preempting"
     STALLED = "stalled"
-    DEGRADED = "degraded"
-    # interventions
-    MITIGATING = "mitigating"
+    # interventions (the control endpoint and vLLM's sleep-state report)
     PAUSED = "paused"
+    DRAINING = "draining"
     SLEEPING = "sleeping"
     WAKING = "waking"
-    DRAINING = "draining"
     # end
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
-    FAILED = "failed"
     CRASHED = "crashed"
 
     def __str__(self) -> str:  # a str-Enum would format as "LifecycleState.X" on 3.12
@@ -79,40 +74,33 @@ class LifecycleState(str, Enum):
 
 _S = LifecycleState
 STARTUP_ORDER: tuple[LifecycleState, ...] = (
-    _S.INITIALIZING, _S.VALIDATING, _S.CONFIGURING, _S.PLATFORM_DETECTION, _S.DISTRIBUTED_INIT,
-    _S.MODEL_LOADING, _S.WEIGHTS_LOADING, _S.COMPILING, _S.KV_CACHE_ALLOCATION, _S.WARMING_UP,
-    _S.READY)
+    _S.INITIALIZING, _S.CONFIGURING, _S.DISTRIBUTED_INIT, _S.MODEL_LOADING, _S.WEIGHTS_LOADING,
+    _S.KV_CACHE_ALLOCATION, _S.READY)
 STARTUP_STATES = frozenset(STARTUP_ORDER)
-SERVING_STATES = frozenset({_S.IDLE, _S.SERVING, _S.SATURATED, _S.PREEMPTING, _S.STALLED,
-                            _S.DEGRADED})
-INTERVENTION_STATES = frozenset({_S.MITIGATING, _S.PAUSED, _S.SLEEPING, _S.WAKING, _S.DRAINING})
-END_STATES = frozenset({_S.SHUTTING_DOWN, _S.STOPPED, _S.FAILED, _S.CRASHED})
-TERMINAL_STATES = frozenset({_S.STOPPED, _S.FAILED, _S.CRASHED})
+SERVING_STATES = frozenset({_S.IDLE, _S.SERVING, _S.SATURATED, _S.PREEMPTING, _S.STALLED})
+INTERVENTION_STATES = frozenset({_S.PAUSED, _S.DRAINING, _S.SLEEPING, _S.WAKING})
+END_STATES = frozenset({_S.SHUTTING_DOWN, _S.STOPPED, _S.CRASHED})
+TERMINAL_STATES = frozenset({_S.STOPPED, _S.CRASHED})
 
 
 def _build_transitions() -> dict[LifecycleState, frozenset[LifecycleState]]:
     t: dict[LifecycleState, set[LifecycleState]] = {s: set() for s in _S}
-    # Forward with skips: phases are optional (no distributed init on one device, no compile
-    # with enforce_eager), but start-up never goes back...
+    # Forward with skips: a phase whose record vLLM did not log (another vLLM, a quieter log
+    # level, data-parallel engines) is skipped, but start-up never goes back.
     for i, s in enumerate(STARTUP_ORDER[:-1]):
-        t[s] |= set(STARTUP_ORDER[i + 1:]) | {_S.FAILED, _S.SHUTTING_DOWN}
-    # ...except that V1 captures CUDA graphs after the KV cache is allocated.
-    t[_S.KV_CACHE_ALLOCATION].add(_S.COMPILING)
-    leave = {_S.MITIGATING, _S.PAUSED, _S.SLEEPING, _S.DRAINING, _S.SHUTTING_DOWN, _S.FAILED}
+        t[s] |= set(STARTUP_ORDER[i + 1:]) | {_S.SHUTTING_DOWN}
+    leave = {_S.PAUSED, _S.DRAINING, _S.SLEEPING, _S.SHUTTING_DOWN}
     t[_S.READY] |= SERVING_STATES | leave
-    for s in SERVING_STATES | {_S.MITIGATING, _S.PAUSED}:
+    for s in SERVING_STATES | {_S.PAUSED}:
         t[s] |= (SERVING_STATES | leave) - {s}
-    t[_S.SLEEPING] |= {_S.WAKING, _S.SHUTTING_DOWN, _S.FAILED}
-    t[_S.WAKING] |= SERVING_STATES | {_S.READY, _S.SLEEPING, _S.SHUTTING_DOWN, _S.FAILED}
-    t[_S.DRAINING] |= (SERVING_STATES | leave) - {_S.DRAINING}  # a cancelled drain resumes
-    t[_S.SHUTTING_DOWN] |= {_S.STOPPED, _S.FAILED}
-    # A supervisor may restart the engine under the same tracker.
-    t[_S.STOPPED] |= {_S.INITIALIZING}
-    t[_S.FAILED] |= {_S.INITIALIZING, _S.SHUTTING_DOWN, _S.STOPPED}
-    t[_S.CRASHED] |= {_S.INITIALIZING}
+    t[_S.DRAINING] |= SERVING_STATES | {_S.PAUSED, _S.SHUTTING_DOWN}  # drained, or resumed
+    t[_S.SLEEPING] |= {_S.WAKING, _S.SHUTTING_DOWN}
+    t[_S.WAKING] |= SERVING_STATES | {_S.SLEEPING, _S.SHUTTING_DOWN}
+    t[_S.SHUTTING_DOWN] |= {_S.STOPPED}
+    t[_S.CRASHED] |= {_S.SHUTTING_DOWN, _S.STOPPED}  # the API server cleans up after its engine
     for s in _S:
-        if s is not _S.CRASHED:
-            t[s].add(_S.CRASHED)  # a process can die in any state
+        if s not in TERMINAL_STATES:
+            t[s].add(_S.CRASHED)  # the engine core can die in any state
     return {s: frozenset(v) for s, v in t.items()}
 
 
@@ -251,13 +239,15 @@ class LifecycleTracker:
 
     def __init__(self, instance: str | None = None, engine_index: int = 0,
                  registry: CollectorRegistry | None = None, history_size: int = 1000,
-                 clock: Callable[[], float] = time.time, max_checkpoints: int = 100) -> None:
+                 clock: Callable[[], float] = time.time, max_checkpoints: int = 100,
+                 started_at: float | None = None) -> None:
         self.instance = "" if instance is None else str(instance)
         self.engine_index = engine_index
         self._clock = clock
         self._lock = threading.RLock()
         self._state = _S.INITIALIZING
-        self._since = self._now()
+        # ``started_at``: when initializing really began (the process's start), not when we looked.
+        self._since = self._now() if started_at is None else float(started_at)
         self._seq = 0
         self._history: deque[Transition] = deque(maxlen=_positive(history_size, 1000))
         self._checkpoints: deque[Checkpoint] = deque(maxlen=_positive(max_checkpoints, 100))
@@ -329,9 +319,12 @@ class LifecycleTracker:
             return dict(self._errors)
 
     @_guarded("transition")
-    def transition(self, new_state: LifecycleState | str, reason: str = "",
-                   **details: Any) -> Transition | None:
+    def transition(self, new_state: LifecycleState | str, reason: str = "", *,
+                   at: float | None = None, **details: Any) -> Transition | None:
         """Move to ``new_state``, record it and notify listeners; returns the transition.
+
+        ``at``: when the signal says the state was entered (a log record's time), else now; a
+        time before the current state's start is taken as that start (history stays ordered).
 
         A same-state call is a no-op (not recorded, listeners not called, returned with the last
         ``seq``) so a periodic caller cannot flush the history. An unknown state name is counted
@@ -341,7 +334,7 @@ class LifecycleTracker:
         if target is None:
             self._record_error("unknown_state", ValueError(f"unknown state {new_state!r}"))
             return None
-        now = self._now()
+        now = self._now() if at is None else float(at)
         reason = redact_text(reason) if reason else ""
         clean = redact_mapping(details) if details else {}
         with self._lock:
@@ -349,6 +342,7 @@ class LifecycleTracker:
             if target is prev:
                 return Transition(self._seq, prev, prev, now, reason, clean)
             valid = target in TRANSITIONS[prev]
+            now = max(now, self._since)
             duration = max(0.0, now - self._since)
             self._seconds[prev] += duration
             self._seq += 1
@@ -595,11 +589,12 @@ def span_event_listener(tracer: Any = None) -> Listener:
 
     def listener(t: Transition) -> None:
         attrs = transition_attributes(t)
+        at_ns = int(t.timestamp * 1e9)  # the signal's time, which may precede the call
         span = trace.get_current_span()
         if span.is_recording():
-            span.add_event(SPAN_EVENT_NAME, attributes=attrs)
+            span.add_event(SPAN_EVENT_NAME, attributes=attrs, timestamp=at_ns)
         elif tracer is not None:
-            tracer.start_span(SPAN_EVENT_NAME, attributes=attrs).end()
+            tracer.start_span(SPAN_EVENT_NAME, attributes=attrs, start_time=at_ns).end(end_time=at_ns)
 
     return listener
 

@@ -28,6 +28,8 @@ from typing import Any
 from vllm_otel.config import MonitorConfig
 from vllm_otel.instrument import semconv as sc
 from vllm_otel.instrument.guard import guarded, hook_errors, logger
+from vllm_otel.instrument import phases
+from vllm_otel.instrument.lifecycle import INTERVENTION_STATES, END_STATES, STARTUP_STATES
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 from vllm_otel.instrument.lifecycle import LifecycleTracker
 from vllm_otel.instrument.otel import (ExportStats, OtelSettings, build_meter_provider, build_resource,
@@ -124,6 +126,7 @@ class EngineMonitor:
         self._tick = threading.Thread(target=self._lifecycle_loop, name="vllm-otel-lifecycle", daemon=True)
         self.stall.start()
         self._tick.start()
+        phases.subscribe(self._on_phase)  # READY, shutdown and engine death arrive later
         import atexit
 
         atexit.register(self.shutdown)  # flush spans and metrics when vLLM exits
@@ -240,26 +243,68 @@ class EngineMonitor:
     def engine(self, idx: int) -> _Engine:
         eng = self.engines.get(idx)
         if eng is None:
-            tracker = LifecycleTracker(instance="", engine_index=idx, registry=self.registry)
+            # Initializing began when this process did; every later state from vLLM's own records.
+            tracker = LifecycleTracker(instance="", engine_index=idx, registry=self.registry,
+                                       started_at=phases.process_start_time())
             if self.tracer is not None:
                 from vllm_otel.instrument.lifecycle import span_event_listener
 
                 tracker.add_listener(span_event_listener(self.tracer))
-            for state, why in ((S.VALIDATING, "vLLM parsed its arguments"),
-                               (S.CONFIGURING, "engine config built"),
-                               (S.MODEL_LOADING, "engine core started"),
-                               (S.KV_CACHE_ALLOCATION, "engine core reported its KV cache")):
-                tracker.transition(state, reason=why)
-            tracker.track_startup(arguments={"argv": sys.argv[1:]}, environment=None, hardware_info=None)
             eng = self.engines[idx] = _Engine(idx, tracker)
+            for phase in phases.collect():
+                self._apply_phase(eng, phase)
+            tracker.track_startup(arguments={"argv": sys.argv[1:]}, environment=None, hardware_info=None)
         return eng
+
+    def _apply_phase(self, eng: _Engine, phase: phases.Phase) -> None:
+        # An engine core's records name no engine index: claimed only where there is one engine.
+        if phase.pid != self.pid and self.parallel.get("data_parallel_size", 1) != 1:
+            return
+        if phase.state is S.READY and eng.tracker.state not in STARTUP_STATES:
+            return  # already serving (the first step came first)
+        eng.tracker.transition(phase.state, reason=phase.reason, at=phase.at,
+                               pid=phase.pid)
+
+    @guarded("monitor.on_phase")
+    def _on_phase(self, phase: phases.Phase) -> None:
+        for eng in list(self.engines.values()):
+            self._apply_phase(eng, phase)
 
     def on_engine_initialized(self, idx: int) -> None:
         eng = self.engine(idx)
-        eng.tracker.transition(S.WARMING_UP, reason="engine initialized")
-        eng.tracker.transition(S.READY, reason="engine ready to serve")
-        eng.tracker.transition(S.IDLE, reason="no requests yet")
         eng.progress.last_report = eng.progress.last_progress = time.time()
+
+    @guarded("monitor.intervention")
+    def intervention(self, state: S, reason: str) -> None:
+        """The control endpoint acted: enter ``state`` (paused, draining, waking) now."""
+        for eng in list(self.engines.values()):
+            # Paused on purpose: silence from here on is the operator's, not a stall. (A drain
+            # still steps: a stall while draining is a stall.)
+            eng.progress.held = state is S.PAUSED
+            eng.tracker.transition(state, reason=reason)
+
+    @guarded("monitor.resume")
+    def resume(self, reason: str, ending: frozenset[S] = INTERVENTION_STATES) -> None:
+        """An intervention (one of ``ending``) ended: back to the serving state the load says."""
+        for eng in list(self.engines.values()):
+            if eng.tracker.state in ending:
+                eng.progress.last_progress = eng.progress.last_report = time.time()
+                eng.progress.held = False
+                eng.tracker.transition(self._serving_state(eng), reason=reason)
+
+    @guarded("monitor.on_sleep_state")
+    def on_sleep_state(self, sleeping: int, level: int, idx: int) -> None:
+        """vLLM's own report (``StatLoggerBase.record_sleep_state``) after sleep and wake-up."""
+        eng = self.engines.get(idx)
+        if eng is None:
+            return
+        if sleeping:
+            eng.progress.held = True
+            eng.tracker.transition(S.SLEEPING, reason=f"vLLM reports sleep level {level}")
+        else:
+            eng.progress.last_progress = eng.progress.last_report = time.time()
+            eng.progress.held = False
+            eng.tracker.transition(self._serving_state(eng), reason="vLLM reports awake")
 
     def on_step(self, scheduler_stats: Any, iteration_stats: Any, idx: int) -> None:
         eng = self.engines.get(idx) or self.engine(idx)
@@ -336,6 +381,8 @@ class EngineMonitor:
         eng = self.engines.get(idx)
         if eng is None:
             return
+        if eng.progress.held or eng.tracker.state in END_STATES:
+            return  # held by the operator or going away: not a stall of its own
         if stalled:
             logger.warning("vllm-otel: engine %d stalled: %s", idx, why)
             self.recent_stalls.append({"engine": idx, "at": time.time(), "why": why})
@@ -361,6 +408,10 @@ class EngineMonitor:
         while not self._tick_stop.wait(1.0):
             try:
                 for eng in list(self.engines.values()):
+                    if eng.tracker.state in STARTUP_STATES and eng.steps:
+                        # vLLM's READY record was not seen (a quieter log level): its first
+                        # step is the proof that it serves.
+                        eng.tracker.transition(S.READY, reason="the engine took its first step")
                     if eng.tracker.state in (S.STALLED,) or eng.tracker.state not in _SERVING:
                         continue
                     eng.tracker.transition(self._serving_state(eng), reason="load changed")
@@ -428,8 +479,13 @@ class EngineMonitor:
         self._closed = True
         self.stall.stop()
         self._tick_stop.set()
+        phases.unsubscribe(self._on_phase)
         for e in self.engines.values():
-            e.tracker.transition(S.SHUTTING_DOWN, reason="vLLM shutting down")
+            if e.tracker.state not in (S.SHUTTING_DOWN, S.CRASHED):
+                e.tracker.transition(S.SHUTTING_DOWN, reason="process exiting without vLLM's "
+                                                             "shutdown record")
+            # Before the providers flush: the trace backend gets this last transition.
+            e.tracker.transition(S.STOPPED, reason="process exiting")
         if self.gpu is not None:
             self.gpu.stop()
         for p in (self.meter_provider, self.tracer_provider):

@@ -68,6 +68,13 @@ def register() -> None:
     if cfg.prestartup_check and role == "api_server":
         _prestartup_check()
     logger.info("vllm-otel plugin registered in pid %d (%s)", os.getpid(), role)
+    # Start-up phases are logged by the process that goes through them: watch in every process.
+    try:
+        from vllm_otel.instrument.phases import install as install_phases
+
+        install_phases()
+    except Exception:  # noqa: BLE001 - the rest of the plugin still works without phases
+        logger.warning("vllm-otel: start-up phases not watched in pid %d", os.getpid(), exc_info=True)
     # Control methods on EngineCore / workers: cheap class attributes, used only when called.
     from vllm_otel.instrument.control import install_engine_side
 

@@ -31,6 +31,7 @@ class ProgressState:
     stalled: bool = False
     stall_events: int = 0
     stalled_since: float | None = None
+    held: bool = False  # paused or asleep on purpose (control endpoint): silence is no stall
 
 
 class StallDetector:
@@ -81,7 +82,7 @@ class StallDetector:
             unacknowledged = (pending is not None and now - pending > self.timeout_s
                               and now - st.last_report > self.timeout_s)
             quiet_for = now - max(st.last_progress, st.last_report if not busy else st.last_progress)
-            stalled = (busy and quiet_for > self.timeout_s) or unacknowledged
+            stalled = not st.held and ((busy and quiet_for > self.timeout_s) or unacknowledged)
             if stalled and not st.stalled:
                 st.stalled, st.stalled_since = True, now
                 st.stall_events += 1

