@@ -661,7 +661,12 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             out["status"], code = "degraded", 503
         return _json(code, out)
 
-    app = _ReceiverApp(lifespan=lifespan, routes=[
+    ui: list[Route] = []
+    if page:
+        from vllm_otel.mitigate.approvals import approvals_routes
+
+        ui = approvals_routes(receiver, creds, secure_cookies=secure_cookies)
+    app = _ReceiverApp(lifespan=lifespan, routes=[*ui,
         Route("/webhook", webhook, methods=["POST"]),
         Route("/actions", list_actions, methods=["GET"]),
         Route("/actions/{action_id:int}", get_action, methods=["GET"]),
