@@ -676,6 +676,22 @@ def test_without_operators_nobody_approves(tmp_path: Path) -> None:
         create_app(Policy.from_mapping(policy_dict(), REG), store, token=TOKEN, operators={"x": TOKEN})
 
 
+def test_unauthenticated_loopback_mode_records_nobody_and_wants_json(tmp_path: Path) -> None:
+    """--allow-unauthenticated: no credentials at all. The trail says so instead of trusting `by`,
+    and a cross-site form (text/plain, no preflight) cannot flip the kill switch."""
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    app = create_app(Policy.from_mapping(policy_dict(), REG), store, actuator=RecordingActuator(),
+                     metrics_source=StaticMetrics({"kv": 0.5}), start_worker=False)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+            r = await c.post("/killswitch", content=b'{"engaged": true}', headers={"content-type": "text/plain"})
+            assert r.status_code == 415 and not store.kill_switch().engaged
+            r = await c.post("/killswitch", json={"engaged": True, "by": "alice"})
+            assert r.status_code == 200 and r.json()["by"] == "unauthenticated"
+    run(go())
+
+
 def test_reject_and_resolve_while_awaiting_approval(tmp_path: Path) -> None:
     env = Env(tmp_path, strategies={"poke": {"mode": "approval"}})
     a, b = am_alert(instance=I1), am_alert(instance=I2)

@@ -83,6 +83,9 @@ def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool 
     """The ``/ui`` routes for ``receiver`` (a :class:`~vllm_otel.mitigate.receiver.Receiver`)."""
     sessions = sessions or SessionStore()
     store = receiver.store
+    # Without credentials (loopback only) there is no session, but forms still carry a token that
+    # another site cannot read, so a page elsewhere cannot post to this one.
+    open_csrf = secrets.token_urlsafe(32)
 
     def cookie(resp: Response, name: str, value: str, max_age: int) -> None:
         resp.set_cookie(name, value, max_age=max_age, path="/ui", httponly=True, samesite="strict",
@@ -91,7 +94,7 @@ def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool 
     def current(request: Request) -> tuple[str, str] | None:
         if creds.open:  # loopback without credentials: everyone is the same nobody
             sid = request.cookies.get(SESSION_COOKIE)
-            return sessions.get(sid) or (Credentials.UNAUTHENTICATED, "open")
+            return sessions.get(sid) or (Credentials.UNAUTHENTICATED, open_csrf)
         return sessions.get(request.cookies.get(SESSION_COOKIE))
 
     async def form(request: Request) -> dict[str, str] | None:

@@ -588,6 +588,10 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         return _json(200, row.to_json())
 
     async def _operator_body(request: Request, model: type[_B]) -> _B | JSONResponse:
+        if creds.open and "json" not in request.headers.get("content-type", ""):
+            # No credentials to check: at least a page on another site cannot post here (a
+            # cross-site form can send text/plain, never application/json without CORS).
+            return _json(415, {"detail": "send the body as application/json"})
         body = await read_body(request, OPERATOR_MAX_BODY_BYTES)
         if isinstance(body, Response):
             return body
