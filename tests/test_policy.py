@@ -97,7 +97,8 @@ def test_check_config_cli(capsys: pytest.CaptureFixture[str]) -> None:
     (["--token-file", "/nonexistent/token"], "cannot read --token-file"),
     (["--allow-unauthenticated", "--tls-cert", "c.pem"], "go together"),
     (["--allow-unauthenticated", "--operator", "alice"], "--operator wants NAME=FILE"),
-    (["--allow-unauthenticated", "--operator", "alice=/nonexistent/alice"], "cannot read the credential of operator alice"),
+    (["--allow-unauthenticated", "--operator", "alice=/nonexistent/alice"],
+     "cannot read the credential of operator alice"),
     (["--allow-unauthenticated", "--operator", "al ice=/etc/hostname"], "bad operator name"),
 ])
 def test_cli_refuses_unsafe_or_broken_setups(argv: list[str], message: str,

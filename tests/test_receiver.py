@@ -685,7 +685,8 @@ def test_unauthenticated_loopback_mode_records_nobody_and_wants_json(tmp_path: P
 
     async def go() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
-            r = await c.post("/killswitch", content=b'{"engaged": true}', headers={"content-type": "text/plain"})
+            r = await c.post("/killswitch", content=b'{"engaged": true}',
+                             headers={"content-type": "text/plain"})
             assert r.status_code == 415 and not store.kill_switch().engaged
             r = await c.post("/killswitch", json={"engaged": True, "by": "alice"})
             assert r.status_code == 200 and r.json()["by"] == "unauthenticated"

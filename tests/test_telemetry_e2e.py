@@ -101,7 +101,8 @@ def test_status_and_lifecycle_endpoints_without_secrets(vllm_server):
     assert st["otlp"]["traces"] is True and st["otlp"]["metrics"] is True
     raw = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10, headers=MONITORING_AUTH).text
     assert FAKE_SECRET not in raw
-    hist = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10, headers=MONITORING_AUTH).json()["engines"]["0"]["history"]
+    hist = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10,
+                     headers=MONITORING_AUTH).json()["engines"]["0"]["history"]
     states = [h["to_state"] for h in hist]
     for s in ("validating", "configuring", "kv_cache_allocation", "warming_up", "ready", "idle"):
         assert s in states
@@ -176,7 +177,8 @@ def test_stopped_engine_core_is_reported_stalled_while_health_says_200(vllm_serv
                 break
             time.sleep(0.2)
         health = httpx.get(f"{vllm_server.url}/health", timeout=5).status_code
-        state = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=5, headers=MONITORING_AUTH).json()["engines"]["0"]
+        state = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=5,
+                          headers=MONITORING_AUTH).json()["engines"]["0"]
         # the fault itself: the process is stopped and no token came while it was
         frozen = (core.status(), _metric(text, "vllm:generation_tokens_total"),
                   _metric(vllm_server.metrics_text(), "vllm:generation_tokens_total"))
