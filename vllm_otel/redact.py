@@ -246,11 +246,19 @@ def _redact_text(text: str) -> str:
     if "://" in text and "@" in text:
         text = _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
     text = _TOKEN_SHAPES.sub(REDACTED, text)
+    # A name is only secret (is_secret_key) when it holds one of these words; without any, the
+    # name=value and --flag value passes (a Python step per match) have nothing to find.
+    if not any(w in lower for w in _NAME_TRIGGERS):
+        return text
     if "=" in text or ":" in text:
         text = _sub_named(_ASSIGNMENT, text, _assignment_repl)
     if "-" in text:
         text = _sub_named(_CLI_FLAG, text, _cli_repl)
     return text
+
+
+_NAME_TRIGGERS = ("secret", "pass", "pwd", "credential", "cookie", "private", "signature", "key",
+                  "token", "auth", "session", "dsn", "header")
 
 
 def _plain_fields(obj: Any) -> dict[str, Any] | None:
