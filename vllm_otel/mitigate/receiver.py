@@ -5,7 +5,8 @@ answers 202 before any work runs; the background :class:`~vllm_otel.mitigate.wor
 takes jobs from the store, asks the guards and the learner, runs the chosen strategy through the
 actuator, verifies it, and records the outcome (which the learner reads back from the store).
 Because the work queue lives in the store, a restarted receiver resumes pending work and several
-replicas can share one PostgreSQL. Operators approve, reject and stop actions over HTTP here.
+replicas can share one PostgreSQL. Operators approve, reject and stop actions over HTTP here (and
+on the /ui page), each with their own credential; the intake token only delivers webhooks.
 
 Only 5xx answers make Alertmanager retry, so: 400 for payloads that will never be valid, 401/403
 for auth, 413 for oversize bodies, 503 when the store is down (retry is right then).
