@@ -87,6 +87,17 @@ if ! have_prom || ! have_am || ! have_pg || ! have_browser || ! have_sd; then
 else
   log "prometheus, alertmanager, postgresql and chromium present"
 fi
+# Test dependency: the approvals page is tested in a real headless browser (Debian's chromium).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [[ "${VLLM_OTEL_NO_APT:-0}" != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    log "installing chromium (Debian package; tests of the approvals page)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+  else
+    log "WARNING: chromium not found and apt-get not usable: the approvals-page tests will skip"
+  fi
+fi
 
 # 5. The tiny model the tests and the demo serve (no downloads: random weights, local tokenizer).
 MODEL_DIR="${VLLM_OTEL_TINY_MODEL:-$ROOT/.cache/tiny-model}"

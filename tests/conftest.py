@@ -57,8 +57,13 @@ def traces_dir() -> Path:
 
 # Stall timeout of the session server: short so the SIGSTOP test runs in seconds.
 STALL_TIMEOUT_S = 3.0
-# A secret in the server's environment: it must never show up in anything we store or serve.
+# A secret in the server's environment and on its command line (--hf-token; the model is local, so
+# vLLM never sends it anywhere): it must never show up in anything we store or serve.
 FAKE_SECRET = "hf_vllmotelTESTSECRETabcdefghijklmnop"
+# The session server's control token: it turns on /monitoring/control/* and, being set, makes the
+# monitoring routes want a bearer token (this one; vLLM has no API key here).
+CONTROL_TOKEN = "session-control-token-8d7c6b5a4f3e"
+MONITORING_AUTH = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
 
 
 @pytest.fixture(scope="session")
@@ -75,10 +80,13 @@ def vllm_server(tiny_model: Path, workdir: Path, otlp_receiver) -> Iterator:  # 
     pytest.importorskip("vllm")
     from vllm_otel.testing.services import VllmServer
 
+    token_file = workdir / "session-control-token"
+    token_file.write_text(CONTROL_TOKEN + "\n")
     env = {**otlp_receiver.otel_env("grpc"), "OTEL_METRIC_EXPORT_INTERVAL": "1000",
            "OTEL_SERVICE_NAME": "vllm-test-a", "VLLM_MONITOR_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S),
-           "HF_TOKEN": FAKE_SECRET}
-    srv = VllmServer(tiny_model, workdir, num_gpu_blocks=KV_BLOCKS, max_model_len=MAX_MODEL_LEN, env=env)
+           "HF_TOKEN": FAKE_SECRET, "VLLM_OTEL_CONTROL_TOKEN_FILE": str(token_file)}
+    srv = VllmServer(tiny_model, workdir, num_gpu_blocks=KV_BLOCKS, max_model_len=MAX_MODEL_LEN, env=env,
+                     extra_args=["--hf-token", FAKE_SECRET])
     _SERVICES.append(srv)
     srv.start()
     yield srv

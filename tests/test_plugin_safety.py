@@ -53,10 +53,13 @@ def test_general_plugin_is_idempotent(monkeypatch):
 
 
 def test_general_plugin_swallows_its_own_failure(monkeypatch, caplog):
-    import vllm_otel.instrument.guard as guard
+    import vllm_otel.config as config
+
+    def broken() -> None:  # a bug deep inside registration, injected from here
+        raise RuntimeError("deliberate failure while registering")
 
     monkeypatch.setattr(plugin, "_registered_pid", None)
-    monkeypatch.setattr(guard, "_RAISE_IN", frozenset({"general_plugin.register"}))
+    monkeypatch.setattr(config, "load_config", broken)
     before = hook_errors["general_plugin.register"]
     with caplog.at_level(logging.WARNING, logger="vllm_otel"):
         assert plugin.register() is None  # no exception reaches the caller (vLLM)

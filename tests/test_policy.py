@@ -96,6 +96,10 @@ def test_check_config_cli(capsys: pytest.CaptureFixture[str]) -> None:
     (["--allow-unauthenticated", "--host", "0.0.0.0"], "refusing to listen"),
     (["--token-file", "/nonexistent/token"], "cannot read --token-file"),
     (["--allow-unauthenticated", "--tls-cert", "c.pem"], "go together"),
+    (["--allow-unauthenticated", "--operator", "alice"], "--operator wants NAME=FILE"),
+    (["--allow-unauthenticated", "--operator", "alice=/nonexistent/alice"],
+     "cannot read the credential of operator alice"),
+    (["--allow-unauthenticated", "--operator", "al ice=/etc/hostname"], "bad operator name"),
 ])
 def test_cli_refuses_unsafe_or_broken_setups(argv: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,6 +108,20 @@ def test_cli_refuses_unsafe_or_broken_setups(argv: list[str], message: str,
     args = parser.parse_args(["receiver", "--config", str(EXAMPLE), *argv])
     assert args.func(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_short_or_shared_operator_credentials(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    short, intake = tmp_path / "short", tmp_path / "intake"
+    short.write_text("hunter2\n")
+    intake.write_text("the-intake-token-0123456789\n")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    for argv, message in ((["--allow-unauthenticated", "--operator", f"alice={short}"], "shorter than 16"),
+                          (["--token-file", str(intake), "--operator", f"alice={intake}"], "different secrets")):
+        args = parser.parse_args(["receiver", "--config", str(EXAMPLE), *argv])
+        assert args.func(args) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_policy_errors_name_the_file_and_the_problem(tmp_path: Path) -> None:

@@ -38,7 +38,26 @@ from vllm_otel.testing.processes import free_port
 from vllm_otel.testing.services import UvicornThread
 from vllm_otel.testing.webhook import WebhookSink
 
-TOKEN = "receiver-test-token-4f9a8b7c6d5e"
+TOKEN = "receiver-test-token-4f9a8b7c6d5e"  # the intake token: Alertmanager's, webhooks only
+OPERATORS = {"alice": "operator-alice-credential-0a1b2c3d", "bob": "operator-bob-credential-5f6a7b8c"}
+
+
+class RoleAuth:
+    """What each caller holds: Alertmanager the intake token (POST /webhook), an operator (alice
+    unless told) their own credential for everything else. A callable, the auth form both httpx
+    and the test client's httpx accept."""
+
+    def __init__(self, operator: str = "alice") -> None:
+        self.operator = operator
+
+    def __call__(self, request: Any) -> Any:
+        token = TOKEN if request.url.path == "/webhook" else OPERATORS[self.operator]
+        request.headers["Authorization"] = f"Bearer {token}"
+        return request
+
+
+ROLES = RoleAuth()
+OP_AUTH = {"Authorization": f"Bearer {OPERATORS['alice']}"}
 I1, I2, I3 = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"
 
 
@@ -184,13 +203,23 @@ class Env:
         self.app = create_app(self.policy, self.store, actuator=self.actuator,
                               metrics_source=metrics if metrics is not None
                               else StaticMetrics({"kv": 0.5}),
-                              learner=learner, token=TOKEN, start_worker=start_worker)
+                              learner=learner, token=TOKEN, operators=OPERATORS,
+                              start_worker=start_worker)
         self.receiver = self.app.state.receiver
 
-    def client(self, token: str | None = TOKEN) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
-                                 base_url="http://receiver", headers=headers)
+    def client(self, token: str | None = TOKEN, *, operator: str = "alice") -> httpx.AsyncClient:
+        """``token`` TOKEN (the default): each route gets its role's credential (:class:`RoleAuth`);
+        else exactly this bearer token (None: none) on every request."""
+        if token == TOKEN:
+            return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                     base_url="http://receiver", auth=RoleAuth(operator))
+        return self.only(token) if token else httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://receiver")
+
+    def only(self, token: str) -> httpx.AsyncClient:
+        """A client that sends exactly ``token`` on every request, whatever the route."""
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://receiver",
+                                 headers={"Authorization": f"Bearer {token}"})
 
     async def post(self, payload: Any, **kw: Any) -> httpx.Response:
         async with self.client() as c:
@@ -211,6 +240,12 @@ class Env:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def role_client(app: Any) -> TestClient:
+    c = TestClient(app)
+    c.auth = ROLES
+    return c
 
 
 @pytest.fixture
@@ -580,7 +615,8 @@ def test_approval_waits_for_approve_then_runs(tmp_path: Path) -> None:
         [act] = await env.actions()
         assert act["status"] == "awaiting_approval"
         async with env.client() as c:
-            r = await c.post(f"/actions/{act['id']}/approve", json={"by": "alice", "comment": "go"})
+            # "by" in the body is what the caller claims; the audit trail names the credential's owner.
+            r = await c.post(f"/actions/{act['id']}/approve", json={"by": "mallory", "comment": "go"})
             assert r.status_code == 202, r.text
             assert (await c.post(f"/actions/{act['id']}/approve")).status_code == 409
             assert (await c.post("/actions/999/approve")).status_code == 404
@@ -588,7 +624,72 @@ def test_approval_waits_for_approve_then_runs(tmp_path: Path) -> None:
         assert env.actuator.calls == [(I1, "poke", {"level": 1})]
         [act] = await env.actions()
         assert act["outcome"] == "success" and act["timings"]["approved_by"] == "alice"
+        assert "mallory" not in json.dumps(act)
         assert any(g["guard"] == "kill_switch" for g in act["guards"])
+    run(go())
+
+
+def test_the_intake_token_cannot_approve_reject_read_or_release_the_kill_switch(tmp_path: Path) -> None:
+    env = Env(tmp_path, strategies={"poke": {"mode": "approval"}})
+
+    async def go() -> None:
+        await env.post(am_payload(am_alert()))
+        await env.receiver.drain()
+        [act] = await env.actions()
+        async with env.client() as ops:  # alice engages the kill switch, claiming to be someone else
+            r = await ops.post("/killswitch", json={"engaged": True, "reason": "drill", "by": "mallory"})
+            assert r.status_code == 200 and r.json()["by"] == "alice"
+        async with env.only(TOKEN) as intake, env.client(token=None) as anon:
+            for c, code in ((intake, 403), (anon, 401)):
+                answers = [await c.post(f"/actions/{act['id']}/approve", json={"comment": "x"}),
+                           await c.post(f"/actions/{act['id']}/reject", json={}),
+                           await c.post("/killswitch", json={"engaged": False}),
+                           await c.get("/killswitch"), await c.get("/actions"),
+                           await c.get(f"/actions/{act['id']}"), await c.get("/learner")]
+                assert [a.status_code for a in answers] == [code] * len(answers)
+            r = await intake.post(f"/actions/{act['id']}/approve")
+            assert "only delivers webhooks" in r.json()["detail"]
+        # An operator's credential does not deliver webhooks either.
+        async with env.client(token=OPERATORS["bob"]) as bob:
+            assert (await bob.post("/webhook", json=am_payload(am_alert(instance=I2)))).status_code == 403
+        await env.receiver.drain()
+        [act] = await env.actions()
+        assert act["status"] == "awaiting_approval" and env.actuator.calls == []
+        assert env.store.kill_switch().engaged and env.store.kill_switch().by == "alice"
+    run(go())
+
+
+def test_without_operators_nobody_approves(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    app = create_app(Policy.from_mapping(policy_dict(strategies={"poke": {"mode": "approval"}}), REG),
+                     store, actuator=RecordingActuator(), metrics_source=StaticMetrics({"kv": 0.5}),
+                     token=TOKEN, start_worker=False)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            assert (await c.post("/webhook", json=am_payload(am_alert()))).status_code == 202
+            r = await c.post("/killswitch", json={"engaged": False})
+            assert r.status_code == 403 and "--operator" in r.json()["detail"]
+    run(go())
+    with pytest.raises(ValueError, match="different secrets"):
+        create_app(Policy.from_mapping(policy_dict(), REG), store, token=TOKEN, operators={"x": TOKEN})
+
+
+def test_unauthenticated_loopback_mode_records_nobody_and_wants_json(tmp_path: Path) -> None:
+    """--allow-unauthenticated: no credentials at all. The trail says so instead of trusting `by`,
+    and a cross-site form (text/plain, no preflight) cannot flip the kill switch."""
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    app = create_app(Policy.from_mapping(policy_dict(), REG), store, actuator=RecordingActuator(),
+                     metrics_source=StaticMetrics({"kv": 0.5}), start_worker=False)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+            r = await c.post("/killswitch", content=b'{"engaged": true}',
+                             headers={"content-type": "text/plain"})
+            assert r.status_code == 415 and not store.kill_switch().engaged
+            r = await c.post("/killswitch", json={"engaged": True, "by": "alice"})
+            assert r.status_code == 200 and r.json()["by"] == "unauthenticated"
     run(go())
 
 
@@ -600,8 +701,8 @@ def test_reject_and_resolve_while_awaiting_approval(tmp_path: Path) -> None:
         await env.post(am_payload(a, b))
         await env.receiver.drain()
         acts = {x["alert"]["instance"]: x for x in await env.actions()}
-        async with env.client() as c:
-            r = await c.post(f"/actions/{acts[I1]['id']}/reject", json={"by": "bob"})
+        async with env.client(operator="bob") as c:
+            r = await c.post(f"/actions/{acts[I1]['id']}/reject", json={"comment": "not now"})
             assert r.status_code == 200 and r.json()["outcome"] == "rejected"
         await env.post(am_payload(resolved(b)))
         acts = {x["alert"]["instance"]: x for x in await env.actions()}
@@ -834,7 +935,7 @@ def test_worker_parts_are_warmed_at_start_up_before_the_first_webhook(tmp_path: 
         raise RuntimeError("no CA bundle")
 
     env.actuator.warm_up = broken  # type: ignore[attr-defined]
-    with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with role_client(env.app) as c:
         order.append("listening")
         assert c.post("/webhook", json=am_payload(am_alert())).status_code == 202
         time.sleep(0.3)
@@ -863,13 +964,13 @@ def test_restart_resumes_pending_work(tmp_path: Path) -> None:
     """Accept with one app (worker never runs), stop it; a new app on the same SQLite file acts."""
     db = f"sqlite:///{tmp_path / 'shared.db'}"
     first = Env(tmp_path, db_url=db, start_worker=False)
-    with TestClient(first.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with role_client(first.app) as c:
         assert c.post("/webhook", json=am_payload(am_alert())).status_code == 202
     first.store.close()
     assert first.actuator.calls == []
 
     second = Env(tmp_path, db_url=db, start_worker=True)
-    with TestClient(second.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with role_client(second.app) as c:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             acts = c.get("/actions").json()["actions"]
@@ -890,7 +991,7 @@ def test_paced_worker_misses_no_work_in_a_storm_of_wakes(tmp_path: Path) -> None
               guards={"cooldown_s": 0, "blast_radius": {"max_affected_fraction": 1.0}})
     storm = {"on": True}
     env.receiver.worker.foreground_busy = lambda: storm["on"]
-    with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+    with role_client(env.app) as c:
         for inst in (I1, I2, I3):
             assert c.post("/webhook", json=am_payload(am_alert(instance=inst))).status_code == 202
         for _ in range(300):  # the intake's wake-ups during a storm
@@ -926,7 +1027,7 @@ def test_restarted_worker_waits_for_the_retry_wave(tmp_path: Path, storm_s: floa
               guards={"cooldown_s": 0})
     t0 = time.monotonic()
     env.receiver.worker.foreground_busy = lambda: time.monotonic() - t0 < storm_s
-    with TestClient(env.app, headers={"Authorization": f"Bearer {TOKEN}"}):
+    with role_client(env.app):
         while not env.actuator.calls and time.monotonic() - t0 < 10:
             time.sleep(0.01)
         took = time.monotonic() - t0
@@ -998,7 +1099,7 @@ def test_receiver_replays_stored_outcomes_into_a_fresh_learner(tmp_path: Path) -
     assert [c[1] for c in env.actuator.calls] == ["restart"]
     assert "skipped poke" in run(env.actions())[0]["why"]
 
-    async def learner(token: str | None = TOKEN) -> httpx.Response:
+    async def learner(token: str | None = TOKEN) -> httpx.Response:  # TOKEN: each role its own
         async with env.client(token) as c:
             return await c.get("/learner")
 
@@ -1091,7 +1192,7 @@ def _wait_actions(url: str, pred: Any, timeout_s: float = 15) -> list[dict[str, 
     deadline = time.monotonic() + timeout_s
     acts: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        acts = httpx.get(f"{url}/actions", headers={"Authorization": f"Bearer {TOKEN}"}).json()["actions"]
+        acts = httpx.get(f"{url}/actions", headers=OP_AUTH).json()["actions"]
         if pred(acts):
             return acts
         time.sleep(0.1)
@@ -1121,6 +1222,7 @@ def _cli_files(tmp_path: Path) -> tuple[Path, Path]:
     """A token file and a dry-run policy for a `vllm-otel receiver` process."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    (tmp_path / "alice.cred").write_text(OPERATORS["alice"] + "\n")
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(yaml.safe_dump({
         "targets": [{"instance": I1}], "default_mode": "dry-run",
@@ -1155,7 +1257,8 @@ def test_receiver_command_serves_tls_with_a_token_file(tmp_path: Path) -> None:
     url = f"https://127.0.0.1:{port}"
     proc = ManagedProcess("receiver", [
         sys.executable, "-c", _CLI, "receiver", "--config", str(policy_file), "--port", str(port),
-        "--token-file", str(token_file), "--tls-cert", str(cert), "--tls-key", str(key),
+        "--token-file", str(token_file), "--operator", f"alice={tmp_path / 'alice.cred'}",
+        "--tls-cert", str(cert), "--tls-key", str(key),
         "--db-url", f"sqlite:///{tmp_path / 'cli.db'}"], tmp_path / "receiver.log")
     with proc, httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=5) as c:
         deadline = time.monotonic() + 20
@@ -1173,7 +1276,7 @@ def test_receiver_command_serves_tls_with_a_token_file(tmp_path: Path) -> None:
         assert c.post(f"{url}/webhook", json=am_payload(am_alert()), headers=auth).status_code == 202
         deadline = time.monotonic() + 10
         while True:
-            acts = c.get(f"{url}/actions", headers=auth).json()["actions"]
+            acts = c.get(f"{url}/actions", headers=OP_AUTH).json()["actions"]
             if acts and acts[0]["outcome"] or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.test_receiver import Env, am_alert, am_payload
@@ -101,3 +102,87 @@ def test_after_the_fuzzing_valid_alerts_are_still_taken_and_kept(tmp_path_factor
     keys = [(a.fingerprint, a.starts_at) for a in env.store.alerts(limit=10_000)
             if (a.fingerprint, a.starts_at) in originals]
     assert sorted(keys) == sorted(originals)  # each once
+
+
+# --- one webhook must not stop the intake ---------------------------------------------------------
+# Seen as an attacker holding the intake token: one 70 kB body whose groupKey was a 70,000-character
+# token-like string held the event loop for minutes (redaction was quadratic), and every webhook
+# behind it timed out. Each webhook under the body limit must be answered within a second, and so
+# must the ones sent beside it.
+
+PIECES = ["a", "A", "0", ".", "-", "_", "=", ":", "/", "@", "eyJ", "sk-", "hf_", "ghp_", "://", "token",
+          "key", "Bearer ", "\"", "-----BEGIN RSA PRIVATE KEY-----", "%", "\\"]
+FIELDS = ["groupKey", "receiver", "externalURL", "label", "label_name", "annotation", "generatorURL",
+          "fingerprint", "commonLabels", "many_annotations"]
+LIMIT_S = 1.0
+
+
+def _adversarial(unit: str, n: int) -> str:
+    return (unit * (n // max(1, len(unit)) + 1))[:n]
+
+
+def _hostile(field: str, text: str) -> dict:
+    p = am_payload(am_alert(instance="10.0.0.9:8000", extra_label="hostile"))
+    a = p["alerts"][0]
+    if field in ("groupKey", "receiver", "externalURL"):
+        p[field] = text
+    elif field == "label":
+        a["labels"]["x"] = text
+    elif field == "label_name":
+        a["labels"][text[:5000]] = "v"
+    elif field == "annotation":
+        a["annotations"]["description"] = text
+    elif field == "generatorURL":
+        a["generatorURL"] = text
+    elif field == "fingerprint":
+        a["fingerprint"] = text
+    elif field == "commonLabels":
+        p["commonLabels"] = {f"l{i}": text[:2000] for i in range(200)}
+    else:  # as many annotations at their cap as the body limit allows
+        a["annotations"] = {f"a{i}": text[:16000] for i in range(60)}
+    return p
+
+
+def _timed_post(env: Env, body: bytes) -> tuple[int, float]:
+    async def go() -> tuple[int, float]:
+        async with env.client() as c:
+            t0 = time.perf_counter()
+            r = await c.post("/webhook", content=body, headers={"content-type": "application/json"})
+            return r.status_code, time.perf_counter() - t0
+    return asyncio.run(go())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(field=st.sampled_from(FIELDS), pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=3),
+       n=st.integers(1_000, 70_000))
+def test_no_webhook_under_the_body_limit_takes_a_second(tmp_path_factory, field, pieces, n):  # noqa: ANN001
+    env = _env(tmp_path_factory)
+    body = json.dumps(_hostile(field, _adversarial("".join(pieces), n))).encode()
+    assume(len(body) <= env.receiver.max_body_bytes)
+    code, took = _timed_post(env, body)
+    assert code in (202, 400), code
+    assert took < LIMIT_S, (field, "".join(pieces), n, took)
+
+
+def test_a_70kb_group_key_is_refused_at_once_and_the_intake_keeps_answering(tmp_path) -> None:  # noqa: ANN001
+    """Over a real uvicorn: the body from the attack, then webhooks in a row, each within 1 s."""
+    import httpx
+
+    from tests.test_receiver import TOKEN
+    from vllm_otel.testing.services import UvicornThread
+
+    env = Env(tmp_path, start_worker=True)
+    hostile = am_payload(am_alert())
+    hostile["groupKey"] = _adversarial("hf_", 70_000)
+    body = json.dumps(hostile).encode()
+    assert 70_000 < len(body) < env.receiver.max_body_bytes
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    with UvicornThread(env.app) as srv, httpx.Client(base_url=srv.url, headers=auth, timeout=10) as c:
+        t0 = time.perf_counter()
+        r = c.post("/webhook", content=body)
+        assert time.perf_counter() - t0 < LIMIT_S
+        assert r.status_code == 400 and "groupKey" in r.json()["detail"]
+        for i in range(42):
+            t0 = time.perf_counter()
+            r = c.post("/webhook", json=am_payload(am_alert(instance=f"10.0.1.{i}:8000")))
+            assert r.status_code == 202 and time.perf_counter() - t0 < LIMIT_S, i

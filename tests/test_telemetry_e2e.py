@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import FAKE_SECRET, STALL_TIMEOUT_S
+from tests.conftest import FAKE_SECRET, MONITORING_AUTH, STALL_TIMEOUT_S
 from vllm_otel.instrument import semconv as sc
 from vllm_otel.testing.processes import engine_core_process
 
@@ -95,13 +95,14 @@ def test_prometheus_scrapes_vllm_otel_series(vllm_server, prometheus):
 
 
 def test_status_and_lifecycle_endpoints_without_secrets(vllm_server):
-    st = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=10).json()
+    st = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=10, headers=MONITORING_AUTH).json()
     assert st["model"] == "tiny" and "active_requests" in st
     assert st["engines"]["0"]["lifecycle_state"] in {"idle", "serving", "preempting", "saturated"}
     assert st["otlp"]["traces"] is True and st["otlp"]["metrics"] is True
-    raw = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10).text
+    raw = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10, headers=MONITORING_AUTH).text
     assert FAKE_SECRET not in raw
-    hist = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10).json()["engines"]["0"]["history"]
+    hist = httpx.get(f"{vllm_server.url}/monitoring/lifecycle", timeout=10,
+                     headers=MONITORING_AUTH).json()["engines"]["0"]["history"]
     states = [h["to_state"] for h in hist]
     # vLLM's start-up phases as its own records announced them (timed in test_actuators).
     assert states[:6] == ["configuring", "distributed_init", "model_loading", "weights_loading",
@@ -177,7 +178,8 @@ def test_stopped_engine_core_is_reported_stalled_while_health_says_200(vllm_serv
                 break
             time.sleep(0.2)
         health = httpx.get(f"{vllm_server.url}/health", timeout=5).status_code
-        state = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=5).json()["engines"]["0"]
+        state = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=5,
+                          headers=MONITORING_AUTH).json()["engines"]["0"]
         # the fault itself: the process is stopped and no token came while it was
         frozen = (core.status(), _metric(text, "vllm:generation_tokens_total"),
                   _metric(vllm_server.metrics_text(), "vllm:generation_tokens_total"))
@@ -218,7 +220,7 @@ def test_collector_down_never_breaks_serving(vllm_server, otlp_receiver):
             if failed >= 1:
                 break
             time.sleep(1)
-        status = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=10).json()
+        status = httpx.get(f"{vllm_server.url}/monitoring/status", timeout=10, headers=MONITORING_AUTH).json()
     finally:
         otlp_receiver.start()
     assert per_req < 1.0, per_req  # serving is not held up by export retries

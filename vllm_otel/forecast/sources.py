@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from vllm_otel.httpread import METRICS_MAX_BYTES, QUERY_MAX_BYTES, BodyTooLarge, request_capped_sync
 from vllm_otel.forecast.promjson import InputError, RawFrame, in_shard, parse_query_range
 from vllm_otel.forecast.signals import InputSeries
 
@@ -149,7 +150,7 @@ class PrometheusSource:
     def _get(self, endpoint: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{endpoint}"
         try:
-            r = self._client.get(url, params=params)
+            r = request_capped_sync(self._client, "GET", url, max_bytes=QUERY_MAX_BYTES, params=params)
         except httpx.TimeoutException:
             raise SourceError(f"Prometheus at {self.url} did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as e:
@@ -231,7 +232,10 @@ class ScrapeSource:
                                         thread_name_prefix="vllm-otel-scrape")
 
     def _scrape(self, url: str, instance: str, t: float) -> list[dict[str, Any]]:
-        r = self._client.get(url)
+        try:
+            r = request_capped_sync(self._client, "GET", url, max_bytes=METRICS_MAX_BYTES)
+        except BodyTooLarge as e:
+            raise SourceError(str(e)) from None
         if r.status_code != 200:
             raise SourceError(f"HTTP {r.status_code}")
         return parse_exposition(r.text, instance, t, self._names)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import time
 from typing import Any
 
@@ -37,6 +38,27 @@ class ControlError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _int(name: str, value: Any, minimum: int | None = None) -> int:
+    """A request parameter as an int, or a ControlError (400) that names it."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ControlError(f"{name} must be an integer, got {value!r}")
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ControlError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and n < minimum:
+        raise ControlError(f"{name} must be >= {minimum}")
+    return n
+
+
+def _startup_budget(sched: Any) -> int | None:
+    """The scheduler's token budget as vLLM set it at start-up (its buffers are sized for it);
+    remembered on the scheduler before our first change."""
+    if not hasattr(sched, "_vllm_otel_startup_budget"):
+        sched._vllm_otel_startup_budget = getattr(sched, "max_num_scheduled_tokens", None)
+    return sched._vllm_otel_startup_budget
 
 
 # ---- engine side -------------------------------------------------------------------------------
@@ -73,6 +95,11 @@ def _engine_control(self: Any, action: str, params: dict | None = None) -> dict:
         n = int(params["max_num_batched_tokens"])
         if n < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        limit = _startup_budget(sched)
+        if limit is not None and n > limit:
+            # The model runner's input buffers hold at most the start-up budget per step.
+            raise ValueError(f"max_num_batched_tokens {n} exceeds what vLLM allocated at start-up "
+                             f"({limit})")
         cfg = getattr(self, "vllm_config", None)
         sc = getattr(cfg, "scheduler_config", None)
         max_len = getattr(getattr(cfg, "model_config", None), "max_model_len", None)
@@ -160,10 +187,11 @@ class ControlPlane:
         if action not in ACTIONS:
             raise ControlError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
         handler = getattr(self, "_do_" + action)
-        try:
-            result = await handler(**params)
+        try:  # the parameters are checked against the handler, so that a TypeError from inside
+            inspect.signature(handler).bind(**params)  # it is an internal error (500), not a 400
         except TypeError as e:
             raise ControlError(f"bad parameters for {action}: {e}") from None
+        result = await handler(**params)
         logger.warning("vllm-otel control: %s %s -> %s", action, params, result)
         return {"action": action, "params": params, "result": result, "at": time.time()}
 
@@ -195,10 +223,16 @@ class ControlPlane:
             return None
 
     async def _do_set_max_running(self, max_num_seqs: int) -> dict:
-        return await self._engine("set_max_running", {"max_num_seqs": int(max_num_seqs)})
+        return await self._engine("set_max_running", {"max_num_seqs": _int("max_num_seqs", max_num_seqs, 1)})
 
     async def _do_set_token_budget(self, max_num_batched_tokens: int) -> dict:
-        return await self._engine("set_token_budget", {"max_num_batched_tokens": int(max_num_batched_tokens)})
+        n = _int("max_num_batched_tokens", max_num_batched_tokens, 1)
+        sc = getattr(getattr(self.client, "vllm_config", None), "scheduler_config", None)
+        limit = getattr(sc, "max_num_batched_tokens", None)
+        if isinstance(limit, int) and n > limit:
+            raise ControlError(f"max_num_batched_tokens {n} exceeds what vLLM allocated at start-up "
+                               f"(--max-num-batched-tokens {limit})")
+        return await self._engine("set_token_budget", {"max_num_batched_tokens": n})
 
     async def _do_set_queue_limits(self, **limits: Any) -> dict:
         # The front end checks these on every new request (AsyncLLM.check_admission): excess
@@ -243,9 +277,13 @@ class ControlPlane:
             ages.append((now - arrival, st.external_req_id))
         ages.sort(reverse=True)
         if older_than_s is not None:
-            victims = [rid for age, rid in ages if age >= float(older_than_s)]
+            try:
+                bound = float(older_than_s)
+            except (TypeError, ValueError):
+                raise ControlError(f"older_than_s must be a number, got {older_than_s!r}") from None
+            victims = [rid for age, rid in ages if age >= bound]
         elif longest is not None:
-            victims = [rid for _, rid in ages[: int(longest)]]
+            victims = [rid for _, rid in ages[: _int("longest", longest, 0)]]
         else:
             raise ControlError("give longest or older_than_s")
         victims = list(dict.fromkeys(victims))
@@ -284,9 +322,10 @@ class ControlPlane:
             # call still succeeds: answering "sleeping" would be a lie that frees nothing.
             raise ControlError("sleep not possible here: vLLM ignores sleep mode on CPU "
                                "(weights and KV cache stay where they are)", 409)
+        level = _int("level", level, 1)
         try:
-            await self.client.sleep(int(level))
-        except Exception as e:  # noqa: BLE001 - e.g. sleep mode not enabled
+            await self.client.sleep(level)
+        except Exception as e:  # noqa: BLE001 - e.g. sleep mode not enabled / unsupported platform
             raise ControlError(f"sleep not possible here: {e}", 409) from None
         # The SLEEPING state comes from vLLM's own report (stat logger record_sleep_state).
         return {"sleeping": True, "level": int(level)}

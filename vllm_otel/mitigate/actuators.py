@@ -47,6 +47,7 @@ from vllm_otel.mitigate.strategies import ActuatorError, MetricsSnapshot
 from vllm_otel.mitigate.strategies import common as k
 from vllm_otel.mitigate.supervisor import (ComposeBackend, HttpSupervisorBackend, KubernetesBackend,
                                            RestartBackend, RestartError, RestartRequest)
+from vllm_otel.httpread import ANSWER_MAX_BYTES, METRICS_MAX_BYTES, QUERY_MAX_BYTES, request_capped
 from vllm_otel.redact import redact_text
 
 __all__ = ["HttpActuator", "PrometheusMetricsSource", "ScrapeMetricsSource", "build_actuator",
@@ -201,8 +202,9 @@ class HttpActuator:
         url = f"{target_base_url(target, cc.scheme)}/monitoring/control/{verb}"
         try:
             async with _client(timeout or cc.timeout_s, self._transport) as c:
-                r = await c.post(url, json=body, headers={"Authorization": f"Bearer {token}",
-                                                          "User-Agent": USER_AGENT})
+                r = await request_capped(c, "POST", url, max_bytes=ANSWER_MAX_BYTES, json=body,
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "User-Agent": USER_AGENT})
         except httpx.HTTPError as e:
             raise ActuatorError(f"control.{verb} on {target.instance}: {type(e).__name__}: "
                                 f"{redact_text(e)}") from None
@@ -278,7 +280,8 @@ class HttpActuator:
         payload = None if hc.body is None or hc.method in ("GET", "DELETE") else render_template(hc.body, variables)
         try:
             async with _client(timeout or hc.timeout_s, self._transport) as c:
-                r = await c.request(hc.method, url, json=payload, headers=headers)
+                r = await request_capped(c, hc.method, url, max_bytes=ANSWER_MAX_BYTES, json=payload,
+                                         headers=headers)
         except httpx.HTTPError as e:
             raise ActuatorError(f"hook {name}: {type(e).__name__}: {redact_text(e)}") from None
         if not 200 <= r.status_code < 300:
@@ -390,7 +393,8 @@ class PrometheusMetricsSource:
         if self.config.token_file is not None:
             headers["Authorization"] = f"Bearer {_secret(self.config.token_file, 'Prometheus token file')}"
         at = time.time()
-        r = await self._clients.get().get(self.url, params={"query": self.query(target)}, headers=headers)
+        r = await request_capped(self._clients.get(), "GET", self.url, max_bytes=QUERY_MAX_BYTES,
+                                 params={"query": self.query(target)}, headers=headers)
         r.raise_for_status()
         body = r.json()
         if body.get("status") != "success":
@@ -420,8 +424,9 @@ class ScrapeMetricsSource:
 
         at = time.time()
         try:
-            r = await self._clients.get().get(f"{target_base_url(target, self.scheme)}/metrics",
-                                              headers={"User-Agent": USER_AGENT})
+            r = await request_capped(self._clients.get(), "GET",
+                                     f"{target_base_url(target, self.scheme)}/metrics",
+                                     max_bytes=METRICS_MAX_BYTES, headers={"User-Agent": USER_AGENT})
         except httpx.HTTPError:
             return MetricsSnapshot(values={k.UP: 0.0}, at=at)
         if r.status_code != 200:

@@ -10,7 +10,7 @@ import socket
 import sys
 from typing import Any
 
-from vllm_otel.mitigate.serve_auth import load_server_token
+from vllm_otel.mitigate.serve_auth import load_operators, load_server_token
 
 __all__ = ["add_parser", "run"]
 
@@ -24,12 +24,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "receiver", help="Alertmanager webhook receiver: guarded, verified mitigation of vLLM",
         description="Receive Alertmanager webhooks (payload version 4) on POST /webhook, persist "
                     "every alert, and act on vLLM in the background as the policy allows. "
-                    "GET /actions is the audit trail, /metrics and /healthz the receiver's health.")
+                    "GET /actions is the audit trail, /ui the operators' approvals page, /metrics "
+                    "and /healthz the receiver's health. Two roles: the intake token "
+                    "(--token-file) only delivers webhooks; operators (--operator) read the audit "
+                    "trail, approve, reject and hold the kill switch.")
     p.add_argument("--config", required=True, help="policy file, YAML or JSON (see examples/policy.yaml)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="listen port (default %(default)s)")
-    p.add_argument("--token-file", help="file holding the bearer token clients must send "
-                                        "(Alertmanager: http_config.authorization.credentials_file)")
+    p.add_argument("--token-file", help="file holding the intake token: the bearer token Alertmanager "
+                                        "sends with webhooks (http_config.authorization.credentials_file); "
+                                        "it reaches POST /webhook and nothing else")
+    p.add_argument("--operator", action="append", metavar="NAME=FILE",
+                   help="an operator and the file holding their credential (16+ characters; repeat "
+                        "for each operator). Operators read the audit trail, approve, reject, hold "
+                        "the kill switch and log in to /ui; the audit trail records their NAME")
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="run without a token (only on a loopback address)")
     p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
@@ -121,6 +129,16 @@ def run(args: argparse.Namespace) -> int:
     token, ok = load_server_token("vllm-otel receiver", args.token_file, args.allow_unauthenticated, args.host)
     if not ok:
         return 2
+    operators, ok = load_operators("vllm-otel receiver", args.operator)
+    if not ok:
+        return 2
+    if token is not None and token in operators.values():
+        print("vllm-otel receiver: an operator credential equals the intake token; the roles need "
+              "different secrets", file=sys.stderr)
+        return 2
+    if token is not None and not operators:
+        log.warning("no --operator given: approvals, the audit trail and the kill switch are "
+                    "refused to everyone (the intake token only delivers webhooks)")
     if bool(args.tls_cert) != bool(args.tls_key):
         print("vllm-otel receiver: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -143,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         "no actuator installed (vllm_otel.mitigate.actuators.build_actuator)")
     app = create_app(policy, store, actuator=actuator,
                      metrics_source=_hook(policy, "build_metrics_source"), token=token,
+                     operators=operators, secure_cookies=bool(args.tls_cert),
                      max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, close_store=True,
                      start_worker=not args.no_worker)
     # The webhook intake and the worker share this process's GIL. A thread that wants it waits up

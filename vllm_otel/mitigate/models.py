@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 __all__ = [
     "AlertStatus", "AlertmanagerAlert", "AlertmanagerWebhook", "describe_validation_error",
@@ -37,6 +37,20 @@ def iso(ts: float | None) -> str | None:
 
 
 # --- Alertmanager webhook, version 4 -------------------------------------------------------------
+# Field caps: far above anything a Prometheus rule produces, far below what would make storing
+# and redacting one notification take long (each field is redacted on its own; a 16 kB field
+# takes ~10 ms). A notification over them is answered 400 with the field's name.
+MAX_LABEL_NAME = 256
+MAX_LABEL_VALUE = 8192
+MAX_ANNOTATION_VALUE = 16384
+MAX_LABELS = 128
+MAX_URL = 8192
+MAX_GROUP_KEY = 8192
+_LabelName = Annotated[str, StringConstraints(max_length=MAX_LABEL_NAME)]
+Labels = Annotated[dict[_LabelName, Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE)]],
+                   Field(max_length=MAX_LABELS)]
+Annotations = Annotated[dict[_LabelName, Annotated[str, StringConstraints(max_length=MAX_ANNOTATION_VALUE)]],
+                        Field(max_length=MAX_LABELS)]
 
 class AlertStatus(str, enum.Enum):
     FIRING = "firing"
@@ -49,12 +63,12 @@ class AlertmanagerAlert(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     status: AlertStatus
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+    annotations: Annotations = Field(default_factory=dict)
     starts_at: datetime = Field(alias="startsAt")
     # Go's zero time ("0001-01-01T00:00:00Z") is what a firing alert carries: None here.
     ends_at: datetime | None = Field(None, alias="endsAt")
-    generator_url: str = Field("", alias="generatorURL")
+    generator_url: str = Field("", alias="generatorURL", max_length=MAX_URL)
     fingerprint: str = Field(min_length=1, max_length=128)
 
     @field_validator("starts_at", "ends_at")
@@ -92,14 +106,14 @@ class AlertmanagerWebhook(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     version: Literal["4"]
-    group_key: str = Field(alias="groupKey")
+    group_key: str = Field(alias="groupKey", max_length=MAX_GROUP_KEY)
     truncated_alerts: int = Field(0, ge=0, alias="truncatedAlerts")
     status: AlertStatus
-    receiver: str = ""
-    group_labels: dict[str, str] = Field(default_factory=dict, alias="groupLabels")
-    common_labels: dict[str, str] = Field(default_factory=dict, alias="commonLabels")
-    common_annotations: dict[str, str] = Field(default_factory=dict, alias="commonAnnotations")
-    external_url: str = Field("", alias="externalURL")
+    receiver: str = Field("", max_length=MAX_LABEL_VALUE)
+    group_labels: Labels = Field(default_factory=dict, alias="groupLabels")
+    common_labels: Labels = Field(default_factory=dict, alias="commonLabels")
+    common_annotations: Annotations = Field(default_factory=dict, alias="commonAnnotations")
+    external_url: str = Field("", alias="externalURL", max_length=MAX_URL)
     alerts: list[AlertmanagerAlert]
 
 

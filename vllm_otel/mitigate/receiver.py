@@ -5,7 +5,8 @@ answers 202 before any work runs; the background :class:`~vllm_otel.mitigate.wor
 takes jobs from the store, asks the guards and the learner, runs the chosen strategy through the
 actuator, verifies it, and records the outcome (which the learner reads back from the store).
 Because the work queue lives in the store, a restarted receiver resumes pending work and several
-replicas can share one PostgreSQL. Operators approve, reject and stop actions over HTTP here.
+replicas can share one PostgreSQL. Operators approve, reject and stop actions over HTTP here (and
+on the /ui page), each with their own credential; the intake token only delivers webhooks.
 
 Only 5xx answers make Alertmanager retry, so: 400 for payloads that will never be valid, 401/403
 for auth, 413 for oversize bodies, 503 when the store is down (retry is right then).
@@ -14,7 +15,6 @@ for auth, 413 for oversize bodies, 503 when the store is down (retry is right th
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import queue
@@ -36,6 +36,7 @@ from vllm_otel.learn.learner import Learner
 from vllm_otel.mitigate.models import (AlertmanagerWebhook, AlertStatus, JobState, Outcome,
                                        describe_validation_error)
 from vllm_otel.mitigate.policy import Policy
+from vllm_otel.mitigate.serve_auth import Credentials, bearer
 from vllm_otel.mitigate.strategies import Actuator, MetricsSource
 from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
@@ -51,9 +52,10 @@ _B = TypeVar("_B", bound=BaseModel)
 
 # --- operator request bodies -----------------------------------------------------------------------
 
+# No ``by`` field: who acted is the operator whose credential came with the request (a ``by``
+# that older clients still send is ignored).
 class ApproveBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    by: str = Field("api", max_length=200)
     comment: str = Field("", max_length=2000)
 
 
@@ -61,7 +63,13 @@ class KillSwitchBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     engaged: bool
     reason: str = Field("", max_length=2000)
-    by: str = Field("api", max_length=200)
+
+
+# Webhook bodies above this are parsed and validated on a worker thread and stored by the
+# group-commit writer, never inline on the event loop: a small one is cheaper inline (one commit,
+# no hand-over), a large one would hold the loop, and every other webhook, for its parse.
+INLINE_MAX_BODY_BYTES = 32 * 1024
+OPERATOR_MAX_BODY_BYTES = 64 * 1024
 
 
 class IntakeGate:
@@ -141,9 +149,10 @@ class GroupCommit:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    async def submit(self, item: Any) -> Any:
-        """Store ``item`` with the next batch; its result, or the exception that kept it out."""
-        if self._inline is not None and self._q.empty():  # nothing queued to overtake
+    async def submit(self, item: Any, *, inline_ok: bool = True) -> Any:
+        """Store ``item`` with the next batch; its result, or the exception that kept it out.
+        ``inline_ok`` False: never on the caller's thread (a large notification)."""
+        if inline_ok and self._inline is not None and self._q.empty():  # nothing queued to overtake
             with self._inline() as free:
                 if free:
                     if self._thread_init is not None:
@@ -234,12 +243,12 @@ class Receiver:
 
     def __init__(self, policy: Policy, store: Store, *, actuator: Actuator | None = None,
                  metrics_source: MetricsSource | None = None, learner: Learner | None = None,
-                 token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 credentials: Credentials | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.policy = policy
         self.store = store
-        self.token = token
+        self.credentials = credentials or Credentials()
         self.max_body_bytes = max_body_bytes
         self.clock = clock
         self.worker = Worker(policy, store, actuator=actuator, metrics_source=metrics_source,
@@ -393,6 +402,11 @@ class Receiver:
                                       now=self.clock())
         return 200, {"id": action_id, "status": "finished", "outcome": Outcome.REJECTED.value}
 
+    def set_kill_switch(self, engaged: bool, by: str, reason: str = "") -> dict[str, Any]:
+        self.store.set_kill_switch(engaged, by=by, reason=reason, now=self.clock())
+        log.warning("kill switch %s by %s", "ENGAGED" if engaged else "released", by)
+        return self.kill_switch_state()
+
     def kill_switch_state(self) -> dict[str, Any]:
         if self.policy.config.kill_switch:
             return {"engaged": True, "source": "config", "reason": "kill_switch: true in the policy"}
@@ -417,22 +431,41 @@ class _ReceiverApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+def _parse_webhook(body: bytes) -> AlertmanagerWebhook | str:
+    """The notification, or why the body is not one (the 400 answer's detail)."""
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        return f"body is not valid JSON: {e}"
+    try:
+        return AlertmanagerWebhook.model_validate(data)
+    except ValidationError as e:
+        return "not an Alertmanager webhook (version 4): " + describe_validation_error(e)
+
+
 def _json(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(dict(body), status_code=status, headers=dict(headers or {}))
 
 
 def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None,
                metrics_source: MetricsSource | None = None, learner: Learner | None = None,
-               token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               token: str | None = None, operators: Mapping[str, str] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
-               start_worker: bool = True, close_store: bool = False) -> Starlette:
+               start_worker: bool = True, close_store: bool = False, page: bool = True,
+               secure_cookies: bool = False) -> Starlette:
     """The receiver's ASGI app; ``app.state.receiver`` is the :class:`Receiver`.
 
-    ``token``: the bearer token clients must send (None: no auth, for loopback-only setups).
+    ``token``: the intake token Alertmanager sends (webhooks only). ``operators``: name ->
+    credential of the people who read the audit trail, approve, reject and hold the kill switch
+    (see :class:`~vllm_otel.mitigate.serve_auth.Credentials`). Neither: no auth, loopback only.
+    ``page``: serve the approvals page under /ui. ``secure_cookies``: its session cookie is
+    HTTPS-only (set when serving TLS).
     ``start_worker``: False accepts and persists alerts without acting (tests, read-only replicas).
     """
+    creds = Credentials(token, operators)
     receiver = Receiver(policy, store, actuator=actuator, metrics_source=metrics_source,
-                        learner=learner, token=token, max_body_bytes=max_body_bytes,
+                        learner=learner, credentials=creds, max_body_bytes=max_body_bytes,
                         registry=registry, clock=clock)
 
     @asynccontextmanager
@@ -448,22 +481,37 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             if close_store:
                 store.close()
 
-    def unauthorized(request: Request) -> JSONResponse | None:
-        if receiver.token is None:
+    def intake_denied(request: Request) -> JSONResponse | None:
+        """POST /webhook: the intake token (an operator's credential is not one)."""
+        if creds.intake is None:
             return None
-        header = request.headers.get("authorization")
-        if not header:
-            return _json(401, {"detail": "missing bearer token"}, {"WWW-Authenticate": "Bearer"})
-        scheme, _, cred = header.partition(" ")
-        if scheme.lower() != "bearer" or not cred.strip():
-            return _json(401, {"detail": "expected 'Authorization: Bearer <token>'"},
-                         {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(cred.strip().encode(), receiver.token.encode()):
+        cred, problem = bearer(request.headers.get("authorization"))
+        if cred is None:
+            return _json(401, {"detail": problem}, {"WWW-Authenticate": "Bearer"})
+        if not creds.is_intake(cred):
             return _json(403, {"detail": "wrong bearer token"})
         return None
 
-    async def read_body(request: Request) -> bytes | JSONResponse:
-        limit = receiver.max_body_bytes
+    def operator(request: Request) -> tuple[str | None, JSONResponse | None]:
+        """The operator behind an API request, or the answer that refuses it."""
+        if creds.open:
+            return Credentials.UNAUTHENTICATED, None
+        cred, problem = bearer(request.headers.get("authorization"))
+        if cred is None:
+            return None, _json(401, {"detail": problem}, {"WWW-Authenticate": "Bearer"})
+        name = creds.operator_for(cred)
+        if name is not None:
+            return name, None
+        if not creds.operators:
+            return None, _json(403, {"detail": "no operator credentials are configured "
+                                               "(vllm-otel receiver --operator NAME=FILE)"})
+        if creds.is_intake(cred):
+            return None, _json(403, {"detail": "the intake token only delivers webhooks; this "
+                                               "needs an operator credential"})
+        return None, _json(403, {"detail": "wrong bearer token"})
+
+    async def read_body(request: Request, limit: int | None = None) -> bytes | JSONResponse:
+        limit = receiver.max_body_bytes if limit is None else limit
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -496,24 +544,19 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         await response(scope, receive, send)
 
     async def _webhook(request: Request) -> Response:
-        denied = unauthorized(request)
+        denied = intake_denied(request)
         if denied is not None:
             return denied
         body = await read_body(request)
         if isinstance(body, Response):
             return body
-        try:
-            data = json.loads(body)
-        except ValueError as e:
-            return _json(400, {"detail": f"body is not valid JSON: {e}"})
-        try:
-            hook = AlertmanagerWebhook.model_validate(data)
-        except ValidationError as e:
-            return _json(400, {"detail": "not an Alertmanager webhook (version 4): "
-                                         + describe_validation_error(e)})
+        large = len(body) > INLINE_MAX_BODY_BYTES
+        hook = await asyncio.to_thread(_parse_webhook, body) if large else _parse_webhook(body)
+        if isinstance(hook, str):
+            return _json(400, {"detail": hook})
         try:
             # Returns once the transaction holding this notification committed (group commit).
-            counts = await receiver.intake.submit(hook)
+            counts = await receiver.intake.submit(hook, inline_ok=not large)
         except Exception as e:  # noqa: BLE001 - 503 makes Alertmanager retry; nothing was lost
             log.exception("could not persist notification")
             receiver.metrics.store_errors.inc()
@@ -521,7 +564,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         return _json(202, {"status": "accepted", **counts})
 
     async def list_actions(request: Request) -> Response:
-        denied = unauthorized(request)
+        _, denied = operator(request)
         if denied is not None:
             return denied
         q = request.query_params
@@ -537,7 +580,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
 
     async def get_action(request: Request) -> Response:
         action_id: int = request.path_params["action_id"]
-        denied = unauthorized(request)
+        _, denied = operator(request)
         if denied is not None:
             return denied
         row = await asyncio.to_thread(store.action, action_id)
@@ -546,7 +589,11 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         return _json(200, row.to_json())
 
     async def _operator_body(request: Request, model: type[_B]) -> _B | JSONResponse:
-        body = await read_body(request)
+        if creds.open and "json" not in request.headers.get("content-type", ""):
+            # No credentials to check: at least a page on another site cannot post here (a
+            # cross-site form can send text/plain, never application/json without CORS).
+            return _json(415, {"detail": "send the body as application/json"})
+        body = await read_body(request, OPERATOR_MAX_BODY_BYTES)
         if isinstance(body, Response):
             return body
         try:
@@ -557,44 +604,40 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
 
     async def approve(request: Request) -> Response:
         action_id: int = request.path_params["action_id"]
-        denied = unauthorized(request)
-        if denied is not None:
-            return denied
+        who, denied = operator(request)
+        if denied is not None or who is None:
+            return denied or _json(403, {"detail": "operator credential required"})
         body = await _operator_body(request, ApproveBody)
         if isinstance(body, Response):
             return body
-        code, out = await asyncio.to_thread(receiver.approve, action_id, body.by, body.comment)
+        code, out = await asyncio.to_thread(receiver.approve, action_id, who, body.comment)
         return _json(code, out)
 
     async def reject(request: Request) -> Response:
         action_id: int = request.path_params["action_id"]
-        denied = unauthorized(request)
-        if denied is not None:
-            return denied
+        who, denied = operator(request)
+        if denied is not None or who is None:
+            return denied or _json(403, {"detail": "operator credential required"})
         body = await _operator_body(request, ApproveBody)
         if isinstance(body, Response):
             return body
-        code, out = await asyncio.to_thread(receiver.reject, action_id, body.by, body.comment)
+        code, out = await asyncio.to_thread(receiver.reject, action_id, who, body.comment)
         return _json(code, out)
 
     async def get_kill_switch(request: Request) -> Response:
-        denied = unauthorized(request)
+        _, denied = operator(request)
         if denied is not None:
             return denied
         return _json(200, await asyncio.to_thread(receiver.kill_switch_state))
 
     async def set_kill_switch(request: Request) -> Response:
-        denied = unauthorized(request)
-        if denied is not None:
-            return denied
+        who, denied = operator(request)
+        if denied is not None or who is None:
+            return denied or _json(403, {"detail": "operator credential required"})
         body = await _operator_body(request, KillSwitchBody)
         if isinstance(body, Response):
             return body
-        await asyncio.to_thread(store.set_kill_switch, body.engaged, by=body.by,
-                                reason=body.reason, now=clock())
-        log.warning("kill switch %s by %s", "ENGAGED" if body.engaged else "released",
-                    redact_text(body.by))
-        return _json(200, await asyncio.to_thread(receiver.kill_switch_state))
+        return _json(200, await asyncio.to_thread(receiver.set_kill_switch, body.engaged, who, body.reason))
 
     async def metrics(_: Request) -> Response:
         data = await asyncio.to_thread(generate_latest, receiver.metrics.registry)
@@ -602,7 +645,7 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
 
     async def learner(request: Request) -> Response:
         """What the learner has learnt from the outcomes so far (per strategy and situation)."""
-        denied = unauthorized(request)
+        _, denied = operator(request)
         if denied is not None:
             return denied
         await asyncio.to_thread(receiver.sync_learner)
@@ -623,7 +666,12 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
             out["status"], code = "degraded", 503
         return _json(code, out)
 
-    app = _ReceiverApp(lifespan=lifespan, routes=[
+    ui: list[Route] = []
+    if page:
+        from vllm_otel.mitigate.approvals import approvals_routes
+
+        ui = approvals_routes(receiver, creds, secure_cookies=secure_cookies)
+    app = _ReceiverApp(lifespan=lifespan, routes=[*ui,
         Route("/webhook", webhook, methods=["POST"]),
         Route("/actions", list_actions, methods=["GET"]),
         Route("/actions/{action_id:int}", get_action, methods=["GET"]),

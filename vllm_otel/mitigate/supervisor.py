@@ -56,6 +56,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from vllm_otel.httpread import ANSWER_MAX_BYTES, request_capped_sync
 from vllm_otel.redact import REDACTED, is_secret_key, redact_text
 
 __all__ = [
@@ -323,12 +324,14 @@ def drain_vllm(base_url: str, token: str | None, timeout_s: float, *, poll_s: fl
     url = base_url.rstrip("/") + "/monitoring/control/"
     in_flight = None
     try:
-        r = c.post(url + "set_queue_limits", json={"max_num_queued_reqs": 0}, headers=headers)
+        r = request_capped_sync(c, "POST", url + "set_queue_limits", max_bytes=ANSWER_MAX_BYTES,
+                                json={"max_num_queued_reqs": 0}, headers=headers)
         if r.status_code != 200:
             return {"drained": False, "detail": f"set_queue_limits: HTTP {r.status_code}",
                     "seconds": time.monotonic() - t0}
         while True:
-            st = c.post(url + "status", json={}, headers=headers)
+            st = request_capped_sync(c, "POST", url + "status", max_bytes=ANSWER_MAX_BYTES, json={},
+                                     headers=headers)
             if st.status_code == 200:
                 in_flight = (st.json().get("result") or {}).get("unfinished_requests")
                 if in_flight == 0:
@@ -673,7 +676,8 @@ class HttpSupervisorBackend(RestartBackend):
     def _call(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> dict[str, Any]:
         try:
             with httpx.Client(timeout=timeout_s or self.timeout_s, transport=self._transport) as c:
-                r = c.request(method, self.url + path, json=body, headers=self._headers)
+                r = request_capped_sync(c, method, self.url + path, max_bytes=ANSWER_MAX_BYTES, json=body,
+                                        headers=self._headers)
         except httpx.HTTPError as e:
             raise RestartError(f"supervisor {self.url} unreachable: {type(e).__name__}: {e}", 502) from None
         try:
