@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-TOKEN = "examples-receiver-token-5a1f"
+TOKEN = "examples-receiver-token-5a1f"            # intake: Alertmanager's webhooks
+OPERATOR = "examples-operator-credential-77c2"     # an operator reading the audit trail
 
 
 def test_the_example_policy_loads_as_the_receiver_would() -> None:
@@ -76,7 +77,7 @@ def receiver_with_custom_strategy(custom_strategy: Any, vllm_server: Any, tmp_pa
         })
         store = Store(f"sqlite:///{tmp_path / 'rx.db'}")
         app = create_app(policy, store, actuator=build_actuator(policy), metrics_source=build_metrics_source(policy),
-                         learner=RuleBasedLearner(), token=TOKEN)
+                         learner=RuleBasedLearner(), token=TOKEN, operators={"ops": OPERATOR})
         with UvicornThread(app) as srv:
             yield {"url": srv.url, "lb": lb, "instance": instance}
         store.close()
@@ -99,13 +100,14 @@ def test_the_custom_strategy_acts_through_a_real_receiver(receiver_with_custom_s
     """A predicted queue overload -> the receiver picks `shift_traffic` -> the hook reaches the load
     balancer with the instance and weight -> verified on vLLM's real /metrics -> recorded."""
     rx = receiver_with_custom_strategy
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    r = httpx.post(f"{rx['url']}/webhook", json=_alert(rx["instance"]), headers=auth, timeout=10)
+    r = httpx.post(f"{rx['url']}/webhook", json=_alert(rx["instance"]), timeout=10,
+                   headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 202, r.text
     deadline = time.monotonic() + 60
     act: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        acts = httpx.get(f"{rx['url']}/actions", headers=auth, timeout=10).json()["actions"]
+        acts = httpx.get(f"{rx['url']}/actions", headers={"Authorization": f"Bearer {OPERATOR}"},
+                         timeout=10).json()["actions"]
         act = next((a for a in acts if a["strategy"] == "shift_traffic" and a["outcome"]), {})
         if act:
             break

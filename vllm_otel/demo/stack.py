@@ -100,9 +100,11 @@ class DemoStack:
         self.step = step
         self.work = settings.workdir
         self._started: list[Any] = []
-        self.token = secrets.token_urlsafe(24)          # Alertmanager -> receiver
+        self.token = secrets.token_urlsafe(24)          # Alertmanager -> receiver (webhooks only)
+        self.operator_token = secrets.token_urlsafe(24)  # the demo reading the audit trail and learner
         self.control_token_file = self._secret("control-token")
         self.intake_token_file = self._secret("receiver-token", self.token)
+        self.operator_token_file = self._secret("operator-token", self.operator_token)
         self.rx_port = free_port()
         self.forecaster_port = free_port()
         self.prom_port = free_port()
@@ -169,7 +171,8 @@ class DemoStack:
             sup_token_file=self.sup.token_file), sort_keys=False))
         self.receiver = ManagedProcess("receiver", [
             sys.executable, "-m", "vllm_otel", "receiver", "--config", str(policy_file),
-            "--token-file", str(self.intake_token_file), "--port", str(self.rx_port),
+            "--token-file", str(self.intake_token_file), "--operator", f"demo={self.operator_token_file}",
+            "--port", str(self.rx_port),
             "--db-url", f"sqlite:///{self.work / 'receiver.db'}"], self.work / "receiver.log",
             env=dict(os.environ))
         self.receiver.start()
@@ -234,7 +237,7 @@ class DemoStack:
 
     def receiver_get(self, path: str, **params: Any) -> Any:
         r = httpx.get(f"{self.rx_url}{path}", params=params, timeout=5,
-                      headers={"Authorization": f"Bearer {self.token}"})
+                      headers={"Authorization": f"Bearer {self.operator_token}"})
         r.raise_for_status()
         return r.json()
 
