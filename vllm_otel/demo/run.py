@@ -89,7 +89,7 @@ def analyse(stack: DemoStack, tl: Timeline, observer: Observer, load: Any, setti
         at, ftype, p = min(crossings)
         steps["predicted_event"] = {"at": at, "failure_type": ftype, "probability": round(p, 3)}
     onsets = failure_onsets(dump, horizon_s=settings.horizon_s, min_history_s=settings.min_history_s,
-                            failure_types=PREDICTED_TYPES)
+                            failure_types=PREDICTED_TYPES, catalog=settings.catalog)
     in_ramp = {f: [t for t in ts if ramp["start"] <= t <= ramp["end"]] for f, ts in onsets.items()}
     pred = steps.get("predicted_event")
     if pred:

@@ -53,6 +53,11 @@ class DemoSettings:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
+    def catalog(self) -> dict[str, Any]:
+        """The failure definitions the forecaster is given (and the summary judges by)."""
+        return {"ttft_slo_breach": {"slo_s": self.ttft_slo_s}}
+
+    @property
     def cap(self) -> int:
         """A full batch plus a short queue: new requests beyond it get 503 at once, so the queue
         (and with it the time to first token) stays short instead of growing."""
@@ -183,7 +188,7 @@ class DemoStack:
 
         cfg = self.work / "forecaster.yaml"
         cfg.write_text(yaml.safe_dump({"horizon_s": s.horizon_s, "min_history_s": s.min_history_s,
-                                       "catalog": {"ttft_slo_breach": {"slo_s": s.ttft_slo_s}}}))
+                                       "catalog": s.catalog}))
         self.forecaster = ManagedProcess("forecaster", [
             sys.executable, "-m", "vllm_otel", "forecaster", "--prometheus", f"http://127.0.0.1:{self.prom_port}",
             "--selector", 'job="vllm"', "--interval", "1", "--config", str(cfg),

@@ -70,9 +70,10 @@ def first_crossing(points: Iterable[tuple[float, float]], threshold: float, sinc
 
 
 def failure_onsets(series_json: Mapping[str, Any], *, horizon_s: float, min_history_s: float,
-                   failure_types: Iterable[str]) -> dict[str, list[float]]:
-    """Times at which each failure type began, by the forecaster's definitions applied to the
-    scraped vLLM series (a replay of the detector over the run; only its labels are used)."""
+                   failure_types: Iterable[str], catalog: Mapping[str, Any] | None = None) -> dict[str, list[float]]:
+    """Times at which each failure type began, by the forecaster's definitions (``catalog``: the
+    thresholds the live forecaster was given) applied to the scraped vLLM series (a replay of the
+    detector over the run; only its labels are used)."""
     from vllm_otel.forecast.backtest import replay
     from vllm_otel.forecast.detector import DetectorConfig
     from vllm_otel.forecast.promjson import parse_query_range
@@ -81,7 +82,7 @@ def failure_onsets(series_json: Mapping[str, Any], *, horizon_s: float, min_hist
     if not frame.units or len(frame.t) < 2:
         return {}
     result = replay(frame, DetectorConfig(step_s=1.0, horizon_s=horizon_s, min_history_s=min_history_s,
-                                          max_refits_per_step=0))
+                                          max_refits_per_step=0, catalog=dict(catalog or {})))
     wanted = set(failure_types)
     out: dict[str, list[float]] = {}
     for j, f in enumerate(result.failure_types):
