@@ -25,6 +25,7 @@ _SUBCOMMANDS = {
     "demo": "vllm_otel.demo",
     "receiver": "vllm_otel.mitigate.cli",
     "supervise": "vllm_otel.mitigate.supervise_cli",
+    "learner": "vllm_otel.learn.cli",
 }
 
 
