@@ -63,10 +63,11 @@ def extract_rules(evidence: Evidence, *, min_support: int = 5, min_lift: float =
     for (fam, conds, s), (n, k) in tallies.items():
         if n < min_support:
             continue
-        if conds:
-            base_n, base_k = tallies[(fam, (), s)]
-            if abs(k / n - base_k / base_n) < min_lift:
-                continue
+        # A narrower rule must say something each broader one does not.
+        broader = [()] + ([(c,) for c in conds] if len(conds) > 1 else []) if conds else []
+        if any(abs(k / n - tallies[(fam, b, s)][1] / tallies[(fam, b, s)][0]) < min_lift
+               for b in broader):
+            continue
         rules.append(Rule(fam, conds, s, n, k))
     return sorted(rules, key=lambda r: (r.failure_type, len(r.conditions), -r.support, r.strategy,
                                         r.conditions))

@@ -165,6 +165,9 @@ class Worker:
         # A learner rebuilt from the store already (make_learner(store=...)) goes on from there.
         self._learner_cursor = int(getattr(self.learner, "synced_through", 0) or 0)
         self._learner_synced = self._learner_cursor > 0
+        known = getattr(self.learner, "invasiveness", None)
+        if isinstance(known, dict):  # its costs, before the first decision (GET /learner)
+            known.update({n: policy.strategy(n).invasiveness for n in policy.strategy_names()})
         self.learner_metrics = LearnerMetrics(self.metrics.registry, lambda: self.learner,
                                               self._learner_mutex)
 
