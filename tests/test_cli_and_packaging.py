@@ -27,7 +27,7 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=ROOT, timeout=120)
 
 
-COMMANDS = ("tiny-model", "replay", "backtest", "forecaster", "demo", "receiver", "supervise")
+COMMANDS = ("tiny-model", "replay", "backtest", "forecaster", "demo", "receiver", "supervise", "learner")
 
 
 def test_help_lists_subcommands():
