@@ -28,7 +28,7 @@ def _run(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 COMMANDS = ("tiny-model", "replay", "backtest", "forecaster", "demo", "receiver", "supervise", "dashboards",
-            "check", "status", "plugins")
+            "check", "status", "plugins", "learner")
 
 
 def test_help_lists_subcommands():

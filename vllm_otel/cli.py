@@ -29,6 +29,7 @@ _SUBCOMMANDS = {
     "check": "vllm_otel.prestartup_check",
     "status": "vllm_otel.status",
     "plugins": "vllm_otel.plugins.cli",
+    "learner": "vllm_otel.learn.cli",
 }
 
 

@@ -87,6 +87,8 @@ class RuleBasedLearner:
     * confidence is the strategy's smoothed success rate for this alert (or failure type).
     """
 
+    kind = "rule_based"
+
     def __init__(self, *, failure_memory_s: float = 1800.0, history: int = 200,
                  clock: Callable[[], float] = time.time) -> None:
         self.failure_memory_s = failure_memory_s

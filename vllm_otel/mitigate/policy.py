@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_otel.learn.config import LearnerConfig
 from vllm_otel.mitigate.models import (FAILED_OUTCOMES, AlertRecord, GuardDecision, Mode, Target,
                                        describe_validation_error)
 from vllm_otel.mitigate.strategies import REGISTRY, Strategy, StrategyConfigError, StrategyRegistry
@@ -249,6 +250,8 @@ class PolicyConfig(_Cfg):
     store_url: str | None = Field(None, description="SQLAlchemy URL; --db-url wins")
     actuator: ActuatorConfig = Field(default_factory=ActuatorConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig,
+                                   description="which learner chooses among the candidates, and how")
 
     @model_validator(mode="after")
     def _unique_targets(self) -> "PolicyConfig":

@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from vllm_otel.learn import describe_learner
 from vllm_otel.learn.learner import Learner
 from vllm_otel.mitigate.models import (AlertmanagerWebhook, AlertStatus, JobState, Outcome,
                                        describe_validation_error)
@@ -644,14 +645,14 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         return Response(content=data, media_type=CONTENT_TYPE_LATEST)
 
     async def learner(request: Request) -> Response:
-        """What the learner has learnt from the outcomes so far (per strategy and situation)."""
+        """What the learner has learnt (per situation and strategy) and the rules mined from it."""
         _, denied = operator(request)
         if denied is not None:
             return denied
         await asyncio.to_thread(receiver.sync_learner)
-        lrn = receiver.learner
-        stats = lrn.stats() if callable(getattr(lrn, "stats", None)) else None
-        return _json(200, {"learner": type(lrn).__name__, "stats": stats})
+        with receiver.worker._learner_mutex:
+            body = describe_learner(receiver.learner)
+        return _json(200, body)
 
     async def healthz(_: Request) -> Response:
         out: dict[str, Any] = {"status": "ok", "replica": receiver.replica_id}

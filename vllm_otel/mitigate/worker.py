@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from vllm_otel.learn.learner import Learner, RuleBasedLearner
+from vllm_otel.learn import make_learner
+from vllm_otel.learn.learner import Learner
+from vllm_otel.learn.metrics import LearnerMetrics
 from vllm_otel.mitigate.models import (FAILED_OUTCOMES, AlertRecord, GuardDecision, JobRecord,
                                        JobState, Mode, Outcome, Target)
 from vllm_otel.mitigate.policy import Guardrails, Policy, WorkerConfig
@@ -142,7 +144,7 @@ class Worker:
         self.store = store
         self.actuator: Actuator = actuator or UnavailableActuator()
         self.metrics_source = metrics_source
-        self.learner: Learner = learner or RuleBasedLearner(clock=clock)
+        self.learner: Learner = learner or make_learner(policy.config.learner, clock=clock)
         self.clock = clock
         self.replica_id = store.replica_id
         self.guards = Guardrails(policy, store, clock)
@@ -163,8 +165,14 @@ class Worker:
         self._stopping = False
         self._decide_mutex = threading.Lock()
         self._learner_mutex = threading.Lock()
-        self._learner_cursor = 0
-        self._learner_synced = False
+        # A learner rebuilt from the store already (make_learner(store=...)) goes on from there.
+        self._learner_cursor = int(getattr(self.learner, "synced_through", 0) or 0)
+        self._learner_synced = self._learner_cursor > 0
+        known = getattr(self.learner, "invasiveness", None)
+        if isinstance(known, dict):  # its costs, before the first decision (GET /learner)
+            known.update({n: policy.strategy(n).invasiveness for n in policy.strategy_names()})
+        self.learner_metrics = LearnerMetrics(self.metrics.registry, lambda: self.learner,
+                                              self._learner_mutex)
 
     @property
     def wcfg(self) -> WorkerConfig:
@@ -612,11 +620,16 @@ class Worker:
             return stop(Outcome.SKIPPED, why, ("exhausted", why))
         if name not in {s.name for s in available}:
             return stop(Outcome.SKIPPED, f"learner chose {name!r}, which is not available")
+        self.learner_metrics.selected(state, name)
         strat = self.policy.strategy(name)
         mode = self.policy.mode(name)
         why = (f"{alert.alertname} on {alert.instance}: {type(self.learner).__name__} chose {name} "
                f"(invasiveness {strat.invasiveness}, confidence {confidence:.2f}) among "
                f"{[s.name for s in available]}" + (f": {reason}" if reason else ""))
+        threshold = self.policy.config.learner.confidence_threshold
+        if mode is Mode.AUTO and threshold is not None and confidence < threshold:
+            mode = Mode.APPROVAL
+            why += f"; confidence below learner.confidence_threshold ({threshold:.2f}): approval needed"
         params = strat.params.model_dump(mode="json")
         ctx = dataclasses.replace(base_ctx, mode=mode, why=why)
 
@@ -898,6 +911,7 @@ class Worker:
                                                     duration_s=o.duration_s, at=o.at)
                     except Exception:  # noqa: BLE001 - a learner bug must not stop mitigation
                         log.exception("learner rejected outcome %d", o.id)
+                    self.learner_metrics.outcome(o.state, o.strategy, o.outcome)
                     self._learner_cursor = o.id
                     n += 1
                 if len(batch) < 1000:

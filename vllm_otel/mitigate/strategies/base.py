@@ -254,12 +254,33 @@ class StrategyRegistry:
 REGISTRY = StrategyRegistry()
 
 
-def register_strategy(name_or_cls: str | type[Strategy], strategy: type[Strategy] | None = None) -> type[Strategy]:
-    """Add a strategy class to the default registry: as a class decorator (``@register_strategy``)
-    or as the spec's ``register_strategy(name, strategy)`` (``name`` must be the class's ``name``)."""
-    if isinstance(name_or_cls, str):
-        if strategy is None or getattr(strategy, "name", None) != name_or_cls:
-            raise StrategyConfigError(f"register_strategy({name_or_cls!r}, ...): the class's name is "
-                                      f"{getattr(strategy, 'name', None)!r}")
-        return REGISTRY.register(strategy)
-    return REGISTRY.register(name_or_cls)
+def register_strategy(name_or_cls: str | type[Strategy],
+                      strategy: type[Strategy] | Strategy | None = None) -> type[Strategy]:
+    """Add a strategy to the default registry; policies can then name it.
+
+    ``@register_strategy`` on a class registers it under its ``name``.
+    ``register_strategy("my_strategy", MyStrategy)`` or ``register_strategy("my_strategy",
+    MyStrategy(params))`` registers it under ``my_strategy`` (an instance's parameters become the
+    defaults a policy may override). The same checks apply either way."""
+    if strategy is None:
+        if not isinstance(name_or_cls, type):
+            raise StrategyConfigError("register_strategy(name, strategy) needs the strategy")
+        return REGISTRY.register(name_or_cls)
+    if not isinstance(name_or_cls, str):
+        raise StrategyConfigError(f"register_strategy: the name must be a string, not {name_or_cls!r}")
+    base = strategy if isinstance(strategy, type) else type(strategy)
+    if not (isinstance(base, type) and issubclass(base, Strategy)):
+        raise StrategyConfigError(f"cannot register {strategy!r}: not a Strategy subclass or instance")
+    attrs: dict[str, Any] = {"name": name_or_cls, "__doc__": base.__doc__,
+                             "__module__": base.__module__}
+    if not isinstance(strategy, type):
+        defaults = strategy.params.model_dump()
+
+        def __init__(self: Strategy, params: StrategyParams | Mapping[str, Any] | None = None) -> None:
+            if params is None or isinstance(params, Mapping):
+                params = {**defaults, **dict(params or {})}
+            base.__init__(self, params)
+
+        attrs["__init__"] = __init__
+    cls = type(base.__name__, (base,), attrs)
+    return REGISTRY.register(cls)
