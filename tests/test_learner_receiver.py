@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_receiver import (REG, TOKEN, Env, Poke, RecordingActuator, StaticMetrics, am_alert,
+from tests.test_receiver import (OPERATORS, REG, TOKEN, Env, Poke, RecordingActuator, StaticMetrics, am_alert,
                                  am_payload, policy_dict, run, _second_firing)
 from vllm_otel.cli import main as cli_main
 from vllm_otel.learn import extract_rules, make_learner
@@ -36,7 +36,7 @@ class LEnv(Env):
         self.actuator = RecordingActuator()
         self.app = create_app(self.policy, self.store, actuator=self.actuator,
                               metrics_source=StaticMetrics({"kv": 0.45}), token=TOKEN,
-                              start_worker=False)
+                              operators=OPERATORS, start_worker=False)
         self.receiver = self.app.state.receiver
 
 

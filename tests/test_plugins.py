@@ -270,12 +270,16 @@ def test_register_strategy_by_name_as_in_the_spec():
     ns: dict = {}
     exec(compile(STRATEGY.format(level=1), "<test strategy>", "exec"), ns)  # noqa: S102 - test's own code
     cls = ns["NudgeScheduler"]
-    with pytest.raises(StrategyConfigError, match="name"):
-        register_strategy("other_name", cls)
+    with pytest.raises(StrategyConfigError, match="not a Strategy"):
+        register_strategy("not_a_strategy", object)  # type: ignore[arg-type]
     try:
-        assert register_strategy("nudge_scheduler", cls) is cls and REGISTRY.get("nudge_scheduler") is cls
+        # Under the name a policy will use: the class's own, or another one for the same code.
+        for name in ("nudge_scheduler", "nudge_gently"):
+            registered = register_strategy(name, cls)
+            assert issubclass(registered, cls) and registered.name == name and REGISTRY.get(name) is registered
     finally:
         REGISTRY.unregister("nudge_scheduler")
+        REGISTRY.unregister("nudge_gently")
 
 
 # --- a real running service -------------------------------------------------------------------------
