@@ -173,12 +173,16 @@ def _trace() -> list[Any]:
 
 
 def _learner_rows(learner: Any) -> list[list[Any]]:
+    """GET /learner's per-situation table: (situation, strategy, attempts, successes, estimate)."""
     rows: list[list[Any]] = []
     stats = (learner or {}).get("stats") if isinstance(learner, dict) else None
     for s in stats or []:
         if isinstance(s, dict) and "strategy" in s:
+            est = s.get("posterior_mean", s.get("success_rate", "-"))
+            if isinstance(s.get("interval"), list) and len(s["interval"]) == 2:
+                est = f"{est} (90 %: {s['interval'][0]}-{s['interval'][1]})"
             rows.append([s.get("situation", s.get("context", "-")), s["strategy"], s.get("attempts"),
-                         s.get("successes"), s.get("success_rate", s.get("posterior_mean", "-"))])
+                         s.get("successes"), est])
     return rows
 
 
