@@ -268,6 +268,7 @@ def keep_log_level(monkeypatch):
 
     log = logging.getLogger("vllm_otel")
     monkeypatch.setattr(log, "level", log.level)
+    monkeypatch.setenv("VLLM_OTEL_PRESTARTUP_CHECKED", "")  # a fresh launch (restored afterwards)
 
 
 def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, caplog, keep_log_level):
@@ -284,6 +285,11 @@ def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, c
         plugin.register()
     assert e.value.code == 2
     assert "refusing to start vLLM" in caplog.text and "does not exist" in caplog.text
+    # vLLM's engine core and workers inherit the marker: they do not check again (by then the
+    # port is the server's own).
+    assert os.environ["VLLM_OTEL_PRESTARTUP_CHECKED"] == str(os.getpid())
+    monkeypatch.setattr(plugin, "_registered_pid", None)
+    assert plugin.register() is None
 
 
 @needs_tiny
@@ -303,6 +309,7 @@ def test_general_plugin_lets_a_good_command_start_and_never_raises_on_a_broken_c
     # A check that crashes: logged, vLLM starts.
     monkeypatch.setattr("vllm_otel.prestartup.run_checks", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(plugin, "_registered_pid", None)
+    monkeypatch.setenv("VLLM_OTEL_PRESTARTUP_CHECKED", "")
     assert plugin.register() is None
     assert "pre-startup check failed to run" in caplog.text
 
