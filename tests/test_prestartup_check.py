@@ -139,6 +139,20 @@ def test_nccl_interface_that_does_not_exist_and_no_secret_in_the_output():
     assert excluded.get("nccl").status == "ok"
 
 
+@needs_tiny
+def test_check_reads_a_whole_vllm_command_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "vllm_otel", "check", "--json", "--", "vllm", "serve", str(TINY),
+                            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"],
+                           capture_output=True, text=True, timeout=60)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 2 and _by_name(rep)["port"]["status"] == "error"
+    assert _by_name(rep)["model"]["data"]["path"] == str(TINY) and rep["dtype"] == "float32"
+
+
 def test_vllm_command_lines_are_read():
     o = options_from_vllm_argv(["serve", "/m", "--port", "9001", "--dtype", "float32", "-tp", "2",
                                 "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "3"})
