@@ -348,7 +348,8 @@ def test_real_vllm_refuses_to_start_when_the_check_fails(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        env = {**os.environ, "VLLM_MONITOR_PRESTARTUP_CHECK": "true", "VLLM_PLUGINS": "vllm_otel"}
+        env = {**os.environ, "VLLM_MONITOR_PRESTARTUP_CHECK": "true", "VLLM_PLUGINS": "vllm_otel",
+               "VLLM_OTEL_PRESTARTUP_CHECKED": ""}
         t0 = time.monotonic()
         p = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TINY),
                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"],
