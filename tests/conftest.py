@@ -84,6 +84,8 @@ def vllm_server(tiny_model: Path, workdir: Path, otlp_receiver) -> Iterator:  # 
     token_file.write_text(CONTROL_TOKEN + "\n")
     env = {**otlp_receiver.otel_env("grpc"), "OTEL_METRIC_EXPORT_INTERVAL": "1000",
            "OTEL_SERVICE_NAME": "vllm-test-a", "VLLM_MONITOR_STALL_TIMEOUT_S": str(STALL_TIMEOUT_S),
+           # The pre-startup check runs before every session vLLM: a healthy start must pass it.
+           "VLLM_MONITOR_PRESTARTUP_CHECK": "true",
            "HF_TOKEN": FAKE_SECRET, "VLLM_OTEL_CONTROL_TOKEN_FILE": str(token_file)}
     srv = VllmServer(tiny_model, workdir, num_gpu_blocks=KV_BLOCKS, max_model_len=MAX_MODEL_LEN, env=env,
                      extra_args=["--hf-token", FAKE_SECRET])

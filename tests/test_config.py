@@ -112,6 +112,7 @@ def fresh_plugin(monkeypatch):
     for k in [k for k in list(__import__("os").environ) if k.startswith("VLLM_MONITOR_")]:
         monkeypatch.delenv(k)
     monkeypatch.delenv("VLLM_ENABLE_MONITORING", raising=False)
+    monkeypatch.setenv("VLLM_OTEL_PRESTARTUP_CHECKED", "")  # a fresh launch (restored afterwards)
     yield plugin, installed
     logging.getLogger("vllm_otel").setLevel(logging.NOTSET)
 

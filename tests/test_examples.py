@@ -121,7 +121,10 @@ def test_the_custom_strategy_acts_through_a_real_receiver(receiver_with_custom_s
 def test_the_monitoring_example_against_a_real_server(vllm_server: Any, prometheus: Any) -> None:
     """Requests, /monitoring/status, our series on /metrics, and the forecaster's predictions from
     Prometheus' history of the same server."""
+    from tests.conftest import CONTROL_TOKEN  # the session vLLM's monitoring routes want it
+
     r = subprocess.run([sys.executable, str(EXAMPLES / "monitoring_example.py"), "--url", vllm_server.url,
+                        "--token", CONTROL_TOKEN,
                         "--prometheus", prometheus.url, "--selector", 'job="vllm"', "--min-history", "5",
                         "--requests", "6", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -134,7 +137,7 @@ def test_the_monitoring_example_against_a_real_server(vllm_server: Any, promethe
     probs = [v["probability"] for v in units[0]["failures"].values() if v["probability"] is not None]
     assert probs and all(0.0 <= p <= 1.0 for p in probs)
     text = subprocess.run([sys.executable, str(EXAMPLES / "monitoring_example.py"), "--url", vllm_server.url,
-                           "--requests", "1"], capture_output=True, text=True, timeout=120)
+                           "--token", CONTROL_TOKEN, "--requests", "1"], capture_output=True, text=True, timeout=120)
     assert text.returncode == 0 and "1 completions" in text.stdout and "engine 0: lifecycle" in text.stdout
 
 

@@ -139,6 +139,20 @@ def test_nccl_interface_that_does_not_exist_and_no_secret_in_the_output():
     assert excluded.get("nccl").status == "ok"
 
 
+@needs_tiny
+def test_check_reads_a_whole_vllm_command_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "vllm_otel", "check", "--json", "--", "vllm", "serve", str(TINY),
+                            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"],
+                           capture_output=True, text=True, timeout=60)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 2 and _by_name(rep)["port"]["status"] == "error"
+    assert _by_name(rep)["model"]["data"]["path"] == str(TINY) and rep["dtype"] == "float32"
+
+
 def test_vllm_command_lines_are_read():
     o = options_from_vllm_argv(["serve", "/m", "--port", "9001", "--dtype", "float32", "-tp", "2",
                                 "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "3"})
@@ -268,6 +282,7 @@ def keep_log_level(monkeypatch):
 
     log = logging.getLogger("vllm_otel")
     monkeypatch.setattr(log, "level", log.level)
+    monkeypatch.setenv("VLLM_OTEL_PRESTARTUP_CHECKED", "")  # a fresh launch (restored afterwards)
 
 
 def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, caplog, keep_log_level):
@@ -284,6 +299,11 @@ def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, c
         plugin.register()
     assert e.value.code == 2
     assert "refusing to start vLLM" in caplog.text and "does not exist" in caplog.text
+    # vLLM's engine core and workers inherit the marker: they do not check again (by then the
+    # port is the server's own).
+    assert os.environ["VLLM_OTEL_PRESTARTUP_CHECKED"] == str(os.getpid())
+    monkeypatch.setattr(plugin, "_registered_pid", None)
+    assert plugin.register() is None
 
 
 @needs_tiny
@@ -303,6 +323,7 @@ def test_general_plugin_lets_a_good_command_start_and_never_raises_on_a_broken_c
     # A check that crashes: logged, vLLM starts.
     monkeypatch.setattr("vllm_otel.prestartup.run_checks", lambda *a, **k: 1 / 0)
     monkeypatch.setattr(plugin, "_registered_pid", None)
+    monkeypatch.setenv("VLLM_OTEL_PRESTARTUP_CHECKED", "")
     assert plugin.register() is None
     assert "pre-startup check failed to run" in caplog.text
 
@@ -327,7 +348,8 @@ def test_real_vllm_refuses_to_start_when_the_check_fails(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        env = {**os.environ, "VLLM_MONITOR_PRESTARTUP_CHECK": "true", "VLLM_PLUGINS": "vllm_otel"}
+        env = {**os.environ, "VLLM_MONITOR_PRESTARTUP_CHECK": "true", "VLLM_PLUGINS": "vllm_otel",
+               "VLLM_OTEL_PRESTARTUP_CHECKED": ""}
         t0 = time.monotonic()
         p = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(TINY),
                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"],

@@ -44,6 +44,15 @@ def test_unreachable_parts_are_reported_and_the_rest_shown(tmp_path):
     assert _status().returncode == 2  # nothing to look at: a usage error
 
 
+def test_session_vllm_passed_the_prestartup_check_once(vllm_server):
+    """conftest starts vLLM with VLLM_MONITOR_PRESTARTUP_CHECK=true: it ran once (not again in the
+    engine core), found no error, and vLLM serves."""
+    log = vllm_server.proc.log_path.read_text(errors="replace")
+    assert log.count("pre-startup check (exit") == 1
+    assert "pre-startup check (exit 2)" not in log and "refusing to start" not in log
+    assert httpx.get(f"{vllm_server.url}/v1/models").status_code == 200
+
+
 def test_status_of_a_running_deployment(vllm_server, tmp_path: Path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

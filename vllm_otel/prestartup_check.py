@@ -8,6 +8,7 @@ than the interface names it checks), changes nothing unless ``--auto-fix`` (then
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -50,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
                             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                             tensor_parallel_size=args.tensor_parallel_size,
                             gpu_memory_utilization=args.gpu_memory_utilization)
-        import os
-
         space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
         opts.cpu_kvcache_space_gib = float(space) if space else None
     rep = run_checks(opts)

@@ -22,6 +22,7 @@ from vllm_otel.instrument.guard import guarded, logger
 __all__ = ["register", "is_registered", "process_role"]
 
 _lock = threading.Lock()
+_CHECKED_ENV = "VLLM_OTEL_PRESTARTUP_CHECKED"
 _registered_pid: int | None = None
 
 
@@ -96,6 +97,11 @@ def _prestartup_check() -> None:
     """
     import sys
 
+    # Once per launch: the engine core and workers inherit this from the process that checked
+    # (their titles may not be set yet when vLLM loads plugins there, and the port is theirs by then).
+    if os.environ.get(_CHECKED_ENV):
+        return
+    os.environ[_CHECKED_ENV] = str(os.getpid())
     try:
         from vllm_otel.prestartup_check import check_before_start
 
