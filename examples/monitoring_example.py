@@ -36,7 +36,12 @@ def server(args: argparse.Namespace) -> dict[str, Any]:
         r.raise_for_status()
         done += 1
     out: dict[str, Any] = {"model": model, "completions": done}
-    out["status"] = httpx.get(f"{base}/monitoring/status", timeout=30, headers=_auth(args)).json()
+    status = httpx.get(f"{base}/monitoring/status", timeout=30, headers=_auth(args))
+    if status.status_code in (401, 403):
+        raise SystemExit(f"monitoring_example: {base}/monitoring/status wants a token: pass --token "
+                         "(vLLM's API key or the vllm-otel control token)")
+    status.raise_for_status()
+    out["status"] = status.json()
     metrics = httpx.get(f"{base}/metrics", timeout=30).text
     out["vllm_otel_series"] = sorted({line.split("{")[0].split(" ")[0] for line in metrics.splitlines()
                                       if line.startswith("vllm_otel_")})
