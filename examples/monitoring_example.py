@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as e:
         print(f"monitoring_example: {args.url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(out, indent=2, default=str))
+    if args.json:  # one line: in offline mode vLLM's own log shares stdout
+        print(json.dumps(out, default=str))
     else:
         show(out)
     return 0

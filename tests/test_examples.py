@@ -128,7 +128,7 @@ def test_the_monitoring_example_against_a_real_server(vllm_server: Any, promethe
                         "--prometheus", prometheus.url, "--selector", 'job="vllm"', "--min-history", "5",
                         "--requests", "6", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["completions"] == 6
     assert out["status"]["engines"], out["status"]
     assert "vllm_otel_engine_stalled" in out["vllm_otel_series"]
@@ -148,7 +148,7 @@ def test_the_monitoring_example_offline(tiny_model: Path) -> None:
                         "--requests", "3", "--json"], capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout[r.stdout.index("{"):])
+    out = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
     assert out["completions"] == 3
     assert out["status"]["enabled"] is True
     assert out["status"]["engines"]["0"]["finished_requests"] == {"length": 3}
