@@ -53,6 +53,12 @@ def test_committed_json_is_the_generators_output(capsys):
         assert json.loads((ROOT / "dashboards" / name).read_text()) == d
 
 
+def test_build_outside_a_checkout_says_so(tmp_path, capsys):
+    assert main(["dashboards", "build", "--root", str(tmp_path)]) == 2
+    assert "not a vllm-otel checkout" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
 def test_check_fails_on_a_stale_file_and_on_an_unknown_metric(tmp_path, capsys, monkeypatch):
     shutil.copytree(ROOT / "alerts", tmp_path / "alerts")  # the PrometheusRule is made from them
     assert main(["dashboards", "build", "--root", str(tmp_path)]) == 0

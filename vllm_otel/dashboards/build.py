@@ -71,6 +71,9 @@ def _problems(dashes: dict[str, dict[str, Any]]) -> list[str]:
 
 def cmd_build(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else repo_root()
+    if not (root / "alerts" / "config.yml").is_file():
+        print(f"{root} is not a vllm-otel checkout (no alerts/config.yml): pass --root", file=sys.stderr)
+        return 2
     files = generated_files(root)
     problems = _problems(build_all())
     if args.check:
