@@ -36,11 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where report.html, summary.json and series.json go (default: a new folder "
                         "vllm-otel-demo-<time> in the working directory)")
     p.add_argument("--workdir", help="configs, databases and service logs (default: <report-dir>/services)")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="vLLM's running-request limit (default %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="vLLM's running-request limit (default %(default)s)")
     p.add_argument("--calm", type=float, default=25.0, metavar="S", help="calm phase (default %(default)s)")
-    p.add_argument("--ramp", type=float, default=90.0, metavar="S",
+    p.add_argument("--ramp", type=float, default=100.0, metavar="S",
                    help="time the overload ramp takes to reach its peak (default %(default)s)")
-    p.add_argument("--peak", type=float, default=2.0, help="ramp peak, times the measured capacity (default %(default)s)")
+    p.add_argument("--peak", type=float, default=1.5, help="ramp peak, times the measured capacity (default %(default)s)")
     p.add_argument("--no-stall", action="store_true", help="skip the frozen-engine phase")
     p.add_argument("--json", action="store_true", help="print summary.json to stdout (the view goes to stderr)")
     p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live view")

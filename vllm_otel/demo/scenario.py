@@ -41,9 +41,9 @@ class DeadlineReached(RuntimeError):
 @dataclass
 class Plan:
     calm_s: float = 25.0
-    ramp_s: float = 90.0
-    ramp_max_s: float = 120.0
-    peak: float = 1.6
+    ramp_s: float = 100.0
+    ramp_max_s: float = 140.0
+    peak: float = 1.5
     calm: float = 0.3
     ramp_from: float = 0.5
     after_action_s: float = 10.0

@@ -40,7 +40,7 @@ class DemoSettings:
     model: Path
     workdir: Path
     kv_blocks: int = 512               # large enough that the running limit, not KV, binds
-    max_num_seqs: int = 4              # the running limit the overload ramp saturates
+    max_num_seqs: int = 16             # the running limit the overload ramp saturates
     max_model_len: int = 2048
     stall_timeout_s: float = 3.0       # the watchdog's "no token for this long" (vLLM side)
     alert_hold: str = "2s"             # `for:` of every rule in the demo (promtool covers the real ones)
