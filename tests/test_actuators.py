@@ -161,13 +161,30 @@ def hold_with_load(act: HttpActuator, target: Target, url: str, n: int = 8,
     src = ScrapeMetricsSource(MetricsConfig(timeout_s=60))
     seen = []
     for _ in range(50):
-        run(act.call(target, "control.resume", {}))
-        run(act.call(target, "control.pause", {"mode": "keep"}))
+        _resume_then_pause(act, target)
         values = run(src.snapshot(target)).values
         seen.append((values.get("running"), values.get("waiting")))
         if values.get("running") == 1 and values.get("waiting", 0) >= 2:
             return threads, answers, values
     raise AssertionError(f"the gauges never showed the held batch: {seen}")
+
+
+def _resume_then_pause(act: HttpActuator, target: Target) -> None:
+    """Resume and pause again a few engine steps later.
+
+    The pause is sent 20 ms after the resume, not after its answer: once tokens stream, vLLM's
+    front end answers slowly (seconds), and a pause sent then lands after the batch is done.
+    Should the two overtake each other, the engine is paused again here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        resumed = pool.submit(run, act.call(target, "control.resume", {}))
+        time.sleep(0.02)
+        paused = pool.submit(run, act.call(target, "control.pause", {"mode": "keep"}))
+        resumed.result(60)
+        paused.result(60)
+    if not status(act, target)["paused"]:
+        run(act.call(target, "control.pause", {"mode": "keep"}))
 
 
 def release(act: HttpActuator, target: Target, threads: list[threading.Thread]) -> None:
