@@ -274,6 +274,13 @@ class EngineMonitor:
         eng = self.engine(idx)
         eng.progress.last_report = eng.progress.last_progress = time.time()
 
+    @guarded("monitor.ready")
+    def ready(self, reason: str) -> None:
+        """The engine can take requests (offline: LLMEngine built); no-op once past start-up."""
+        for eng in list(self.engines.values()):
+            if eng.tracker.state in STARTUP_STATES:
+                eng.tracker.transition(S.READY, reason=reason)
+
     @guarded("monitor.intervention")
     def intervention(self, state: S, reason: str) -> None:
         """The control endpoint acted: enter ``state`` (paused, draining, waking) now."""

@@ -65,6 +65,15 @@ def _monitoring_status(self: Any) -> dict[str, Any]:
     return {"enabled": True, **mon.get_engine_status()}
 
 
+@guarded("offline.mark_ready")
+def _mark_ready() -> None:
+    # No HTTP server offline: the engine can take requests once LLMEngine is built.
+    from vllm_otel.instrument.monitor import get_monitor
+
+    if (mon := get_monitor()) is not None:
+        mon.ready("LLMEngine built (offline)")
+
+
 @guarded("offline.install")
 def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
@@ -85,7 +94,9 @@ def install() -> None:
                     kwargs["stat_loggers"] = loggers
             except Exception:  # noqa: BLE001 - fall back to the unmonitored engine
                 logger.warning("vllm-otel: could not attach offline monitoring", exc_info=True)
-            return original(cls, engine_args, *args, **kwargs)
+            engine = original(cls, engine_args, *args, **kwargs)
+            _mark_ready()
+            return engine
 
         from_engine_args._vllm_otel_wrapped = True  # type: ignore[attr-defined]
         LLMEngine.from_engine_args = classmethod(from_engine_args)

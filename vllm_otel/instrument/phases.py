@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -152,10 +153,10 @@ def _is_ancestor(pid: int) -> bool:
 def install() -> None:
     """Install the handler in this process (once per pid).
 
-    A process whose ancestor made a directory (the API server that started this engine core or
-    worker) writes its phases there; any other process (vLLM's main process) makes its own for
-    its children. A vLLM started by another instrumented process therefore never writes into
-    that one's directory.
+    A multiprocessing child whose ancestor made a directory (the API server that started this
+    engine core or worker) writes its phases there; any other process (vLLM's main process)
+    makes its own for its children. A vLLM started by another instrumented process therefore
+    never writes into that one's directory.
     """
     global _installed_pid, _out
     with _lock:
@@ -165,7 +166,11 @@ def install() -> None:
         _seen.clear()  # a forked child starts its own list
         _out = None
     d, own = os.environ.get(ENV_DIR), os.environ.get(ENV_OWNER)
-    if d and own and own.isdigit() and _is_ancestor(int(own)) and Path(d).is_dir():
+    # vLLM starts its engine cores and workers with multiprocessing; its main process (the API
+    # server, an offline script) is never a multiprocessing child, even when something that ran
+    # this plugin started it.
+    child = multiprocessing.parent_process() is not None
+    if child and d and own and own.isdigit() and _is_ancestor(int(own)) and Path(d).is_dir():
         with _lock:
             _out = Path(d) / f"{os.getpid()}.jsonl"
     else:
