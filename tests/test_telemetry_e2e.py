@@ -112,25 +112,25 @@ def test_status_and_lifecycle_endpoints_without_secrets(vllm_server):
 
 def test_client_disconnect_is_counted_as_abort(vllm_server):
     before = _metric(vllm_server.metrics_text(), "vllm_otel_requests_aborted_total") or 0.0
-    # The tiny model can produce all 1,500 tokens before the hang-up reaches vLLM (seen in CI:
-    # the request then ends normally). So the engine core is frozen once the first chunk is
-    # here, the client hangs up, and the core goes on only after the front end has had time to
-    # see the disconnect and abort.
-    core = engine_core_process(vllm_server.proc.pid)
-    frozen = False
+    # The engine is held with the control endpoint's pause before the request is sent, so it
+    # cannot answer however fast the tiny model is (freezing it at the first streamed chunk raced
+    # the model: all tokens could be produced before the freeze). The client gives up after 2 s
+    # without a token and hangs up; vLLM's front end sees the disconnect and aborts the request.
+    control = f"{vllm_server.url}/monitoring/control"
+    httpx.post(f"{control}/pause", json={"mode": "keep"}, headers=MONITORING_AUTH, timeout=30).raise_for_status()
     try:
-        with httpx.Client(timeout=30) as c:
-            with c.stream("POST", f"{vllm_server.url}/v1/completions",
-                          json={"model": "tiny", "prompt": [30, 31, 32], "max_tokens": 1500,
-                                "ignore_eos": True, "stream": True}) as r:
-                for _ in r.iter_lines():
-                    os.kill(core.pid, signal.SIGSTOP)
-                    frozen = True
-                    break  # first chunk, then hang up
+        with httpx.Client(timeout=httpx.Timeout(30.0, read=2.0)) as c:
+            try:
+                with c.stream("POST", f"{vllm_server.url}/v1/completions",
+                              json={"model": "tiny", "prompt": [30, 31, 32], "max_tokens": 1500,
+                                    "ignore_eos": True, "stream": True}) as r:
+                    for _ in r.iter_lines():
+                        pytest.fail("a paused engine produced a token")
+            except httpx.ReadTimeout:
+                pass  # hung up on a request that was still waiting
         time.sleep(1.0)
     finally:
-        if frozen:
-            os.kill(core.pid, signal.SIGCONT)
+        httpx.post(f"{control}/resume", json={}, headers=MONITORING_AUTH, timeout=30).raise_for_status()
     deadline = time.time() + 20
     while time.time() < deadline:
         now = _metric(vllm_server.metrics_text(), "vllm_otel_requests_aborted_total") or 0.0
