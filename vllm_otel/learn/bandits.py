@@ -27,8 +27,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from vllm_otel.learn.config import LearnerConfig
-from vllm_otel.learn.context import (Context, beta_quantile, context_of, describe_context,
-                                     family_of)
+from vllm_otel.learn.context import Context, beta_quantile, context_of, describe_context
 from vllm_otel.learn.evidence import Evidence
 from vllm_otel.learn.learner import EXECUTED, FAILED, Candidate, candidate_name, candidate_rank
 
