@@ -58,7 +58,7 @@ def test_what_the_learner_learnt_survives_a_receiver_restart(tmp_path: Path) -> 
         run(env.receiver.drain())
     assert [c[1] for c in env.actuator.calls] == ["poke"] * 3
     before = learner_body(env)
-    assert before["kind"] == "thompson"
+    assert before["kind"] == "ucb"
     [row] = [r for r in before["stats"] if r["strategy"] == "poke"]
     assert (row["attempts"], row["successes"], row["dropped"]) == (3, 0, True)
     # The /metrics series the mitigation dashboard reads.

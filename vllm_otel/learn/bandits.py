@@ -134,7 +134,8 @@ class ContextualLearner:
         worth = []
         for n in left:
             a, b = self.posterior(ctx, n)
-            if beta_quantile(0.95, a, b) - self.cost(ctx, n) > 0.0:
+            cost = self.cost(ctx, n)
+            if a / (a + b) > cost or beta_quantile(0.95, a, b) > cost:
                 worth.append(n)
             else:
                 notes.append(f"{n} not worth trying (success {a / (a + b):.2f}, cost "

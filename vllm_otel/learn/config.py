@@ -83,9 +83,10 @@ class LearnerConfig(_Cfg):
     """``learner:`` in the policy file. Every field has a default; ``{}`` is the measured best."""
 
     kind: Literal["thompson", "ucb", "rules", "rule_based"] = Field(
-        "thompson", description="thompson: Bayesian bandit (default); ucb: upper confidence bound; "
-                                "rules: the best supported rule mined from history; rule_based: "
-                                "least invasive first, skipping what failed recently")
+        "ucb", description="ucb: upper confidence bound on the Beta posteriors (default, the "
+                           "lowest regret in benchmarks/learner_sim.py); thompson: Thompson "
+                           "sampling; rules: the best supported rule mined from history; "
+                           "rule_based: least invasive first, skipping what failed recently")
     confidence_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="a strategy in auto mode chosen with a lower posterior "
                                           "probability of success waits for a human's approval")
