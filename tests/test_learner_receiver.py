@@ -120,7 +120,16 @@ def test_rules_are_mined_with_support_and_confidence() -> None:
     assert not any("at warning," in t or t.endswith("at warning") for t in texts)
 
 
-def test_register_strategy_by_name_with_an_instance_or_a_class() -> None:
+@pytest.fixture
+def clean_registry():  # noqa: ANN201
+    """register_strategy adds to the process-wide registry; other tests list it."""
+    saved = dict(REGISTRY._classes)
+    yield
+    REGISTRY._classes.clear()
+    REGISTRY._classes.update(saved)
+
+
+def test_register_strategy_by_name_with_an_instance_or_a_class(clean_registry: None) -> None:
     cls = register_strategy("learner_test_poke_hard", Poke({"level": 3}))
     assert REGISTRY.create("learner_test_poke_hard").params.level == 3
     assert REGISTRY.create("learner_test_poke_hard", {"level": 5}).params.level == 5
