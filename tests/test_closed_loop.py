@@ -321,7 +321,7 @@ def test_kv_overload_is_met_with_reduce_batch_size(loop: Loop, traces_dir: Path)
                                                    ["reduce_batch_size"]) == ("reduce_batch_size", 0.6667)
             metrics = httpx.get(f"{rx.url}/metrics", timeout=10).text
             assert 'vllm_otel_mitigations_total{outcome="success",strategy="reduce_batch_size"} 1.0' in metrics
-            # The same real outcome changes the default learner's next choice in that situation:
+            # The same real outcome changes a Bayesian learner's next choice in that situation:
             # with nothing learnt it picks the least invasive (escalating); once the store holds
             # this success, reduce_batch_size wins most Thompson draws.
             [o] = [x for x in rx.store.outcomes() if x.strategy == "reduce_batch_size"]
@@ -331,7 +331,7 @@ def test_kv_overload_is_met_with_reduce_batch_size(loop: Loop, traces_dir: Path)
                 return sum(lr.select_best_strategy(o.state, [], o.metrics, cands)[0] == "reduce_batch_size"
                            for _ in range(200))
 
-            fresh = make_learner({"seed": 7})
+            fresh = make_learner({"kind": "thompson", "seed": 7})
             assert picks(fresh) == 0
             assert replay_store(fresh, rx.store) >= 1
             assert picks(fresh) >= 100

@@ -1105,7 +1105,7 @@ def test_receiver_replays_stored_outcomes_into_a_fresh_learner(tmp_path: Path) -
 
     assert run(learner(None)).status_code == 401
     body = run(learner()).json()
-    assert body["learner"] == "ThompsonLearner"  # the default (make_learner)
+    assert body["learner"] == "UCBLearner"  # the default (make_learner)
     assert sorted((s["strategy"], s["attempts"], s["successes"]) for s in body["stats"]) == [
         ("poke", 1, 0), ("restart", 1, 1)]
 

@@ -1,7 +1,7 @@
 """Continuous learning: which mitigation works, learnt from the outcomes the receiver records.
 
-``make_learner(config)`` builds the learner the policy's ``learner:`` section asks for (Thompson
-sampling by default); every learner implements :class:`~vllm_otel.learn.learner.Learner`. Nothing
+``make_learner(config)`` builds the learner the policy's ``learner:`` section asks for (UCB on
+Beta posteriors by default, the lowest regret in benchmarks/learner_sim.py); every learner implements :class:`~vllm_otel.learn.learner.Learner`. Nothing
 in this package imports the mitigation package: data flows mitigate -> learn, never back.
 """
 

@@ -27,8 +27,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from vllm_otel.learn.config import LearnerConfig
-from vllm_otel.learn.context import (Context, beta_quantile, context_of, describe_context,
-                                     family_of)
+from vllm_otel.learn.context import Context, beta_quantile, context_of, describe_context
 from vllm_otel.learn.evidence import Evidence
 from vllm_otel.learn.learner import EXECUTED, FAILED, Candidate, candidate_name, candidate_rank
 
@@ -135,7 +134,8 @@ class ContextualLearner:
         worth = []
         for n in left:
             a, b = self.posterior(ctx, n)
-            if beta_quantile(0.95, a, b) - self.cost(ctx, n) > 0.0:
+            cost = self.cost(ctx, n)
+            if a / (a + b) > cost or beta_quantile(0.95, a, b) > cost:
                 worth.append(n)
             else:
                 notes.append(f"{n} not worth trying (success {a / (a + b):.2f}, cost "

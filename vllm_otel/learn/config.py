@@ -28,7 +28,9 @@ class ContextConfig(_Cfg):
     from its failure type's other contexts (``LearnerConfig.backoff``).
     """
 
-    severity: bool = Field(True, description="critical and warning alerts learn apart")
+    severity: bool = Field(False, description="critical and warning alerts learn apart (off by "
+                                              "default: it halves the evidence per situation and "
+                                              "measured worse in benchmarks/learner_sim.py)")
     lifecycle: bool = Field(True, description="serving / paused / sleeping / stalled / down learn apart")
     metrics: dict[str, list[float]] = Field(
         default_factory=lambda: {"kv_cache_usage": [0.9]},
@@ -81,17 +83,19 @@ class LearnerConfig(_Cfg):
     """``learner:`` in the policy file. Every field has a default; ``{}`` is the measured best."""
 
     kind: Literal["thompson", "ucb", "rules", "rule_based"] = Field(
-        "thompson", description="thompson: Bayesian bandit (default); ucb: upper confidence bound; "
-                                "rules: the best supported rule mined from history; rule_based: "
-                                "least invasive first, skipping what failed recently")
+        "ucb", description="ucb: upper confidence bound on the Beta posteriors (default, the "
+                           "lowest regret in benchmarks/learner_sim.py); thompson: Thompson "
+                           "sampling; rules: the best supported rule mined from history; "
+                           "rule_based: least invasive first, skipping what failed recently")
     confidence_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="a strategy in auto mode chosen with a lower posterior "
                                           "probability of success waits for a human's approval")
     context: ContextConfig = Field(default_factory=ContextConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
-    discount: float = Field(0.97, gt=0.0, le=1.0,
-                            description="each new outcome in a context multiplies the weight of "
-                                        "the older ones there (1: never forget; drift needs < 1)")
+    discount: float = Field(0.95, gt=0.0, le=1.0,
+                            description="each new outcome of a strategy in a context multiplies the "
+                                        "weight of its older ones there (1: never forget; drift "
+                                        "needs < 1)")
     prior_successes: float = Field(1.0, gt=0.0)
     prior_failures: float = Field(1.0, gt=0.0)
     backoff: float = Field(2.0, ge=0.0, description="pseudo-outcomes a context borrows from its "

@@ -650,9 +650,12 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
         if denied is not None:
             return denied
         await asyncio.to_thread(receiver.sync_learner)
-        with receiver.worker._learner_mutex:
-            body = describe_learner(receiver.learner)
-        return _json(200, body)
+
+        def describe() -> dict[str, Any]:
+            with receiver.worker._learner_mutex:
+                return describe_learner(receiver.learner)
+
+        return _json(200, await asyncio.to_thread(describe))
 
     async def healthz(_: Request) -> Response:
         out: dict[str, Any] = {"status": "ok", "replica": receiver.replica_id}
