@@ -4,7 +4,8 @@
    so the ramp has the same shape on a fast or a busy machine; the forecaster sees it too and
    learns the service time at a full batch from it.
 2. ``calm``: 0.3 x capacity, while the forecaster gathers history.
-3. ``ramp``: the arrival rate climbs from 0.5 x towards ``peak`` x capacity. The forecaster should
+3. ``ramp``: the arrival rate climbs from 0.5 x to ``peak`` x capacity in ``ramp_s`` (and on at the
+   same pace, should the probe have underestimated the capacity). The forecaster should
    see the overload coming; its alert reaches the receiver, which lowers vLLM's admission limits.
    The ramp holds until that action has an outcome (then a few seconds more, to show the effect),
    or until ``ramp_max_s``.
@@ -122,7 +123,7 @@ class Scenario:
     def _probe(self) -> None:
         s = self.stack.s
         self._phase("probe")
-        cap = probe_capacity(self.stack.vllm.url, self.requests[:500], concurrency=s.max_num_seqs, seconds=8)
+        cap = probe_capacity(self.stack.vllm.url, self.requests[:500], concurrency=s.max_num_seqs, seconds=12)
         if cap <= 0:
             raise ProcessFailed("vLLM completed no request in the capacity probe")
         self.timeline.capacity_rps = cap
@@ -144,7 +145,9 @@ class Scenario:
         done_at: float | None = None
         while True:
             el = time.monotonic() - start
-            self.load.rate = cap * (p.ramp_from + (p.peak - p.ramp_from) * min(1.0, el / p.ramp_s))
+            # Past ``peak`` the rate keeps climbing at the same pace: on a busy machine the probe
+            # can underestimate the capacity, and a ramp that stops below it shows nothing.
+            self.load.rate = cap * (p.ramp_from + (p.peak - p.ramp_from) * el / p.ramp_s)
             act = _first_action(self.obs.latest.actions, since=t_wall, predictive=True)
             if done_at is None and act is not None and act.get("outcome"):
                 done_at = time.monotonic()
