@@ -84,7 +84,7 @@ def _svg(title: str, ylabel: str, lines: Sequence[tuple[str, Points]], t0: float
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_xlabel("seconds since the start of the load", fontsize=8)
     ax.tick_params(labelsize=7)
-    if drawn or marks:
+    if drawn:
         ax.legend(fontsize=7, loc="upper left", ncol=4, framealpha=0.8)
     else:
         ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
