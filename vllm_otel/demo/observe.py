@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from vllm_otel.demo.summary import learner_attempts
+
 __all__ = ["Snapshot", "Observer", "PREDICTED_TYPES"]
 
 # The failure types the demo's policy acts on before they happen (demo_policy's failure_type rules).
@@ -108,8 +110,6 @@ class Observer:
 
     def poll_learner(self, actions: list[dict[str, Any]] | None = None) -> Any:
         """GET /learner; note the first time it counts an outcome of each strategy that ran."""
-        from vllm_otel.demo.summary import learner_attempts
-
         learner = self.stack.receiver_get("/learner")
         now = time.time()
         for a in actions if actions is not None else self.latest.actions:

@@ -13,7 +13,7 @@ from vllm_otel.demo.observe import PREDICTED_TYPES, Observer
 from vllm_otel.demo.scenario import DeadlineReached, Plan, Scenario, Timeline
 from vllm_otel.demo.stack import DemoSettings, DemoStack
 from vllm_otel.demo.summary import (THRESHOLD, action_time, closed_loop, failure_onsets, first_crossing,
-                                    is_predictive, learner_attempts)
+                                    is_predictive)
 
 __all__ = ["run_demo", "DemoResult"]
 

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from vllm_otel.demo.load import LoadDriver, probe_capacity
 from vllm_otel.demo.observe import Observer
 from vllm_otel.demo.stack import DemoStack
+from vllm_otel.demo.summary import action_time, is_predictive
 from vllm_otel.testing.processes import ProcessFailed, engine_core_process
 
 __all__ = ["Plan", "Timeline", "Scenario", "DeadlineReached"]
@@ -194,14 +195,11 @@ class Scenario:
 
 def _first_action(actions: list[dict[str, Any]], since: float, predictive: bool) -> dict[str, Any] | None:
     """The earliest action with a strategy taken on an alert received after ``since``."""
-    from vllm_otel.demo.summary import action_time, is_predictive
-
     hits = [a for a in actions if a.get("strategy") and (action_time(a, "received_at") or 0) >= since - 1
             and is_predictive(a) == predictive]
     return min(hits, key=lambda a: a["id"]) if hits else None
 
 
 def _served_after(load: LoadDriver, t: float) -> bool:
-    """A request answered successfully after ``t`` (sent after it too: nothing sent to the old
-    server can finish on the new one)."""
+    """A request answered successfully after ``t`` (the old server's requests died with it)."""
     return any(r.ok and at > t for at, r in load.snapshot()[-200:])
