@@ -480,7 +480,10 @@ def _log_time(log: str, needle: str) -> float:
 
 
 def lifecycle(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/monitoring/lifecycle", timeout=30).json()["engines"]["0"]
+    # The control token is set on this vLLM, so the monitoring routes want it too.
+    r = httpx.get(f"{url}/monitoring/lifecycle", timeout=30, headers={"Authorization": f"Bearer {TOKEN}"})
+    r.raise_for_status()
+    return r.json()["engines"]["0"]
 
 
 @pytest.mark.vllm

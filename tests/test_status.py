@@ -54,8 +54,14 @@ def test_session_vllm_passed_the_prestartup_check_once(vllm_server):
 
 
 def test_status_of_a_running_deployment(vllm_server, tmp_path: Path):
-    token_file = tmp_path / "token"
+    from tests.conftest import CONTROL_TOKEN  # the session vLLM's monitoring routes want it
+
+    token_file = tmp_path / "token"  # Alertmanager's intake token
     token_file.write_text(TOKEN)
+    operator_file = tmp_path / "operator"  # what `status` reads the audit trail with
+    operator_file.write_text("status-test-operator-credential")
+    vllm_token_file = tmp_path / "vllm-token"
+    vllm_token_file.write_text(CONTROL_TOKEN)
     instance = vllm_server.url.removeprefix("http://")
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump({
@@ -65,6 +71,7 @@ def test_status_of_a_running_deployment(vllm_server, tmp_path: Path):
     rport, fport = free_port(), free_port()
     receiver = ManagedProcess("receiver", [sys.executable, "-m", "vllm_otel", "receiver", "--config", str(policy),
                                            "--port", str(rport), "--token-file", str(token_file),
+                                           "--operator", f"ops={operator_file}",
                                            "--db-url", f"sqlite:///{tmp_path / 'r.db'}"], tmp_path / "receiver.log")
     forecaster = ManagedProcess("forecaster", [sys.executable, "-m", "vllm_otel", "forecaster", "--scrape",
                                                f"{vllm_server.url}/metrics", "--interval", "1",
@@ -75,10 +82,11 @@ def test_status_of_a_running_deployment(vllm_server, tmp_path: Path):
         _wait(lambda: httpx.get(f"{rurl}/healthz").status_code == 200)
         assert httpx.post(f"{rurl}/webhook", json=am_payload(am_alert(instance=instance)),
                           headers=auth).status_code == 202
-        _wait(lambda: httpx.get(f"{rurl}/actions", headers=auth).json()["count"] >= 1)
+        ops = {"Authorization": "Bearer status-test-operator-credential"}
+        _wait(lambda: httpx.get(f"{rurl}/actions", headers=ops).json()["count"] >= 1)
         _wait(lambda: "vllm_otel_forecaster_up 1.0" in httpx.get(f"{furl}/metrics").text)
         args = ("--url", vllm_server.url, "--forecaster", furl, "--receiver", rurl,
-                "--receiver-token-file", str(token_file))
+                "--receiver-token-file", str(operator_file), "--vllm-token-file", str(vllm_token_file))
         r = _status(*args, "--json")
         assert r.returncode == 0, r.stdout + r.stderr
         st = json.loads(r.stdout)

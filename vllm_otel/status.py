@@ -28,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="vLLM server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--forecaster", metavar="URL", help="forecaster base URL (its /metrics)")
     p.add_argument("--receiver", metavar="URL", help="receiver base URL (its GET /actions)")
-    p.add_argument("--receiver-token-file", metavar="FILE", help="bearer token for the receiver")
+    p.add_argument("--receiver-token-file", metavar="FILE",
+                   help="an operator credential of the receiver (its --operator NAME=FILE)")
+    p.add_argument("--vllm-token-file", metavar="FILE",
+                   help="vLLM's API key or the vllm-otel control token, when its monitoring routes want one")
     p.add_argument("--top", type=int, default=5, help="predictions and actions to show (default %(default)s)")
     p.add_argument("--timeout", type=float, default=3.0, help="per request, seconds (default %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -47,8 +50,11 @@ def _metrics(client: httpx.Client, url: str) -> dict[str, list[tuple[dict[str, s
     return out
 
 
-def _vllm(client: httpx.Client, url: str) -> dict[str, Any]:
-    r = client.get(url.rstrip("/") + "/monitoring/status")
+def _vllm(client: httpx.Client, url: str, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = client.get(url.rstrip("/") + "/monitoring/status", headers=headers)
+    note = ("/monitoring/status wants a token (--vllm-token-file): showing /metrics"
+            if r.status_code in (401, 403) else None)
     if r.status_code == 200:
         st = r.json()
         engines = {k: {"lifecycle_state": e.get("lifecycle_state"), "running": e.get("running_requests"),
@@ -68,7 +74,7 @@ def _vllm(client: httpx.Client, url: str) -> dict[str, Any]:
     running, waiting = total("vllm:num_requests_running"), total("vllm:num_requests_waiting")
     return {"source": "/metrics", "in_flight": int(running + waiting),
             "engines": {"all": {"lifecycle_state": None, "running": int(running), "waiting": int(waiting),
-                                "stalled": bool(stalled)}}, "recent_stalls": []}
+                                "stalled": bool(stalled)}}, "recent_stalls": [], "note": note}
 
 
 def _forecaster(client: httpx.Client, url: str, top: int) -> dict[str, Any]:
@@ -96,11 +102,12 @@ def _receiver(client: httpx.Client, url: str, token: str | None, top: int) -> di
 
 
 def gather(url: str | None = None, forecaster: str | None = None, receiver: str | None = None, *,
-           token: str | None = None, top: int = 5, timeout: float = 3.0) -> dict[str, Any]:
+           token: str | None = None, vllm_token: str | None = None, top: int = 5,
+           timeout: float = 3.0) -> dict[str, Any]:
     """Everything the status shows, as a dict; each part asked about is either data or ``error``."""
     out: dict[str, Any] = {}
     with httpx.Client(timeout=timeout) as c:
-        parts = (("vllm", url, lambda t: _vllm(c, t)),
+        parts = (("vllm", url, lambda t: _vllm(c, t, vllm_token)),
                  ("forecaster", forecaster, lambda t: _forecaster(c, t, top)),
                  ("receiver", receiver, lambda t: _receiver(c, t, token, top)))
         for key, target, fn in parts:
@@ -160,13 +167,15 @@ def run(args: argparse.Namespace) -> int:
     if not (args.url or args.forecaster or args.receiver):
         print("vllm-otel status: give --url, --forecaster and/or --receiver", file=sys.stderr)
         return 2
-    token = None
-    if args.receiver_token_file:
+    tokens: dict[str, str | None] = {}
+    for flag in ("receiver_token_file", "vllm_token_file"):
+        path = getattr(args, flag)
         try:
-            token = Path(args.receiver_token_file).read_text().strip()
+            tokens[flag] = Path(path).read_text().strip() if path else None
         except OSError as e:
-            print(f"vllm-otel status: cannot read --receiver-token-file: {e.strerror}", file=sys.stderr)
+            print(f"vllm-otel status: cannot read --{flag.replace('_', '-')}: {e.strerror}", file=sys.stderr)
             return 2
-    st = gather(args.url, args.forecaster, args.receiver, token=token, top=args.top, timeout=args.timeout)
+    st = gather(args.url, args.forecaster, args.receiver, token=tokens["receiver_token_file"],
+                vllm_token=tokens["vllm_token_file"], top=args.top, timeout=args.timeout)
     print(json.dumps(st, indent=2, default=str) if args.json else render(st), end="" if not args.json else "\n")
     return 1 if any("error" in part for part in st.values()) else 0
