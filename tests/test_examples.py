@@ -35,14 +35,21 @@ def test_the_custom_strategy_example_registers_and_validates_its_policy() -> Non
 
 
 @pytest.fixture(scope="module")
-def custom_strategy() -> Any:
-    """Import the example as a user would: registering `shift_traffic` in the strategy registry."""
+def custom_strategy() -> Iterator[Any]:
+    """Import the example as a user would: registering `shift_traffic` in the strategy registry
+    (taken out again afterwards: other tests check what the built-in registry holds)."""
+    from vllm_otel.mitigate.strategies import REGISTRY
+
     sys.path.insert(0, str(EXAMPLES))
     try:
         import custom_strategy as mod
     finally:
         sys.path.remove(str(EXAMPLES))
-    return mod
+    try:
+        yield mod
+    finally:
+        REGISTRY.unregister("shift_traffic")
+        sys.modules.pop("custom_strategy", None)
 
 
 def test_a_bad_parameter_of_the_custom_strategy_stops_the_policy_at_load(custom_strategy: Any) -> None:
