@@ -130,6 +130,10 @@ def test_the_monitoring_example_against_a_real_server(vllm_server: Any, promethe
     Prometheus' history of the same server."""
     from tests.conftest import CONTROL_TOKEN  # the session vLLM's monitoring routes want it
 
+    # The forecaster predicts from at least 12 points of a signal: when this test is the first to
+    # start the session's Prometheus, give it half a minute of scrapes first.
+    prometheus.wait_for('count_over_time(vllm:num_requests_running{job="vllm"}[2m])',
+                        lambda res: bool(res) and float(res[0]["value"][1]) >= 30, timeout_s=90)
     r = subprocess.run([sys.executable, str(EXAMPLES / "monitoring_example.py"), "--url", vllm_server.url,
                         "--token", CONTROL_TOKEN,
                         "--prometheus", prometheus.url, "--selector", 'job="vllm"', "--min-history", "5",
