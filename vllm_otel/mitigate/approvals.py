@@ -156,7 +156,9 @@ def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool 
         resp.headers["Cache-Control"] = "no-store"
         return resp
 
-    async def act(request: Request) -> Response:
+    async def operator_form(request: Request) -> tuple[Any, dict[str, str]] | Response:
+        """The logged-in operator and the posted form, or the answer that refuses them (no
+        session: to the login page; form too large; CSRF token missing or wrong)."""
         who = current(request)
         if who is None:
             return RedirectResponse("/ui/login", status_code=303)
@@ -165,6 +167,13 @@ def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool 
             return Response("form too large", status_code=413)
         if not _same(data.get("csrf"), who[1]):
             return Response("missing or wrong CSRF token: reload the page", status_code=403)
+        return who, data
+
+    async def act(request: Request) -> Response:
+        checked = await operator_form(request)
+        if isinstance(checked, Response):
+            return checked
+        who, data = checked
         action_id: int = request.path_params["action_id"]
         verb: str = request.path_params["verb"]
         note = data.get("note", "")[:2000]
@@ -179,14 +188,10 @@ def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool 
         return back(f"action {action_id} {'approved' if verb == 'approve' else 'rejected'} by {who[0]}")
 
     async def kill_switch(request: Request) -> Response:
-        who = current(request)
-        if who is None:
-            return RedirectResponse("/ui/login", status_code=303)
-        data = await form(request)
-        if data is None:
-            return Response("form too large", status_code=413)
-        if not _same(data.get("csrf"), who[1]):
-            return Response("missing or wrong CSRF token: reload the page", status_code=403)
+        checked = await operator_form(request)
+        if isinstance(checked, Response):
+            return checked
+        who, data = checked
         engaged = data.get("engaged") == "true"
         await asyncio.to_thread(receiver.set_kill_switch, engaged, who[0], data.get("reason", "")[:2000])
         return back(f"kill switch {'engaged' if engaged else 'released'} by {who[0]}")
