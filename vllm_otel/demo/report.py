@@ -20,8 +20,7 @@ Points = list[tuple[float, float]]
 
 # (title, y label, [(legend, key in `series`)]); keys are filled by the caller from query_range.
 PLOTS: list[tuple[str, str, list[tuple[str, str]]]] = [
-    ("Requests in vLLM", "requests", [("waiting", "waiting"), ("running", "running"),
-                                      ("forecast of waiting, p90", "forecast_waiting_p90")]),
+    ("Requests in vLLM", "requests", [("waiting", "waiting"), ("running", "running")]),
     ("Predicted failure probability", "probability", [("queue overload", "p_queue_overload"),
                                                       ("TTFT SLO breach", "p_ttft_slo_breach"),
                                                       ("KV-cache exhaustion", "p_kv_cache_exhaustion"),
@@ -54,9 +53,15 @@ def _with_gaps(pts: Points) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+# A plot's forecast band: the forecaster's 0.1-0.9 quantiles of the signal at its horizon, drawn
+# at the time the forecast was made (what it expected the signal to be that far ahead).
+_BANDS = {"Requests in vLLM": ("forecast_waiting_p10", "forecast_waiting_p90", "waiting forecast, p10-p90 at the horizon"),
+          "KV-cache usage": ("forecast_kv_p10", "forecast_kv_p90", "KV forecast, p10-p90 at the horizon")}
+
+
 def _svg(title: str, ylabel: str, lines: Sequence[tuple[str, Points]], t0: float,
          marks: Mapping[str, float], phases: Sequence[Mapping[str, Any]], threshold: float | None,
-         label_marks: bool = False) -> str:
+         label_marks: bool = False, band: tuple[Points, Points, str] | None = None) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,6 +72,13 @@ def _svg(title: str, ylabel: str, lines: Sequence[tuple[str, Points]], t0: float
         if ph.get("start") and ph.get("end"):
             ax.axvspan(ph["start"] - t0, ph["end"] - t0, color=shade.get(ph["phase"], "#f8f8f8"), zorder=0)
     drawn = False
+    if band is not None and band[0] and band[1]:
+        hi = dict(band[1])
+        pairs = [(t, lo, hi[t]) for t, lo in band[0] if t in hi]
+        if pairs:
+            ax.fill_between([t - t0 for t, _, _ in pairs], [lo for _, lo, _ in pairs], [h for _, _, h in pairs],
+                            color="tab:green", alpha=0.2, linewidth=0, label=band[2])
+            drawn = True
     for (label, pts), colour in zip(lines, _SERIES_COLOURS):
         if pts:
             xs, ys = _with_gaps(pts)
@@ -125,7 +137,9 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], series: Mapping[str,
     for i, (title, ylabel, keys) in enumerate(PLOTS):
         lines = [(label, list(series.get(key, []))) for label, key in keys]
         threshold = summary.get("threshold") if title.startswith("Predicted") else None
-        svg = _svg(title, ylabel, lines, t0, marks, summary["phases"], threshold, label_marks=i < 2)
+        b = _BANDS.get(title)
+        band = (list(series.get(b[0], [])), list(series.get(b[1], [])), b[2]) if b else None
+        svg = _svg(title, ylabel, lines, t0, marks, summary["phases"], threshold, label_marks=i < 2, band=band)
         figures.append(f'<figure class="plot">{svg}</figure>')
 
     verdict = ("The loop closed" if summary["loop_closed"]

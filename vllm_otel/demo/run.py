@@ -23,7 +23,10 @@ RANGE_QUERIES = {
     "kv_usage": 'max(vllm:kv_cache_usage_perc{job="vllm"})',
     "stalled": 'max(vllm_otel_engine_stalled{job="vllm"})',
     "ttft_p95": 'histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{job="vllm"}[10s])))',
+    "forecast_waiting_p10": 'max(vllm_otel_forecast{job="vllm-otel-forecaster", signal="waiting", quantile="0.1"})',
     "forecast_waiting_p90": 'max(vllm_otel_forecast{job="vllm-otel-forecaster", signal="waiting", quantile="0.9"})',
+    "forecast_kv_p10": 'max(vllm_otel_forecast{job="vllm-otel-forecaster", signal="kv_usage", quantile="0.1"})',
+    "forecast_kv_p90": 'max(vllm_otel_forecast{job="vllm-otel-forecaster", signal="kv_usage", quantile="0.9"})',
     **{f"p_{f}": f'max(vllm_otel_failure_probability{{job="vllm-otel-forecaster", failure_type="{f}"}})'
        for f in (*PREDICTED_TYPES, "engine_stall")},
     **{f"ttf_{f}": f'min(vllm_otel_time_to_failure_seconds{{job="vllm-otel-forecaster", failure_type="{f}"}})'
