@@ -249,8 +249,28 @@ def stack(vllm_server, workdir: Path, traces_dir: Path):  # noqa: ANN001
         # the worker decides (the guards run, an outcome is counted) within a poll or two
         prom.wait_for("vllm_otel_mitigations_total", bool, timeout_s=30)
         prom.wait_for(f'vllm_otel_failure_probability{{instance="{inst}"}}', bool, timeout_s=60)
-        prom.wait_for(f'vllm_otel_forecast{{instance="{inst}"}}', bool, timeout_s=60)
-        time.sleep(6)  # the forecast bands look one (test) horizon of 5 s back
+        # Every signal the forecast dashboard bands needs its own forecast; the TTFT quantile only
+        # exists while requests arrive, so a request a second keeps it alive until it is there.
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.is_set():
+                try:
+                    httpx.post(f"{vllm_server.url}/v1/completions", timeout=30,
+                               json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True})
+                except httpx.HTTPError:
+                    pass
+                stop.wait(1.0)
+
+        feeder = threading.Thread(target=trickle, daemon=True)
+        feeder.start()
+        try:
+            for sig in ("waiting", "kv_usage", "ttft_quantile"):
+                prom.wait_for(f'vllm_otel_forecast{{instance="{inst}", signal="{sig}"}}', bool, timeout_s=90)
+            time.sleep(6)  # the forecast bands look one (test) horizon of 5 s back
+        finally:
+            stop.set()
+            feeder.join(35)
         yield prom, t0
         prom.stop()
     finally:
