@@ -163,11 +163,12 @@ def test_ctrl_c_stops_every_process_the_demo_started(demo_model: Path, tmp_path:
             pytest.fail("vLLM never came up under the demo")
         assert _procs_naming(out, demo_model), "the demo's services are not running"
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
-        rc = proc.wait(timeout=180)
+        _, err = proc.communicate(timeout=180)
+        rc = proc.returncode
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert rc == 130
+    assert rc == 130, err[-3000:]
     deadline = time.monotonic() + 30
     while _procs_naming(out, demo_model) and time.monotonic() < deadline:
         time.sleep(1)
