@@ -145,8 +145,10 @@ class DemoStack:
 
     def start(self) -> "DemoStack":
         s = self.s
-        self.otlp = OtlpReceiver().start()
+        # Each service is listed before it starts: an interrupt while it starts must stop it too.
+        self.otlp = OtlpReceiver()
         self._started.append(self.otlp)
+        self.otlp.start()
         self.step(f"OTLP receiver (gRPC {self.otlp.grpc_endpoint}) for vLLM's traces and metrics")
 
         env = {**self.otlp.otel_env("grpc"), "OTEL_METRIC_EXPORT_INTERVAL": "2000",
@@ -158,15 +160,15 @@ class DemoStack:
         self.sup = SupervisorProcess(self.work, self.vllm.proc.argv, token=secrets.token_urlsafe(24),
                                      env=self.vllm.env, name="supervise",
                                      extra=["--start-timeout", "300", "--stop-grace", "3"])
-        self.sup.proc.start()  # vLLM takes the better part of a minute: start the rest meanwhile
         self._started.append(self.sup)
+        self.sup.proc.start()  # vLLM takes the better part of a minute: start the rest meanwhile
         self.step(f"vLLM ({s.model.name}, {s.max_num_seqs} running at most, {s.kv_blocks} KV blocks) "
                   f"starting under `vllm-otel supervise` at {self.vllm.url}")
 
         self.am = AlertmanagerServer(self.work, webhook_url=f"{self.rx_url}/webhook",
                                      bearer_token_file=self.intake_token_file, repeat_interval="10s")
-        self.am.start()
         self._started.append(self.am)
+        self.am.start()
         self.step(f"Alertmanager {self.am.url} -> receiver {self.rx_url}/webhook (bearer token)")
 
         policy_file = self.work / "policy.yaml"
@@ -180,8 +182,8 @@ class DemoStack:
             "--port", str(self.rx_port),
             "--db-url", f"sqlite:///{self.work / 'receiver.db'}"], self.work / "receiver.log",
             env=dict(os.environ))
-        self.receiver.start()
         self._started.append(self.receiver)
+        self.receiver.start()
         wait_http(f"{self.rx_url}/healthz", timeout_s=60, alive=self.receiver.alive)
         self.step(f"mitigation receiver {self.rx_url} (policy {policy_file.name}: lower_queue_limits "
                   f"on a predicted overload, restart_engine on a stall; both auto)")
@@ -193,8 +195,8 @@ class DemoStack:
             sys.executable, "-m", "vllm_otel", "forecaster", "--prometheus", f"http://127.0.0.1:{self.prom_port}",
             "--selector", 'job="vllm"', "--interval", "1", "--config", str(cfg),
             "--listen", f"127.0.0.1:{self.forecaster_port}"], self.work / "forecaster.log", env=dict(os.environ))
-        self.forecaster.start()
         self._started.append(self.forecaster)
+        self.forecaster.start()
 
         self._wait_vllm()
         return self
@@ -211,8 +213,8 @@ class DemoStack:
                                 "vllm-otel-receiver": [self.rx_url]},
             rule_files=rules, alertmanager=self.am.url, port=self.prom_port,
             honor_labels=["vllm-otel-forecaster"])
-        self.prom.start()
         self._started.append(self.prom)
+        self.prom.start()
         self.step(f"Prometheus {self.prom.url}: vLLM, forecaster, receiver every 1 s; {len(rules)} rule "
                   f"files, `for:` shortened to {s.alert_hold}")
 
