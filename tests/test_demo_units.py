@@ -92,3 +92,11 @@ def test_served_throughout_allows_the_stall_and_503s_but_not_a_silent_gap() -> N
     assert _served_throughout(gap, windows, stall=(20.0, 45.0))  # the induced stall is allowed
     refused = [_result(float(t), ok=False, status=None) for t in range(0, 61, 2)]
     assert not _served_throughout(refused, windows, stall=None)
+
+
+def test_stopping_a_load_that_never_started_is_quiet() -> None:
+    # Ctrl-C while the services start stops the scenario before its load began: that must end as
+    # an interrupt (exit 130), not as an error from stopping what never ran.
+    from vllm_otel.demo.load import LoadDriver
+
+    LoadDriver(url="http://127.0.0.1:9", requests=load_trace("AzureLLMInferenceTrace_conv.csv", limit=5)).stop(timeout_s=0.1)

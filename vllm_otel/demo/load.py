@@ -84,7 +84,8 @@ class LoadDriver:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # an interrupt can come before the load ever started
+            self._thread.join(timeout_s)
 
     def _record(self, r: RequestResult) -> None:
         with self._lock:

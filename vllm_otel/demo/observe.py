@@ -74,7 +74,8 @@ class Observer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.is_alive():  # an interrupt can come before it ever started
+            self._thread.join(10)
 
     def _run(self) -> None:
         while not self._stop.is_set():
