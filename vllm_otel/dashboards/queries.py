@@ -21,7 +21,7 @@ OPTIONAL: dict[str, str] = {
     "vllm_otel_gpu_": "GPU only (NVML)",
     "vllm:spec_decode_": "speculative decoding only",
     "vllm_otel_time_to_failure_seconds": "only while a failure is predicted within the horizon",
-    "vllm_otel_learner_": "the learner's series (another branch; they exist once it is merged)",
+    "vllm_otel_learner_": "only after the learner chose a strategy or took in an outcome",
     "vllm_otel_mitigation_action_duration_seconds": "only after an action really executed",
     "ALERTS": "only while an alert fires",
 }
@@ -134,11 +134,6 @@ def metric_names(promql: str) -> set[str]:
     return names
 
 
-# Series another branch (the learner's) adds to the receiver's /metrics: accepted by name until it is
-# merged, then found in the source like every other name.
-PENDING_NAMES = frozenset({"vllm_otel_learner_selections", "vllm_otel_learner_success_probability",
-                           "vllm_otel_learner_outcomes"})
-
 _SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
 
 
@@ -156,7 +151,6 @@ def known_metric_names() -> frozenset[str]:
             for f in Path(root).rglob("*.py"):
                 names.update(re.findall(r"[\"'](vllm:[a-z0-9_]+)[\"']", f.read_text(errors="replace")))
     names.update(_own_metric_names())
-    names.update(PENDING_NAMES)
     return frozenset(names)
 
 
