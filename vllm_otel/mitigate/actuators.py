@@ -9,7 +9,7 @@ loaded policy. The actuator routes a verb by its prefix:
     ``http://<instance>``. vLLM's error answers (400 bad params, 401/403 auth, 404 control off,
     409 not possible here) become :class:`ActuatorError` carrying vLLM's message.
 ``supervisor.status`` / ``supervisor.restart``
-    the target's :class:`~vllm_otel.mitigate.supervisor.RestartBackend` from
+    the target's :class:`~vllm_otel.mitigate.supervisor.base.RestartBackend` from
     ``actuator.supervisors[<instance>]``: a ``vllm-otel supervise`` over HTTP, docker compose or
     a Kubernetes Deployment.
 ``hook.<name>``
@@ -45,8 +45,10 @@ from vllm_otel.mitigate.policy import (ActuatorConfig, ControlConfig, HookConfig
                                        Policy, SupervisorConfig)
 from vllm_otel.mitigate.strategies import ActuatorError, MetricsSnapshot
 from vllm_otel.mitigate.strategies import common as k
-from vllm_otel.mitigate.supervisor import (ComposeBackend, HttpSupervisorBackend, KubernetesBackend,
-                                           RestartBackend, RestartError, RestartRequest)
+from vllm_otel.mitigate.supervisor.base import RestartBackend, RestartError, RestartRequest
+from vllm_otel.mitigate.supervisor.client import HttpSupervisorBackend
+from vllm_otel.mitigate.supervisor.compose import ComposeBackend
+from vllm_otel.mitigate.supervisor.kubernetes import KubernetesBackend
 from vllm_otel.httpread import ANSWER_MAX_BYTES, METRICS_MAX_BYTES, QUERY_MAX_BYTES, request_capped
 from vllm_otel.redact import redact_text
 
