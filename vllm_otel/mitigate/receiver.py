@@ -440,12 +440,14 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
                         learner=learner, credentials=creds, max_body_bytes=max_body_bytes,
                         registry=registry, clock=clock)
     ui: list[Route] = []
+    state: Any = None
     if page:
-        from vllm_otel.mitigate.approvals import approvals_routes
+        from vllm_otel.mitigate.approvals import PageState, approvals_routes
 
-        ui = approvals_routes(receiver, creds, secure_cookies=secure_cookies)
+        ui, state = approvals_routes(), PageState(secure_cookies=secure_cookies)
     app = _ReceiverApp(lifespan=_lifespan, routes=[*ui, *api_routes()])
     app.state.receiver = receiver
+    app.state.approvals = state
     app.state.start_worker = start_worker
     app.state.close_store = close_store
     return app
