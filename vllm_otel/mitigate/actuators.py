@@ -303,7 +303,7 @@ _WANTED = (
     "vllm:engine_sleep_state", "vllm_otel_lifecycle_state", "vllm_otel_gpu_collector_up",
     "vllm_otel_gpu_memory_used_bytes", "vllm_otel_gpu_memory_total_bytes",
     "vllm_otel_host_memory_available_bytes", "vllm_otel_host_memory_total_bytes",
-    "vllm:cache_config_info", "vllm_otel_process_count",
+    "vllm:cache_config_info", "vllm_otel_process_count", "vllm_otel_process_resident_memory_bytes",
 )
 
 
@@ -341,6 +341,8 @@ def reduce_samples(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> d
     peak("vllm_otel_gpu_collector_up", k.GPU_COLLECTOR_UP)
     peak("vllm_otel_lifecycle_state", k.PAUSED, lambda lb: lb.get("state") == "paused")
     total("vllm_otel_process_count", k.WORKERS, lambda lb: lb.get("role") == "worker")
+    total("vllm_otel_process_resident_memory_bytes", k.WORKERS_RESIDENT,
+          lambda lb: lb.get("role") in ("worker", "engine_core"))
     if "vllm:engine_sleep_state" in by:
         asleep = [v for lb, v in by["vllm:engine_sleep_state"] if lb.get("sleep_state") != "awake"]
         out[k.SLEEPING] = 1.0 if any(v > 0 for v in asleep) else 0.0
