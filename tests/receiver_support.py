@@ -15,7 +15,6 @@ import asyncio
 import copy
 import hashlib
 import json
-
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import httpx
-
 import yaml
 from starlette.testclient import TestClient
 
@@ -33,8 +31,6 @@ from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check, MetricsSnapshot,
                                            Strategy, StrategyParams, Verification)
 from vllm_otel.store import Store
-
-
 
 
 TOKEN = "receiver-test-token-4f9a8b7c6d5e"  # the intake token: Alertmanager's, webhooks only

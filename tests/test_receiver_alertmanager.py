@@ -4,7 +4,6 @@ delivering to the receiver with a bearer token file."""
 from __future__ import annotations
 
 import json
-
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 
 from tests.receiver_support import I2, TOKEN, Env, wait_actions
 from vllm_otel.testing.services import UvicornThread
-
 
 
 # Exactly what Alertmanager 0.25 posts (captured from prometheus-alertmanager 0.25.0, field order kept).

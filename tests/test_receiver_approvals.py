@@ -5,20 +5,16 @@ the intake token can neither approve, reject, read nor touch the kill switch."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.receiver_support import (Env, I1, I2, OPERATORS, REG, RecordingActuator, StaticMetrics, TOKEN,
+from tests.receiver_support import (I1, I2, OPERATORS, REG, TOKEN, Env, RecordingActuator, StaticMetrics,
                                     am_alert, am_payload, policy_dict, resolved, run)
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.store import Store
-
-
-
 
 
 def test_approval_waits_for_approve_then_runs(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from tests.receiver_support import (Env, I1, I2, I3, StaticMetrics, TOKEN, am_alert, am_payload, resolved,
+from tests.receiver_support import (I1, I2, I3, TOKEN, Env, StaticMetrics, am_alert, am_payload, resolved,
                                     run, second_firing)
 from vllm_otel.learn.learner import RuleBasedLearner
 from vllm_otel.testing.webhook import WebhookSink

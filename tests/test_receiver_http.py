@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.receiver_support import I1, I2, TOKEN, Env, am_alert, am_payload, run
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ a group on its own, unmapped and record-only alerts recorded without an action."
 from __future__ import annotations
 
 import asyncio
-
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,12 +15,6 @@ import pytest
 
 from tests.receiver_support import I1, I2, Env, am_alert, am_payload, resolved, run
 from vllm_otel.mitigate.models import JobState
-
-
-
-
-
-
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ yet misses no work, and ``worker.busy_share`` sets its pause after a job."""
 from __future__ import annotations
 
 import asyncio
-
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -12,14 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.receiver_support import I1, I2, I3, Env, am_alert, am_payload, role_client, run
-
-
-
-
-
-
-
-
 
 
 def test_paced_worker_misses_no_work_in_a_storm_of_wakes(tmp_path: Path) -> None:

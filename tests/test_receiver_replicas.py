@@ -4,22 +4,12 @@ share the kill switch; a dead runner's lease expires and another takes its job."
 from __future__ import annotations
 
 import asyncio
-
 import time
-
 from pathlib import Path
 
 import pytest
 
 from tests.receiver_support import I1, I2, I3, Env, am_alert, am_payload, run, second_firing
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")

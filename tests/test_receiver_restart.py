@@ -6,22 +6,18 @@ refuses no webhook."""
 from __future__ import annotations
 
 import asyncio
-
 import threading
 import time
-
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.receiver_support import (CLI, Env, I1, StaticMetrics, TOKEN, am_alert, am_payload, cli_files,
+from tests.receiver_support import (CLI, I1, TOKEN, Env, StaticMetrics, am_alert, am_payload, cli_files,
                                     role_client, run)
 from vllm_otel.mitigate.models import Outcome
 from vllm_otel.store import Store
 from vllm_otel.testing.processes import free_port
-
-
 
 
 def test_worker_parts_are_warmed_at_start_up_before_the_first_webhook(tmp_path: Path) -> None:

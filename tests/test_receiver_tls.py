@@ -4,16 +4,13 @@ operator credential from files."""
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.receiver_support import OP_AUTH, TOKEN, am_alert, am_payload, cli_files, CLI
+from tests.receiver_support import CLI, OP_AUTH, TOKEN, am_alert, am_payload, cli_files
 from vllm_otel.testing.processes import free_port
-
-
 
 
 def test_receiver_command_serves_tls_with_a_token_file(tmp_path: Path) -> None:
