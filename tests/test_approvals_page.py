@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.test_receiver import OPERATORS, TOKEN, StaticMetrics, am_alert, am_payload
+from tests.receiver_support import OPERATORS, TOKEN, StaticMetrics, am_alert, am_payload
 from vllm_otel.mitigate.actuators import build_actuator
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app

@@ -1,5 +1,5 @@
 """The learner interface and the rule-based learner: least invasive first, skipping what failed
-recently. (The receiver's replay of stored outcomes into a learner is in test_receiver.py.)"""
+recently. (The receiver's replay of stored outcomes into a learner is in test_receiver_restart.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The learner inside the receiver: persistence across a restart (through the store), the
 confidence threshold, the /metrics series, rules, register_strategy and the CLI. Real receiver app
-and SQLite store; the actuator is the recording boundary of test_receiver.py."""
+and SQLite store; the actuator is the recording boundary of receiver_support.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_receiver import (OPERATORS, REG, TOKEN, Env, Poke, RecordingActuator, StaticMetrics, am_alert,
-                                 am_payload, policy_dict, run, _second_firing)
+from tests.receiver_support import (OPERATORS, REG, TOKEN, Env, Poke, RecordingActuator, StaticMetrics, am_alert,
+                                 am_payload, policy_dict, run)
+from tests.receiver_support import second_firing as _second_firing
 from vllm_otel.cli import main as cli_main
 from vllm_otel.learn import extract_rules, make_learner
 from vllm_otel.learn.evidence import Evidence

@@ -74,7 +74,7 @@ def test_a_secret_in_env_argv_and_request_leaks_nowhere(vllm_server, otlp_receiv
 def _through_the_receiver(tmp_path, vllm_server) -> dict[str, str]:  # noqa: ANN001
     import logging
 
-    from tests.test_receiver import OPERATORS, REG, TOKEN, StaticMetrics, RecordingActuator, am_alert, \
+    from tests.receiver_support import OPERATORS, REG, TOKEN, StaticMetrics, RecordingActuator, am_alert, \
         am_payload, policy_dict
     from vllm_otel.mitigate.policy import Policy
     from vllm_otel.mitigate.receiver import create_app

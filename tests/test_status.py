@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.test_receiver import am_alert, am_payload
+from tests.receiver_support import am_alert, am_payload
 from vllm_otel.testing.processes import ManagedProcess, free_port
 
 TOKEN = "status-test-token-81c2"

@@ -25,9 +25,10 @@ import psutil
 import pytest
 import yaml
 
-from vllm_otel.mitigate.supervisor import (ComposeBackend, KubernetesBackend,
-                                           RestartError, RestartRequest, check_allowed, get_arg,
-                                           health_url_for, patch_args, redact_argv)
+from vllm_otel.mitigate.supervisor.args import get_arg, health_url_for, patch_args, redact_argv
+from vllm_otel.mitigate.supervisor.base import RestartError, RestartRequest, check_allowed
+from vllm_otel.mitigate.supervisor.compose import ComposeBackend
+from vllm_otel.mitigate.supervisor.kubernetes import KubernetesBackend
 from vllm_otel.testing.processes import free_port
 from vllm_otel.testing.services import SupervisorProcess
 
@@ -85,7 +86,7 @@ def wait_until(pred: Any, timeout_s: float, what: str, step: float = 0.1) -> Any
 
 
 class Supervised(SupervisorProcess):
-    """`python -m vllm_otel.mitigate.supervise_cli ... -- <command>` as a real process."""
+    """`python -m vllm_otel.mitigate.supervisor.cli ... -- <command>` as a real process."""
 
     def __init__(self, tmp: Path, command: list[str], *, env: dict[str, str] | None = None,
                  extra: list[str] = (), name: str = "supervise") -> None:
@@ -287,7 +288,7 @@ def test_sigterm_of_the_supervisor_stops_vllm(tmp_path: Path, toy: Path) -> None
 
 def test_cli_refuses_unsafe_setups(tmp_path: Path) -> None:
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "vllm_otel.mitigate.supervise_cli", *argv],
+        return subprocess.run([sys.executable, "-m", "vllm_otel.mitigate.supervisor.cli", *argv],
                               capture_output=True, text=True, timeout=60)
 
     assert "after `--`" in cli("--allow-unauthenticated").stderr

@@ -24,7 +24,7 @@ _SUBCOMMANDS = {
     "forecaster": "vllm_otel.forecast.cli",
     "demo": "vllm_otel.demo",
     "receiver": "vllm_otel.mitigate.cli",
-    "supervise": "vllm_otel.mitigate.supervise_cli",
+    "supervise": "vllm_otel.mitigate.supervisor.cli",
     "dashboards": "vllm_otel.dashboards.build",
     "check": "vllm_otel.prestartup_check",
     "status": "vllm_otel.status",

@@ -4,8 +4,9 @@ Two halves, both installed by our plugins:
 - engine side (every process; only the engine core and workers use it): a utility method
   ``EngineCore.vllm_otel_control(action, params)`` that changes what the scheduler holds at run
   time (admission limit of running requests, token budget), and ``WorkerBase.vllm_otel_gc()`` for garbage
-  collection and cache emptying on workers. vLLM dispatches utility calls and collective RPCs
-  by method name, so adding a method is enough; nothing of vLLM is replaced.
+  collection, giving free heap pages back (malloc_trim) and cache emptying on workers. vLLM
+  dispatches utility calls and collective RPCs by method name, so adding a method is enough;
+  nothing of vLLM is replaced.
 - API side: :class:`ControlPlane` maps an action name to the engine client's own async API
   (queue limits on the front end, abort, prefix-cache reset, pause/resume, sleep/wake, the
   utility above, the collective RPC above).
@@ -116,10 +117,43 @@ def _engine_control(self: Any, action: str, params: dict | None = None) -> dict:
     return {"before": before, "after": after}
 
 
+def _rss() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - psutil missing or /proc unreadable: report unknown
+        return None
+
+
+def _malloc_trim() -> bool:
+    """Give the heap pages free() kept back to the OS (glibc only).
+
+    The CPU tensors of a step are malloc'd; after a burst glibc keeps their freed pages in its
+    arenas, so the process stays large although nothing uses them. ``malloc_trim(0)`` returns
+    them. On other C libraries there is no such call and this is a no-op.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        if not name:
+            return False
+        libc = ctypes.CDLL(name)
+        return bool(getattr(libc, "malloc_trim")(0)) if hasattr(libc, "malloc_trim") else False
+    except Exception:  # noqa: BLE001 - a libc without malloc_trim: nothing to trim
+        return False
+
+
 def _worker_gc(self: Any) -> dict:
-    """Runs in each worker: Python GC, and the accelerator cache when there is one."""
+    """Runs in each worker: Python GC, the C heap's free pages back to the OS, and the
+    accelerator cache when there is one."""
     t0 = time.perf_counter()
+    rss0 = _rss()
     collected = gc.collect()
+    trimmed = _malloc_trim()
+    rss1 = _rss()
     freed = None
     try:
         import torch
@@ -130,7 +164,9 @@ def _worker_gc(self: Any) -> dict:
             freed = before - torch.cuda.memory_reserved()
     except Exception:  # noqa: BLE001
         pass
-    return {"collected": collected, "cuda_freed_bytes": freed, "seconds": time.perf_counter() - t0}
+    return {"collected": collected, "cuda_freed_bytes": freed, "heap_trimmed": trimmed,
+            "rss_freed_bytes": None if rss0 is None or rss1 is None else rss0 - rss1,
+            "seconds": time.perf_counter() - t0}
 
 
 @guarded("control.install_engine_side")

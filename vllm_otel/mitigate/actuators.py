@@ -9,7 +9,7 @@ loaded policy. The actuator routes a verb by its prefix:
     ``http://<instance>``. vLLM's error answers (400 bad params, 401/403 auth, 404 control off,
     409 not possible here) become :class:`ActuatorError` carrying vLLM's message.
 ``supervisor.status`` / ``supervisor.restart``
-    the target's :class:`~vllm_otel.mitigate.supervisor.RestartBackend` from
+    the target's :class:`~vllm_otel.mitigate.supervisor.base.RestartBackend` from
     ``actuator.supervisors[<instance>]``: a ``vllm-otel supervise`` over HTTP, docker compose or
     a Kubernetes Deployment.
 ``hook.<name>``
@@ -45,8 +45,10 @@ from vllm_otel.mitigate.policy import (ActuatorConfig, ControlConfig, HookConfig
                                        Policy, SupervisorConfig)
 from vllm_otel.mitigate.strategies import ActuatorError, MetricsSnapshot
 from vllm_otel.mitigate.strategies import common as k
-from vllm_otel.mitigate.supervisor import (ComposeBackend, HttpSupervisorBackend, KubernetesBackend,
-                                           RestartBackend, RestartError, RestartRequest)
+from vllm_otel.mitigate.supervisor.base import RestartBackend, RestartError, RestartRequest
+from vllm_otel.mitigate.supervisor.client import HttpSupervisorBackend
+from vllm_otel.mitigate.supervisor.compose import ComposeBackend
+from vllm_otel.mitigate.supervisor.kubernetes import KubernetesBackend
 from vllm_otel.httpread import ANSWER_MAX_BYTES, METRICS_MAX_BYTES, QUERY_MAX_BYTES, request_capped
 from vllm_otel.redact import redact_text
 
@@ -301,7 +303,7 @@ _WANTED = (
     "vllm:engine_sleep_state", "vllm_otel_lifecycle_state", "vllm_otel_gpu_collector_up",
     "vllm_otel_gpu_memory_used_bytes", "vllm_otel_gpu_memory_total_bytes",
     "vllm_otel_host_memory_available_bytes", "vllm_otel_host_memory_total_bytes",
-    "vllm:cache_config_info", "vllm_otel_process_count",
+    "vllm:cache_config_info", "vllm_otel_process_count", "vllm_otel_process_resident_memory_bytes",
 )
 
 
@@ -339,6 +341,8 @@ def reduce_samples(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> d
     peak("vllm_otel_gpu_collector_up", k.GPU_COLLECTOR_UP)
     peak("vllm_otel_lifecycle_state", k.PAUSED, lambda lb: lb.get("state") == "paused")
     total("vllm_otel_process_count", k.WORKERS, lambda lb: lb.get("role") == "worker")
+    total("vllm_otel_process_resident_memory_bytes", k.WORKERS_RESIDENT,
+          lambda lb: lb.get("role") in ("worker", "engine_core"))
     if "vllm:engine_sleep_state" in by:
         asleep = [v for lb, v in by["vllm:engine_sleep_state"] if lb.get("sleep_state") != "awake"]
         out[k.SLEEPING] = 1.0 if any(v > 0 for v in asleep) else 0.0

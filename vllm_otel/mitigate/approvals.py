@@ -29,9 +29,10 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from vllm_otel.mitigate.models import iso
+from vllm_otel.mitigate.routes.common import receiver_of
 from vllm_otel.mitigate.serve_auth import Credentials
 
-__all__ = ["SessionStore", "approvals_routes", "SESSION_COOKIE"]
+__all__ = ["SessionStore", "PageState", "approvals_routes", "SESSION_COOKIE"]
 
 SESSION_COOKIE = "vllm_otel_session"
 LOGIN_COOKIE = "vllm_otel_login"
@@ -78,127 +79,20 @@ def _same(a: str | None, b: str | None) -> bool:
     return bool(a) and bool(b) and hmac.compare_digest(str(a).encode(), str(b).encode())
 
 
-def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool = False,
-                     sessions: SessionStore | None = None) -> list[Route]:
-    """The ``/ui`` routes for ``receiver`` (a :class:`~vllm_otel.mitigate.receiver.Receiver`)."""
-    sessions = sessions or SessionStore()
-    store = receiver.store
-    # Without credentials (loopback only) there is no session, but forms still carry a token that
-    # another site cannot read, so a page elsewhere cannot post to this one.
-    open_csrf = secrets.token_urlsafe(32)
+class PageState:
+    """What the page keeps besides the receiver: logged-in sessions, whether its cookies are
+    HTTPS-only, and (without credentials, loopback only) the one CSRF token its forms carry, which
+    another site cannot read, so a page elsewhere cannot post to this one."""
 
-    def cookie(resp: Response, name: str, value: str, max_age: int) -> None:
-        resp.set_cookie(name, value, max_age=max_age, path="/ui", httponly=True, samesite="strict",
-                        secure=secure_cookies)
+    def __init__(self, *, secure_cookies: bool = False, sessions: SessionStore | None = None) -> None:
+        self.secure_cookies = secure_cookies
+        self.sessions = sessions or SessionStore()
+        self.open_csrf = secrets.token_urlsafe(32)
 
-    def current(request: Request) -> tuple[str, str] | None:
-        if creds.open:  # loopback without credentials: everyone is the same nobody
-            sid = request.cookies.get(SESSION_COOKIE)
-            return sessions.get(sid) or (Credentials.UNAUTHENTICATED, open_csrf)
-        return sessions.get(request.cookies.get(SESSION_COOKIE))
 
-    async def form(request: Request) -> dict[str, str] | None:
-        declared = request.headers.get("content-length", "")
-        if not declared.isdigit() or int(declared) > FORM_MAX_BYTES:
-            return None
-        data = await request.form(max_files=0, max_fields=20)
-        return {k: v for k, v in data.items() if isinstance(v, str)}
-
-    def back(message: str, status_code: int = 303) -> RedirectResponse:
-        return RedirectResponse(f"/ui/?msg={quote(message[:300])}", status_code=status_code)
-
-    async def login_page(request: Request) -> Response:
-        token = secrets.token_urlsafe(32)
-        resp = _TEMPLATES.TemplateResponse(request, "login.html", {
-            "csrf": token, "error": request.query_params.get("error", "")[:200]})
-        cookie(resp, LOGIN_COOKIE, token, 900)
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
-
-    async def login(request: Request) -> Response:
-        data = await form(request)
-        if data is None:
-            return Response("form too large", status_code=413)
-        if not _same(data.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
-            return Response("stale or forged login form: reload the login page", status_code=403)
-        name = data.get("operator", "").strip()
-        who = creds.operator_for(data.get("credential", "")) if creds.operators else None
-        if who is None or who != name:
-            return RedirectResponse("/ui/login?error=" + quote("unknown operator or wrong credential"),
-                                    status_code=303)
-        sid, _ = sessions.create(who)
-        resp = RedirectResponse("/ui/", status_code=303)
-        cookie(resp, SESSION_COOKIE, sid, SESSION_TTL_S)
-        resp.delete_cookie(LOGIN_COOKIE, path="/ui")
-        return resp
-
-    async def logout(request: Request) -> Response:
-        who = current(request)
-        data = await form(request)
-        if who is None or data is None or not _same(data.get("csrf"), who[1]):
-            return Response("forbidden", status_code=403)
-        sessions.drop(request.cookies.get(SESSION_COOKIE))
-        resp = RedirectResponse("/ui/login", status_code=303)
-        resp.delete_cookie(SESSION_COOKIE, path="/ui")
-        return resp
-
-    async def index(request: Request) -> Response:
-        who = current(request)
-        if who is None:
-            return RedirectResponse("/ui/login", status_code=303)
-        rows = await asyncio.to_thread(store.actions, limit=500)
-        pending = [r for r in rows if r.status == "awaiting_approval"]
-        kill = await asyncio.to_thread(receiver.kill_switch_state)
-        resp = _TEMPLATES.TemplateResponse(request, "approvals.html", {
-            "operator": who[0], "csrf": who[1], "pending": pending, "recent": rows[:50],
-            "kill": kill, "message": request.query_params.get("msg", "")[:300],
-            "replica": receiver.replica_id})
-        resp.headers["Cache-Control"] = "no-store"
-        return resp
-
-    async def operator_form(request: Request) -> tuple[Any, dict[str, str]] | Response:
-        """The logged-in operator and the posted form, or the answer that refuses them (no
-        session: to the login page; form too large; CSRF token missing or wrong)."""
-        who = current(request)
-        if who is None:
-            return RedirectResponse("/ui/login", status_code=303)
-        data = await form(request)
-        if data is None:
-            return Response("form too large", status_code=413)
-        if not _same(data.get("csrf"), who[1]):
-            return Response("missing or wrong CSRF token: reload the page", status_code=403)
-        return who, data
-
-    async def act(request: Request) -> Response:
-        checked = await operator_form(request)
-        if isinstance(checked, Response):
-            return checked
-        who, data = checked
-        action_id: int = request.path_params["action_id"]
-        verb: str = request.path_params["verb"]
-        note = data.get("note", "")[:2000]
-        if verb == "approve":
-            code, out = await asyncio.to_thread(receiver.approve, action_id, who[0], note)
-        elif verb == "reject":
-            code, out = await asyncio.to_thread(receiver.reject, action_id, who[0], note)
-        else:
-            return Response("not found", status_code=404)
-        if code >= 400:
-            return back(f"action {action_id}: {out.get('detail', code)}")
-        return back(f"action {action_id} {'approved' if verb == 'approve' else 'rejected'} by {who[0]}")
-
-    async def kill_switch(request: Request) -> Response:
-        checked = await operator_form(request)
-        if isinstance(checked, Response):
-            return checked
-        who, data = checked
-        engaged = data.get("engaged") == "true"
-        await asyncio.to_thread(receiver.set_kill_switch, engaged, who[0], data.get("reason", "")[:2000])
-        return back(f"kill switch {'engaged' if engaged else 'released'} by {who[0]}")
-
-    async def root(_: Request) -> Response:
-        return RedirectResponse("/ui/", status_code=307)
-
+def approvals_routes() -> list[Route]:
+    """The ``/ui`` routes; they find the :class:`~vllm_otel.mitigate.receiver.Receiver` in
+    ``app.state.receiver`` and their :class:`PageState` in ``app.state.approvals``."""
     return [
         Route("/ui", root, methods=["GET"]),
         Route("/ui/", index, methods=["GET"]),
@@ -208,3 +102,137 @@ def approvals_routes(receiver: Any, creds: Credentials, *, secure_cookies: bool 
         Route("/ui/actions/{action_id:int}/{verb}", act, methods=["POST"]),
         Route("/ui/killswitch", kill_switch, methods=["POST"]),
     ]
+
+
+def _page(request: Request) -> PageState:
+    return request.app.state.approvals
+
+
+def _cookie(request: Request, resp: Response, name: str, value: str, max_age: int) -> None:
+    resp.set_cookie(name, value, max_age=max_age, path="/ui", httponly=True, samesite="strict",
+                    secure=_page(request).secure_cookies)
+
+
+def _current(request: Request) -> tuple[str, str] | None:
+    """The logged-in operator and their session's CSRF token, or None."""
+    page = _page(request)
+    if receiver_of(request).credentials.open:  # loopback without credentials: everyone is the same nobody
+        sid = request.cookies.get(SESSION_COOKIE)
+        return page.sessions.get(sid) or (Credentials.UNAUTHENTICATED, page.open_csrf)
+    return page.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit() or int(declared) > FORM_MAX_BYTES:
+        return None
+    data = await request.form(max_files=0, max_fields=20)
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
+def _back(message: str, status_code: int = 303) -> RedirectResponse:
+    return RedirectResponse(f"/ui/?msg={quote(message[:300])}", status_code=status_code)
+
+
+async def login_page(request: Request) -> Response:
+    token = secrets.token_urlsafe(32)
+    resp = _TEMPLATES.TemplateResponse(request, "login.html", {
+        "csrf": token, "error": request.query_params.get("error", "")[:200]})
+    _cookie(request, resp, LOGIN_COOKIE, token, 900)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+async def login(request: Request) -> Response:
+    data = await _form(request)
+    if data is None:
+        return Response("form too large", status_code=413)
+    if not _same(data.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
+        return Response("stale or forged login form: reload the login page", status_code=403)
+    creds = receiver_of(request).credentials
+    name = data.get("operator", "").strip()
+    who = creds.operator_for(data.get("credential", "")) if creds.operators else None
+    if who is None or who != name:
+        return RedirectResponse("/ui/login?error=" + quote("unknown operator or wrong credential"),
+                                status_code=303)
+    sid, _ = _page(request).sessions.create(who)
+    resp = RedirectResponse("/ui/", status_code=303)
+    _cookie(request, resp, SESSION_COOKIE, sid, SESSION_TTL_S)
+    resp.delete_cookie(LOGIN_COOKIE, path="/ui")
+    return resp
+
+
+async def logout(request: Request) -> Response:
+    who = _current(request)
+    data = await _form(request)
+    if who is None or data is None or not _same(data.get("csrf"), who[1]):
+        return Response("forbidden", status_code=403)
+    _page(request).sessions.drop(request.cookies.get(SESSION_COOKIE))
+    resp = RedirectResponse("/ui/login", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/ui")
+    return resp
+
+
+async def index(request: Request) -> Response:
+    who = _current(request)
+    if who is None:
+        return RedirectResponse("/ui/login", status_code=303)
+    receiver = receiver_of(request)
+    rows = await asyncio.to_thread(receiver.store.actions, limit=500)
+    pending = [r for r in rows if r.status == "awaiting_approval"]
+    kill = await asyncio.to_thread(receiver.kill_switch_state)
+    resp = _TEMPLATES.TemplateResponse(request, "approvals.html", {
+        "operator": who[0], "csrf": who[1], "pending": pending, "recent": rows[:50],
+        "kill": kill, "message": request.query_params.get("msg", "")[:300],
+        "replica": receiver.replica_id})
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+async def _operator_form(request: Request) -> tuple[Any, dict[str, str]] | Response:
+    """The logged-in operator and the posted form, or the answer that refuses them (no
+    session: to the login page; form too large; CSRF token missing or wrong)."""
+    who = _current(request)
+    if who is None:
+        return RedirectResponse("/ui/login", status_code=303)
+    data = await _form(request)
+    if data is None:
+        return Response("form too large", status_code=413)
+    if not _same(data.get("csrf"), who[1]):
+        return Response("missing or wrong CSRF token: reload the page", status_code=403)
+    return who, data
+
+
+async def act(request: Request) -> Response:
+    checked = await _operator_form(request)
+    if isinstance(checked, Response):
+        return checked
+    who, data = checked
+    receiver = receiver_of(request)
+    action_id: int = request.path_params["action_id"]
+    verb: str = request.path_params["verb"]
+    note = data.get("note", "")[:2000]
+    if verb == "approve":
+        code, out = await asyncio.to_thread(receiver.approve, action_id, who[0], note)
+    elif verb == "reject":
+        code, out = await asyncio.to_thread(receiver.reject, action_id, who[0], note)
+    else:
+        return Response("not found", status_code=404)
+    if code >= 400:
+        return _back(f"action {action_id}: {out.get('detail', code)}")
+    return _back(f"action {action_id} {'approved' if verb == 'approve' else 'rejected'} by {who[0]}")
+
+
+async def kill_switch(request: Request) -> Response:
+    checked = await _operator_form(request)
+    if isinstance(checked, Response):
+        return checked
+    who, data = checked
+    engaged = data.get("engaged") == "true"
+    await asyncio.to_thread(receiver_of(request).set_kill_switch, engaged, who[0],
+                            data.get("reason", "")[:2000])
+    return _back(f"kill switch {'engaged' if engaged else 'released'} by {who[0]}")
+
+
+async def root(_: Request) -> Response:
+    return RedirectResponse("/ui/", status_code=307)

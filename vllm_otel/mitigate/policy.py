@@ -163,7 +163,7 @@ class ControlConfig(_Cfg):
 
 class SupervisorConfig(_Cfg):
     """Where restarts of one target go: a ``vllm-otel supervise`` (http), docker compose, or a
-    Kubernetes Deployment. All three sit behind vllm_otel.mitigate.supervisor.RestartBackend."""
+    Kubernetes Deployment. All three sit behind vllm_otel.mitigate.supervisor.base.RestartBackend."""
 
     kind: Literal["http", "compose", "kubernetes"] = "http"
     # http: the supervisor's API

@@ -15,29 +15,25 @@ for auth, 413 for oversize bodies, 503 when the store is down (retry is right th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
 import time
 from contextlib import asynccontextmanager, nullcontext
-from typing import Any, AsyncIterator, Callable, ContextManager, Mapping, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, ContextManager, Mapping, Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from prometheus_client import CollectorRegistry
 # Starlette, not FastAPI: eleven small routes need no dependency injection or OpenAPI, and FastAPI's
 # import (~170 ms here) lengthened every restart, during which Alertmanager's retries pile up.
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vllm_otel.learn import describe_learner
 from vllm_otel.learn.learner import Learner
-from vllm_otel.mitigate.models import (AlertmanagerWebhook, AlertStatus, JobState, Outcome,
-                                       describe_validation_error)
+from vllm_otel.mitigate.models import AlertmanagerWebhook, AlertStatus, JobState, Outcome
 from vllm_otel.mitigate.policy import Policy
-from vllm_otel.mitigate.serve_auth import Credentials, bearer
+from vllm_otel.mitigate.routes import api_routes
+from vllm_otel.mitigate.routes.intake import webhook_asgi
+from vllm_otel.mitigate.serve_auth import Credentials
 from vllm_otel.mitigate.strategies import Actuator, MetricsSource
 from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
@@ -48,29 +44,6 @@ __all__ = ["Receiver", "GroupCommit", "IntakeGate", "create_app", "DEFAULT_MAX_B
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a full group of 1,000 alerts is ~700 kB
-_B = TypeVar("_B", bound=BaseModel)
-
-
-# --- operator request bodies -----------------------------------------------------------------------
-
-# No ``by`` field: who acted is the operator whose credential came with the request (a ``by``
-# that older clients still send is ignored).
-class ApproveBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    comment: str = Field("", max_length=2000)
-
-
-class KillSwitchBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    engaged: bool
-    reason: str = Field("", max_length=2000)
-
-
-# Webhook bodies above this are parsed and validated on a worker thread and stored by the
-# group-commit writer, never inline on the event loop: a small one is cheaper inline (one commit,
-# no hand-over), a large one would hold the loop, and every other webhook, for its parse.
-INLINE_MAX_BODY_BYTES = 32 * 1024
-OPERATOR_MAX_BODY_BYTES = 64 * 1024
 
 
 class IntakeGate:
@@ -422,30 +395,27 @@ class _ReceiverApp(Starlette):
     costs). The handler answers every outcome itself; anything it did not
     expect still reaches uvicorn, which answers 500 and logs it."""
 
-    webhook_asgi: Callable[..., Any] | None = None
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (self.webhook_asgi is not None and scope["type"] == "http" and scope["path"] == "/webhook"
-                and scope["method"] == "POST"):
-            await self.webhook_asgi(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] == "/webhook" and scope["method"] == "POST":
+            scope["app"] = self  # what Starlette sets; the handler finds the receiver through it
+            await webhook_asgi(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
 
-def _parse_webhook(body: bytes) -> AlertmanagerWebhook | str:
-    """The notification, or why the body is not one (the 400 answer's detail)."""
+@asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    receiver: Receiver = app.state.receiver
+    if app.state.start_worker:
+        # Before uvicorn listens: the worker warms up first (Worker.start), then runs on its
+        # own event loop and thread, and this loop only answers HTTP.
+        receiver.worker.start()
     try:
-        data = json.loads(body)
-    except ValueError as e:
-        return f"body is not valid JSON: {e}"
-    try:
-        return AlertmanagerWebhook.model_validate(data)
-    except ValidationError as e:
-        return "not an Alertmanager webhook (version 4): " + describe_validation_error(e)
-
-
-def _json(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(dict(body), status_code=status, headers=dict(headers or {}))
+        yield
+    finally:
+        await receiver.shutdown()
+        if app.state.close_store:
+            receiver.store.close()
 
 
 def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None,
@@ -463,230 +433,21 @@ def create_app(policy: Policy, store: Store, *, actuator: Actuator | None = None
     ``page``: serve the approvals page under /ui. ``secure_cookies``: its session cookie is
     HTTPS-only (set when serving TLS).
     ``start_worker``: False accepts and persists alerts without acting (tests, read-only replicas).
+    The handlers are in :mod:`vllm_otel.mitigate.routes`.
     """
     creds = Credentials(token, operators)
     receiver = Receiver(policy, store, actuator=actuator, metrics_source=metrics_source,
                         learner=learner, credentials=creds, max_body_bytes=max_body_bytes,
                         registry=registry, clock=clock)
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        if start_worker:
-            # Before uvicorn listens: the worker warms up first (Worker.start), then runs on its
-            # own event loop and thread, and this loop only answers HTTP.
-            receiver.worker.start()
-        try:
-            yield
-        finally:
-            await receiver.shutdown()
-            if close_store:
-                store.close()
-
-    def intake_denied(request: Request) -> JSONResponse | None:
-        """POST /webhook: the intake token (an operator's credential is not one)."""
-        if creds.intake is None:
-            return None
-        cred, problem = bearer(request.headers.get("authorization"))
-        if cred is None:
-            return _json(401, {"detail": problem}, {"WWW-Authenticate": "Bearer"})
-        if not creds.is_intake(cred):
-            return _json(403, {"detail": "wrong bearer token"})
-        return None
-
-    def operator(request: Request) -> tuple[str | None, JSONResponse | None]:
-        """The operator behind an API request, or the answer that refuses it."""
-        if creds.open:
-            return Credentials.UNAUTHENTICATED, None
-        cred, problem = bearer(request.headers.get("authorization"))
-        if cred is None:
-            return None, _json(401, {"detail": problem}, {"WWW-Authenticate": "Bearer"})
-        name = creds.operator_for(cred)
-        if name is not None:
-            return name, None
-        if not creds.operators:
-            return None, _json(403, {"detail": "no operator credentials are configured "
-                                               "(vllm-otel receiver --operator NAME=FILE)"})
-        if creds.is_intake(cred):
-            return None, _json(403, {"detail": "the intake token only delivers webhooks; this "
-                                               "needs an operator credential"})
-        return None, _json(403, {"detail": "wrong bearer token"})
-
-    async def read_body(request: Request, limit: int | None = None) -> bytes | JSONResponse:
-        limit = receiver.max_body_bytes if limit is None else limit
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                if int(declared) > limit:
-                    return _json(413, {"detail": f"body larger than {limit} bytes"})
-            except ValueError:
-                return _json(400, {"detail": "bad Content-Length"})
-        chunks, size = [], 0
-        async for chunk in request.stream():  # chunked bodies have no Content-Length to trust
-            size += len(chunk)
-            if size > limit:
-                return _json(413, {"detail": f"body larger than {limit} bytes"})
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def webhook(request: Request) -> Response:
-        gate = receiver.intake_gate
-        gate.enter()
-        t0 = time.perf_counter()
-        try:
-            resp = await _webhook(request)
-        finally:
-            gate.leave()
-        receiver.metrics.webhook_seconds.observe(time.perf_counter() - t0)
-        receiver.metrics.webhooks.labels(str(resp.status_code)).inc()
-        return resp
-
-    async def webhook_asgi(scope: Any, receive: Any, send: Any) -> None:
-        response = await webhook(Request(scope, receive))
-        await response(scope, receive, send)
-
-    async def _webhook(request: Request) -> Response:
-        denied = intake_denied(request)
-        if denied is not None:
-            return denied
-        body = await read_body(request)
-        if isinstance(body, Response):
-            return body
-        large = len(body) > INLINE_MAX_BODY_BYTES
-        hook = await asyncio.to_thread(_parse_webhook, body) if large else _parse_webhook(body)
-        if isinstance(hook, str):
-            return _json(400, {"detail": hook})
-        try:
-            # Returns once the transaction holding this notification committed (group commit).
-            counts = await receiver.intake.submit(hook, inline_ok=not large)
-        except Exception as e:  # noqa: BLE001 - 503 makes Alertmanager retry; nothing was lost
-            log.exception("could not persist notification")
-            receiver.metrics.store_errors.inc()
-            return _json(503, {"detail": f"store unavailable: {type(e).__name__}"})
-        return _json(202, {"status": "accepted", **counts})
-
-    async def list_actions(request: Request) -> Response:
-        _, denied = operator(request)
-        if denied is not None:
-            return denied
-        q = request.query_params
-        try:
-            limit, offset = int(q.get("limit", 100)), int(q.get("offset", 0))
-        except ValueError:
-            return _json(400, {"detail": "limit and offset must be integers"})
-        limit = max(1, min(limit, 1000))
-        rows = await asyncio.to_thread(store.actions, limit=limit, offset=max(0, offset),
-                                       alertname=q.get("alertname"), fingerprint=q.get("fingerprint"),
-                                       strategy=q.get("strategy"), outcome=q.get("outcome"))
-        return _json(200, {"actions": [r.to_json() for r in rows], "count": len(rows)})
-
-    async def get_action(request: Request) -> Response:
-        action_id: int = request.path_params["action_id"]
-        _, denied = operator(request)
-        if denied is not None:
-            return denied
-        row = await asyncio.to_thread(store.action, action_id)
-        if row is None:
-            return _json(404, {"detail": f"no action {action_id}"})
-        return _json(200, row.to_json())
-
-    async def _operator_body(request: Request, model: type[_B]) -> _B | JSONResponse:
-        if creds.open and "json" not in request.headers.get("content-type", ""):
-            # No credentials to check: at least a page on another site cannot post here (a
-            # cross-site form can send text/plain, never application/json without CORS).
-            return _json(415, {"detail": "send the body as application/json"})
-        body = await read_body(request, OPERATOR_MAX_BODY_BYTES)
-        if isinstance(body, Response):
-            return body
-        try:
-            return model.model_validate(json.loads(body) if body.strip() else {})
-        except ValueError as e:
-            msg = describe_validation_error(e) if isinstance(e, ValidationError) else str(e)
-            return _json(400, {"detail": f"bad body: {msg}"})
-
-    async def approve(request: Request) -> Response:
-        action_id: int = request.path_params["action_id"]
-        who, denied = operator(request)
-        if denied is not None or who is None:
-            return denied or _json(403, {"detail": "operator credential required"})
-        body = await _operator_body(request, ApproveBody)
-        if isinstance(body, Response):
-            return body
-        code, out = await asyncio.to_thread(receiver.approve, action_id, who, body.comment)
-        return _json(code, out)
-
-    async def reject(request: Request) -> Response:
-        action_id: int = request.path_params["action_id"]
-        who, denied = operator(request)
-        if denied is not None or who is None:
-            return denied or _json(403, {"detail": "operator credential required"})
-        body = await _operator_body(request, ApproveBody)
-        if isinstance(body, Response):
-            return body
-        code, out = await asyncio.to_thread(receiver.reject, action_id, who, body.comment)
-        return _json(code, out)
-
-    async def get_kill_switch(request: Request) -> Response:
-        _, denied = operator(request)
-        if denied is not None:
-            return denied
-        return _json(200, await asyncio.to_thread(receiver.kill_switch_state))
-
-    async def set_kill_switch(request: Request) -> Response:
-        who, denied = operator(request)
-        if denied is not None or who is None:
-            return denied or _json(403, {"detail": "operator credential required"})
-        body = await _operator_body(request, KillSwitchBody)
-        if isinstance(body, Response):
-            return body
-        return _json(200, await asyncio.to_thread(receiver.set_kill_switch, body.engaged, who, body.reason))
-
-    async def metrics(_: Request) -> Response:
-        data = await asyncio.to_thread(generate_latest, receiver.metrics.registry)
-        return Response(content=data, media_type=CONTENT_TYPE_LATEST)
-
-    async def learner(request: Request) -> Response:
-        """What the learner has learnt (per situation and strategy) and the rules mined from it."""
-        _, denied = operator(request)
-        if denied is not None:
-            return denied
-        await asyncio.to_thread(receiver.sync_learner)
-
-        def describe() -> dict[str, Any]:
-            with receiver.worker._learner_mutex:
-                return describe_learner(receiver.learner)
-
-        return _json(200, await asyncio.to_thread(describe))
-
-    async def healthz(_: Request) -> Response:
-        out: dict[str, Any] = {"status": "ok", "replica": receiver.replica_id}
-        code = 200
-        try:
-            await asyncio.to_thread(store.ping)
-            out["store"] = "ok"
-        except Exception as e:  # noqa: BLE001
-            out["store"], out["status"], code = f"error: {type(e).__name__}", "degraded", 503
-        out["worker"] = receiver.worker.status()
-        if out["worker"] == "stopped":
-            out["status"], code = "degraded", 503
-        return _json(code, out)
-
     ui: list[Route] = []
+    state: Any = None
     if page:
-        from vllm_otel.mitigate.approvals import approvals_routes
+        from vllm_otel.mitigate.approvals import PageState, approvals_routes
 
-        ui = approvals_routes(receiver, creds, secure_cookies=secure_cookies)
-    app = _ReceiverApp(lifespan=lifespan, routes=[*ui,
-        Route("/webhook", webhook, methods=["POST"]),
-        Route("/actions", list_actions, methods=["GET"]),
-        Route("/actions/{action_id:int}", get_action, methods=["GET"]),
-        Route("/actions/{action_id:int}/approve", approve, methods=["POST"]),
-        Route("/actions/{action_id:int}/reject", reject, methods=["POST"]),
-        Route("/killswitch", get_kill_switch, methods=["GET"]),
-        Route("/killswitch", set_kill_switch, methods=["POST"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/learner", learner, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-    ])
+        ui, state = approvals_routes(), PageState(secure_cookies=secure_cookies)
+    app = _ReceiverApp(lifespan=_lifespan, routes=[*ui, *api_routes()])
     app.state.receiver = receiver
-    app.webhook_asgi = webhook_asgi
+    app.state.approvals = state
+    app.state.start_worker = start_worker
+    app.state.close_store = close_store
     return app

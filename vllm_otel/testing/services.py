@@ -259,13 +259,13 @@ class AlertmanagerServer(_Server):
 
 
 class SupervisorProcess(_Server):
-    """``vllm-otel supervise`` (``python -m vllm_otel.mitigate.supervise_cli``) as a real process
+    """``vllm-otel supervise`` (``python -m vllm_otel.mitigate.supervisor.cli``) as a real process
     owning ``command``; :attr:`client` is the HTTP backend the restart strategies use."""
 
     def __init__(self, workdir: str | Path, command: Sequence[str], *, token: str,
                  env: Mapping[str, str] | None = None, extra: Sequence[str] = (),
                  name: str = "supervise", port: int | None = None) -> None:
-        from vllm_otel.mitigate.supervisor import HttpSupervisorBackend
+        from vllm_otel.mitigate.supervisor.client import HttpSupervisorBackend
 
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ class SupervisorProcess(_Server):
         self.url = f"http://127.0.0.1:{self.port}"
         self.token_file = self.workdir / f"{name}-token"
         self.token_file.write_text(token + "\n")
-        argv = [sys.executable, "-m", "vllm_otel.mitigate.supervise_cli", "--listen", f"127.0.0.1:{self.port}",
+        argv = [sys.executable, "-m", "vllm_otel.mitigate.supervisor.cli", "--listen", f"127.0.0.1:{self.port}",
                 "--token-file", str(self.token_file), *extra, "--", *command]
         self.proc = ManagedProcess(name, argv, self.workdir / f"{name}.log", env={**os.environ, **(env or {})})
         self.client = HttpSupervisorBackend(self.url, token, timeout_s=600)

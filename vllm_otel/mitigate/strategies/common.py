@@ -39,9 +39,9 @@ from vllm_otel.mitigate.strategies.base import Check, StrategyContext, StrategyP
 __all__ = [
     "UP", "RUNNING", "WAITING", "KV_USAGE", "STALLED", "PREEMPTIONS", "REJECTIONS", "SLEEPING",
     "PAUSED", "GPU_COLLECTOR_UP", "GPU_COUNT", "GPU_MEM_FRACTION", "HOST_MEM_AVAILABLE",
-    "GPU_MEM_UTIL", "KV_SIZE_TOKENS", "WORKERS", "METRIC_KEYS",
+    "GPU_MEM_UTIL", "KV_SIZE_TOKENS", "WORKERS", "WORKERS_RESIDENT", "METRIC_KEYS",
     "VerifyParams", "metric", "platform", "require_gpu", "watch", "fmt", "serving", "data",
-    "memory_pressure", "memory_relieved", "load", "control",
+    "memory_pressure", "memory_relieved", "resident_freed", "load", "control",
 ]
 
 UP = "up"
@@ -60,9 +60,11 @@ HOST_MEM_AVAILABLE = "host_memory_available_fraction"
 GPU_MEM_UTIL = "gpu_memory_utilization"
 KV_SIZE_TOKENS = "kv_cache_size_tokens"
 WORKERS = "workers"
+# Resident memory of the engine core and worker processes (vllm_otel_process_resident_memory_bytes).
+WORKERS_RESIDENT = "workers_resident_memory_bytes"
 METRIC_KEYS = (UP, RUNNING, WAITING, KV_USAGE, STALLED, PREEMPTIONS, REJECTIONS, SLEEPING, PAUSED,
                GPU_COLLECTOR_UP, GPU_COUNT, GPU_MEM_FRACTION, HOST_MEM_AVAILABLE, GPU_MEM_UTIL,
-               KV_SIZE_TOKENS, WORKERS)
+               KV_SIZE_TOKENS, WORKERS, WORKERS_RESIDENT)
 
 # Platforms a target label may name; anything but "cpu" has an accelerator.
 _CPU = "cpu"
@@ -195,6 +197,18 @@ def memory_relieved(before: Mapping[str, float], after: Mapping[str, float]) -> 
     if b is not None and a is not None:
         return a > b, f"host memory available {b:.1%} -> {a:.1%}"
     return False, "memory use unknown before or after"
+
+
+def resident_freed(before: Mapping[str, float], after: Mapping[str, float],
+                   min_bytes: float) -> tuple[bool, str]:
+    """The engine core and workers gave back at least ``min_bytes`` of resident memory (CPU: what
+    a cleanup frees there; host-wide availability moves with every other process too)."""
+    b, a = metric(before, WORKERS_RESIDENT), metric(after, WORKERS_RESIDENT)
+    if b is None or a is None:
+        return False, "the workers' resident memory is unknown before or after"
+    mib = 1024 * 1024
+    return b - a >= min_bytes, (f"workers' resident memory {b / mib:.1f} -> {a / mib:.1f} MiB "
+                                f"(at least {min_bytes / mib:.1f} MiB to free)")
 
 
 def data(result: Any, key: str, default: Any = None) -> Any:

@@ -18,8 +18,8 @@ from vllm_otel.mitigate.strategies.base import (ActionResult, Actuator, Check, S
 from vllm_otel.mitigate.strategies.common import (KV_USAGE, PAUSED, PREEMPTIONS, RUNNING,
                                                   SLEEPING, STALLED, WAITING, VerifyParams,
                                                   control, data, fmt, load, memory_pressure,
-                                                  memory_relieved, metric, require_gpu, serving,
-                                                  watch)
+                                                  memory_relieved, metric, platform, require_gpu,
+                                                  resident_freed, serving, watch)
 
 __all__ = ["ResetPrefixCache", "EmergencyGPUMemoryCleanup", "HandleTimeouts",
            "AbortLongestRequests", "PauseAndResume", "SleepAndWake"]
@@ -96,6 +96,8 @@ class MemoryCleanupParams(VerifyParams):
     gpu_threshold: float = Field(0.9, gt=0.0, le=1.0, description="act at this GPU memory use")
     host_available_threshold: float = Field(0.1, ge=0.0, lt=1.0,
                                             description="CPU: act when less host memory is available")
+    min_freed_bytes: int = Field(8 * 1024 * 1024, ge=0,
+                                 description="CPU: verified when the workers gave back at least this much")
     reset_prefix_cache: bool = Field(True, description="also drop the prefix cache when idle")
 
 
@@ -103,11 +105,14 @@ class MemoryCleanupParams(VerifyParams):
 class EmergencyGPUMemoryCleanup(Strategy):
     """Free memory the workers hold but do not use (spec: EmergencyGPUMemoryCleanup).
 
-    ``control.gc_workers`` runs Python's garbage collector in every worker and, on CUDA,
-    ``torch.cuda.empty_cache()`` (returns cached allocator blocks to the driver, so other
-    processes and fragmentation-bound allocations get them); when nothing runs it also resets
-    the prefix cache. No request is touched. On CPU the "device" memory is host memory, so it
-    applies when host memory runs low. Verified when memory use drops within the window.
+    ``control.gc_workers`` runs Python's garbage collector in every worker, gives the C heap's
+    free pages back to the OS (``malloc_trim``) and, on CUDA, ``torch.cuda.empty_cache()``
+    (returns cached allocator blocks to the driver, so other processes and fragmentation-bound
+    allocations get them); when nothing runs it also resets the prefix cache. No request is
+    touched. On CPU the "device" memory is host memory, so it applies when host memory runs low.
+    Verified when GPU memory use drops within the window; on CPU when the engine core's and the
+    workers' resident memory drops by ``min_freed_bytes`` (host-wide availability moves with
+    every other process on the host, so it cannot say what the cleanup did).
     """
 
     name = "emergency_gpu_memory_cleanup"
@@ -125,18 +130,24 @@ class EmergencyGPUMemoryCleanup(Strategy):
         out = await control(actuator, ctx, "gc_workers", timeout_s=120.0)
         workers = out.get("workers") or []
         freed = sum((w or {}).get("cuda_freed_bytes") or 0 for w in workers)
+        rss = sum((w or {}).get("rss_freed_bytes") or 0 for w in workers)
         collected = sum((w or {}).get("collected") or 0 for w in workers)
         result: dict[str, Any] = {"workers": len(workers), "cuda_freed_bytes": freed,
-                                  "collected_objects": collected}
+                                  "rss_freed_bytes": rss, "collected_objects": collected}
         if p.reset_prefix_cache and (metric(ctx.metrics_before, RUNNING) or 0) == 0:
             result["prefix_cache_reset"] = bool((await control(actuator, ctx, "reset_prefix_cache")).get("reset"))
         return ActionResult(ok=bool(workers), detail=f"{len(workers)} workers collected {collected} "
-                                                     f"objects, freed {freed} bytes of CUDA cache",
+                                                     f"objects, freed {freed} bytes of CUDA cache and "
+                                                     f"{rss} bytes of resident memory",
                             data=result)
 
     async def verify(self, ctx: StrategyContext) -> Verification:
         before = ctx.metrics_before
-        ok, detail = await watch(ctx, self.params, lambda m: memory_relieved(before, m))  # type: ignore[arg-type]
+        p: MemoryCleanupParams = self.params  # type: ignore[assignment]
+        if platform(ctx) == "cpu":
+            ok, detail = await watch(ctx, p, lambda m: resident_freed(before, m, p.min_freed_bytes))
+        else:
+            ok, detail = await watch(ctx, p, lambda m: memory_relieved(before, m))
         return Verification(ok=ok, detail=detail)
 
 

@@ -23,7 +23,7 @@ from vllm_otel.mitigate.strategies.common import (GPU_COUNT, GPU_MEM_UTIL, KV_US
                                                   WORKERS, VerifyParams, data, fmt,
                                                   memory_pressure, metric, require_gpu, serving,
                                                   watch)
-from vllm_otel.mitigate.supervisor import get_arg
+from vllm_otel.mitigate.supervisor.args import get_arg
 
 __all__ = ["RestartEngine", "RestartWorkers", "RestartNCCL", "DisableCUDAGraphs",
            "ReduceGPUMemoryUtilization", "EnableCPUOffloading", "ReduceModelParallelism", "CordonGPU"]

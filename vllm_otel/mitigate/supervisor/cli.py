@@ -1,13 +1,13 @@
 """``vllm-otel supervise -- <vllm command...>``: own a vLLM process and restart it on request.
 
-The supervisor (:class:`vllm_otel.mitigate.supervisor.ProcessBackend`) starts the command in its
+The supervisor (:class:`vllm_otel.mitigate.supervisor.process.ProcessBackend`) starts the command in its
 own process group, restarts it when it dies, and serves a small HTTP API for the mitigation
 receiver's restart strategies:
 
 - ``GET /healthz``: 200 while the supervisor runs (no token; says nothing about vLLM);
 - ``GET /status``: state, pid, arguments (secrets redacted), allow-listed environment,
   restart counts, the last restart;
-- ``POST /restart``: JSON :class:`~vllm_otel.mitigate.supervisor.RestartRequest` (``drain``,
+- ``POST /restart``: JSON :class:`~vllm_otel.mitigate.supervisor.base.RestartRequest` (``drain``,
   ``set_args``, ``remove_args``, ``env``, ``rollback``, ``reason``); answers when the new process
   is healthy, with its pid and timings; 400 bad request or argument not on the allow-list,
   409 a restart is already running, 502 the new process did not come up (rolled back or not).
@@ -40,7 +40,7 @@ MAX_BODY = 64 * 1024
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from vllm_otel.mitigate.supervisor import DEFAULT_ALLOWED_ARGS, DEFAULT_ALLOWED_ENV
+    from vllm_otel.mitigate.supervisor.base import DEFAULT_ALLOWED_ARGS, DEFAULT_ALLOWED_ENV
 
     p = sub.add_parser(
         "supervise", help="run vLLM under a supervisor that restarts it (with changed arguments)",
@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def make_server(backend: Any, host: str, port: int, token: str | None) -> ThreadingHTTPServer:
     """The API around ``backend`` (a RestartBackend); serve with ``serve_forever()``."""
-    from vllm_otel.mitigate.supervisor import RestartError, RestartRequest
+    from vllm_otel.mitigate.supervisor.base import RestartError, RestartRequest
 
     class Handler(BaseHTTPRequestHandler):
         # Request/response on loopback: Nagle would add ~40 ms to every answer.
@@ -151,8 +151,8 @@ def make_server(backend: Any, host: str, port: int, token: str | None) -> Thread
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_otel.mitigate.supervisor import (DEFAULT_ALLOWED_ARGS, DEFAULT_ALLOWED_ENV,
-                                               ProcessBackend, RestartError)
+    from vllm_otel.mitigate.supervisor.base import DEFAULT_ALLOWED_ARGS, DEFAULT_ALLOWED_ENV, RestartError
+    from vllm_otel.mitigate.supervisor.process import ProcessBackend
 
     command = list(args.command or [])
     if command and command[0] == "--":
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vllm_otel.mitigate.supervise_cli ...`` (same as ``vllm-otel supervise ...``)."""
+    """``python -m vllm_otel.mitigate.supervisor.cli ...`` (same as ``vllm-otel supervise ...``)."""
     parser = argparse.ArgumentParser(prog="vllm-otel")
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["supervise", *(sys.argv[1:] if argv is None else argv)])
