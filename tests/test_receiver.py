@@ -33,7 +33,7 @@ from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check,
                                            MetricsSnapshot, Strategy, StrategyParams, Verification)
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 from vllm_otel.testing.processes import free_port
 from vllm_otel.testing.services import UvicornThread
 from vllm_otel.testing.webhook import WebhookSink

@@ -26,7 +26,7 @@ from vllm_otel.learn.config import LearnerConfig
 from vllm_otel.mitigate.models import (FAILED_OUTCOMES, AlertRecord, GuardDecision, Mode, Target,
                                        describe_validation_error)
 from vllm_otel.mitigate.strategies import REGISTRY, Strategy, StrategyConfigError, StrategyRegistry
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 __all__ = [
     "PolicyConfig", "PolicyError", "Policy", "Rule", "StrategyConfig", "GuardsConfig",

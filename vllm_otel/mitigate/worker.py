@@ -33,7 +33,7 @@ from vllm_otel.mitigate.strategies import (ActionResult, Actuator, Check, Metric
                                            MetricsSource, Strategy, StrategyContext,
                                            UnavailableActuator, Verification)
 from vllm_otel.redact import redact_text
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 __all__ = ["Worker", "MitigationMetrics"]
 
