@@ -507,6 +507,32 @@ def test_secrets_never_reach_the_database(store: Store) -> None:
     assert "REDACTED" in text and "curl" in text  # redacted, not dropped
 
 
+def test_claim_jobs_takes_a_batch_and_each_job_goes_to_one_claimer(store: Store) -> None:
+    for i in range(30):
+        store.add_firing_alert(alert(fingerprint=f"fp{i:02d}", instance=f"10.0.0.{i}:8000"))
+    got: dict[int, list[Any]] = {}
+    barrier = threading.Barrier(4)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        got[i] = []
+        while batch := store.claim_jobs(f"runner-{i}", 60, limit=7):
+            assert len(batch) <= 7 and all(j.owner == f"runner-{i}" and j.attempts == 1 for j in batch)
+            got[i] += batch
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [j.id for batch in got.values() for j in batch]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 30  # all taken, none twice
+    assert store.claim_jobs("late", 60, limit=5) == []
+    # Lapsed leases come back, oldest first, at most ``limit`` at a time.
+    again = store.claim_jobs("late", 60, now=time.time() + 120, limit=5)
+    assert [j.id for j in again] == sorted(ids)[:5] and {j.attempts for j in again} == {2}
+
+
 def test_claim_job_is_exclusive_under_concurrency(store: Store) -> None:
     store.add_firing_alert(alert())
     got: list[Any] = []

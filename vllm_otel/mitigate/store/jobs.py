@@ -20,7 +20,7 @@ _JOB_COLS = ("id", "alert_id", "target", "state", "owner", "lease_until", "attem
              "cancel_requested", "rechecks")
 _CLAIMABLE_SQL = ("((state = ? AND (run_after IS NULL OR run_after <= ?))"
                   " OR (state = ? AND lease_until < ?))")
-_RAW_CLAIMABLE = f"SELECT id FROM jobs WHERE {_CLAIMABLE_SQL} ORDER BY id LIMIT 20"
+_RAW_CLAIMABLE_N = f"SELECT id FROM jobs WHERE {_CLAIMABLE_SQL} ORDER BY id LIMIT ?"
 _RAW_CLAIM = ("UPDATE jobs SET state = ?, owner = ?, lease_until = ?, attempts = attempts + 1, "
               f"updated_at = ? WHERE id = ? AND {_CLAIMABLE_SQL} RETURNING {', '.join(_JOB_COLS)}")
 
@@ -51,34 +51,53 @@ class JobStore(StoreEngine):
                          rechecks=j.rechecks or 0)
 
     def claim_job(self, owner: str, lease_s: float, now: float | None = None) -> JobRecord | None:
-        """Take one pending job (or one whose runner's lease ran out) for ``owner``.
+        """Take one pending job (or one whose runner's lease ran out) for ``owner``."""
+        got = self.claim_jobs(owner, lease_s, now=now, limit=1)
+        return got[0] if got else None
+
+    def claim_jobs(self, owner: str, lease_s: float, *, now: float | None = None,
+                   limit: int = 1) -> list[JobRecord]:
+        """Take up to ``limit`` pending jobs (or ones whose runner's lease ran out) for ``owner``,
+        oldest first, in one write transaction.
 
         The conditional UPDATE is the whole protocol: on PostgreSQL the second of two racing
-        updates re-checks the WHERE clause after the first commits and matches nothing.
+        updates re-checks the WHERE clause after the first commits and matches nothing, so each
+        job goes to one claimer; a claimer that loses every candidate looks once more.
         """
         now = time.time() if now is None else now
+        scan = max(20, 2 * limit)
         if self.fast_worker:
             where = (JobState.PENDING.value, now, JobState.RUNNING.value, now)
-            for (job_id,) in self._raw_read(_RAW_CLAIMABLE, where):
-                with self._raw_write() as conn:
+            ids = [r[0] for r in self._raw_read(_RAW_CLAIMABLE_N, (*where, scan))]
+            if not ids:
+                return []
+            out: list[JobRecord] = []
+            with self._raw_write() as conn:
+                for job_id in ids:
                     got = conn.execute(_RAW_CLAIM, (JobState.RUNNING.value, owner, now + lease_s, now,
                                                     job_id, *where)).fetchall()
-                if got:
-                    return self._job_record(_JobTuple(*got[0]))
-            return None
+                    if got:
+                        out.append(self._job_record(_JobTuple(*got[0])))
+                        if len(out) >= limit:
+                            break
+            return out
         due = or_(JobRow.run_after.is_(None), JobRow.run_after <= now)
         claimable = or_((JobRow.state == JobState.PENDING.value) & due,
                         (JobRow.state == JobState.RUNNING.value) & (JobRow.lease_until < now))
         with self._session() as s:
-            ids = list(s.scalars(select(JobRow.id).where(claimable).order_by(JobRow.id).limit(20)))
-        for job_id in ids:
-            with self._write() as s:
-                res = s.execute(update(JobRow).where(JobRow.id == job_id, claimable).values(
-                    state=JobState.RUNNING.value, owner=owner, lease_until=now + lease_s,
-                    attempts=JobRow.attempts + 1, updated_at=now))
-                if res.rowcount == 1:
-                    return self._job_record(s.get(JobRow, job_id))  # type: ignore[arg-type]
-        return None
+            ids = list(s.scalars(select(JobRow.id).where(claimable).order_by(JobRow.id).limit(scan)))
+        if not ids:
+            return []
+        with self._write() as s:
+            res = s.execute(update(JobRow).where(JobRow.id.in_(ids[:limit]), claimable).values(
+                state=JobState.RUNNING.value, owner=owner, lease_until=now + lease_s,
+                attempts=JobRow.attempts + 1, updated_at=now).returning(JobRow.id))
+            won = sorted(r[0] for r in res)
+            rows = s.scalars(select(JobRow).where(JobRow.id.in_(won)).order_by(JobRow.id)).all() if won else []
+            claimed = [self._job_record(j) for j in rows]
+        if not claimed and len(ids) > limit:  # another replica took these: the next ones
+            return self.claim_jobs(owner, lease_s, now=now, limit=limit)
+        return claimed
 
     def defer_job(self, job_id: int, owner: str, run_after: float, now: float | None = None) -> bool:
         """Hand a job its owner holds back as pending, not to be claimed before ``run_after``
