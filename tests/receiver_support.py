@@ -30,7 +30,7 @@ from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check, MetricsSnapshot,
                                            Strategy, StrategyParams, Verification)
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 
 TOKEN = "receiver-test-token-4f9a8b7c6d5e"  # the intake token: Alertmanager's, webhooks only

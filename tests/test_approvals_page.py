@@ -27,7 +27,7 @@ from vllm_otel.mitigate.actuators import build_actuator
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies.common import KV_USAGE, WAITING
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 from vllm_otel.testing.processes import free_port
 from vllm_otel.testing.services import UvicornThread
 from vllm_otel.testing.webhook import WebhookSink

@@ -36,7 +36,7 @@ from vllm_otel.loadgen.traces import load_trace
 from vllm_otel.mitigate.actuators import build_actuator, build_metrics_source
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 from vllm_otel.testing.processes import engine_core_process, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.prometheus, pytest.mark.alertmanager]

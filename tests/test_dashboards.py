@@ -195,7 +195,7 @@ def stack(vllm_server, workdir: Path, traces_dir: Path):  # noqa: ANN001
     from vllm_otel.loadgen.traces import load_trace
     from vllm_otel.mitigate.policy import Policy
     from vllm_otel.mitigate.receiver import create_app
-    from vllm_otel.store import Store
+    from vllm_otel.mitigate.store import Store
     from vllm_otel.testing.processes import ManagedProcess, free_port, wait_http
     from vllm_otel.testing.services import PrometheusServer, UvicornThread
 
@@ -450,7 +450,7 @@ def test_receiver_counts_guard_decisions_by_guard_and_decision(tmp_path, kill_sw
 
     from vllm_otel.mitigate.policy import Policy
     from vllm_otel.mitigate.receiver import create_app
-    from vllm_otel.store import Store
+    from vllm_otel.mitigate.store import Store
 
     policy = Policy.from_mapping({"targets": [{"instance": "10.0.0.1:8000"}], "default_mode": "dry-run",
                                   "kill_switch": kill_switch,

@@ -66,7 +66,7 @@ def receiver_with_custom_strategy(custom_strategy: Any, vllm_server: Any, tmp_pa
     from vllm_otel.mitigate.actuators import build_actuator, build_metrics_source
     from vllm_otel.mitigate.policy import Policy
     from vllm_otel.mitigate.receiver import create_app
-    from vllm_otel.store import Store
+    from vllm_otel.mitigate.store import Store
     from vllm_otel.testing.services import UvicornThread
     from vllm_otel.testing.webhook import WebhookSink
 

@@ -19,7 +19,7 @@ from vllm_otel.learn.evidence import Evidence
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import REGISTRY, StrategyConfigError, register_strategy
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 # kv 0.45: poke applies and verifies (kv < 0.9), restart does not apply (needs kv >= 0.5).
 POLICY = {"guards": {"cooldown_s": 0, "circuit_breaker": {"failures": 10},

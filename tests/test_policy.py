@@ -15,7 +15,7 @@ from vllm_otel.mitigate.policy import Guardrails, Policy, PolicyError, load_poli
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, Strategy, StrategyConfigError,
                                            StrategyParams, StrategyRegistry, Verification)
 from vllm_otel.mitigate.strategies.escalate import EscalateToHuman
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "policy.yaml"

@@ -14,7 +14,7 @@ from tests.receiver_support import (I1, I2, OPERATORS, REG, TOKEN, Env, Recordin
                                     am_alert, am_payload, policy_dict, resolved, run)
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 
 def test_approval_waits_for_approve_then_runs(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def _through_the_receiver(tmp_path, vllm_server) -> dict[str, str]:  # noqa: ANN
         am_payload, policy_dict
     from vllm_otel.mitigate.policy import Policy
     from vllm_otel.mitigate.receiver import create_app
-    from vllm_otel.store import Store
+    from vllm_otel.mitigate.store import Store
     from vllm_otel.testing.services import UvicornThread
 
     instance = f"127.0.0.1:{vllm_server.port}"

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 
 import pytest
 
-import vllm_otel.store as store_mod
+import vllm_otel.mitigate.store as store_mod
 from vllm_otel.mitigate.models import AlertmanagerAlert, AlertmanagerWebhook, JobState, Outcome
-from vllm_otel.store import Store, normalize_db_url
+from vllm_otel.mitigate.store import Store, normalize_db_url
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_unmapped_alert_is_an_outcome_without_a_job(store: Store) -> None:
 
 def test_ingest_stores_many_notifications_in_one_transaction(store: Store) -> None:
     """The receiver's group commit: same rows and dedupe as alert by alert, one commit."""
-    from vllm_otel.store import Notification
+    from vllm_otel.mitigate.store import Notification
 
     a, b = alert(fingerprint="a" * 16), alert(fingerprint="b" * 16, instance="10.0.0.2:8000")
     other = alert("Other", fingerprint="c" * 16)
@@ -146,7 +146,7 @@ def test_ingest_stores_many_notifications_in_one_transaction(store: Store) -> No
 
 
 def test_ingest_is_all_or_nothing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm_otel.store import Notification
+    from vllm_otel.mitigate.store import Notification
 
     hook = webhook(*(alert(fingerprint=f"{i:016d}") for i in range(3)))
     calls = {"n": 0}
@@ -166,7 +166,7 @@ def test_ingest_is_all_or_nothing(store: Store, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_sqlite_fast_ingest_is_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm_otel.store import Notification
+    from vllm_otel.mitigate.store import Notification
 
     store = Store(f"sqlite:///{tmp_path / 'f.db'}")
     assert store.fast_ingest
@@ -194,7 +194,7 @@ def test_sqlite_fast_ingest_writes_what_the_orm_path_writes(tmp_path: Path) -> N
     path store the same rows and return the same results, duplicates and no-job batches included."""
     import sqlite3
 
-    from vllm_otel.store import Notification
+    from vllm_otel.mitigate.store import Notification
 
     def hook(*alerts: AlertmanagerAlert) -> AlertmanagerWebhook:
         return webhook(*alerts, groupKey='g{x="1"}', truncatedAlerts=2)
@@ -336,7 +336,7 @@ def test_sqlite_checkpoints_run_on_their_own_thread(tmp_path: Path, inline: bool
     committing thread, and syncs two files: on the receiver's event loop (write_now) that stalled
     every ~80th webhook. The store's writers now never checkpoint; its checkpoint thread does,
     every ``every`` commits, so the WAL stays bounded."""
-    from vllm_otel.store import Notification
+    from vllm_otel.mitigate.store import Notification
 
     db = tmp_path / "c.db"
     s = Store(f"sqlite:///{db}")
@@ -475,7 +475,7 @@ def test_audit_rows_are_never_rewritten(store: Store) -> None:
 
 def test_store_code_only_updates_coordination_tables() -> None:
     """Append-only by construction: UPDATE and DELETE appear only on jobs, locks, activity."""
-    src = Path(store_mod.__file__).read_text()
+    src = "\n".join(p.read_text() for p in sorted(Path(store_mod.__file__).parent.glob("*.py")))
     touched = set(re.findall(r"\b(?:update|delete)\((\w+)\)", src))
     assert touched == {"JobRow", "LockRow", "AlertActivityRow"}, touched
     raw = set(re.findall(r"\"(?:UPDATE|DELETE FROM)\s+(\w+)", src))  # the SQLite fast path's SQL
@@ -505,6 +505,32 @@ def test_secrets_never_reach_the_database(store: Store) -> None:
                    "zzz-secret-zzz"):
         assert secret not in text, secret
     assert "REDACTED" in text and "curl" in text  # redacted, not dropped
+
+
+def test_claim_jobs_takes_a_batch_and_each_job_goes_to_one_claimer(store: Store) -> None:
+    for i in range(30):
+        store.add_firing_alert(alert(fingerprint=f"fp{i:02d}", instance=f"10.0.0.{i}:8000"))
+    got: dict[int, list[Any]] = {}
+    barrier = threading.Barrier(4)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        got[i] = []
+        while batch := store.claim_jobs(f"runner-{i}", 60, limit=7):
+            assert len(batch) <= 7 and all(j.owner == f"runner-{i}" and j.attempts == 1 for j in batch)
+            got[i] += batch
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [j.id for batch in got.values() for j in batch]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 30  # all taken, none twice
+    assert store.claim_jobs("late", 60, limit=5) == []
+    # Lapsed leases come back, oldest first, at most ``limit`` at a time.
+    again = store.claim_jobs("late", 60, now=time.time() + 120, limit=5)
+    assert [j.id for j in again] == sorted(ids)[:5] and {j.attempts for j in again} == {2}
 
 
 def test_claim_job_is_exclusive_under_concurrency(store: Store) -> None:

@@ -61,7 +61,7 @@ def _learner(args: argparse.Namespace) -> Any:
         return learner
     if not db_url:
         raise SystemExit("vllm-otel learner: give --db-url, or --config with a store_url")
-    from vllm_otel.store import Store
+    from vllm_otel.mitigate.store import Store
 
     store = Store(db_url)
     try:

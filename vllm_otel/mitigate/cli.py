@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_otel.mitigate.policy import PolicyError, load_policy
     from vllm_otel.mitigate.receiver import DEFAULT_MAX_BODY_BYTES, create_app
     from vllm_otel.mitigate.strategies import UnavailableActuator
-    from vllm_otel.store import DEFAULT_DB_URL, Store
+    from vllm_otel.mitigate.store import DEFAULT_DB_URL, Store
 
     plugins, holder = None, {}
     try:

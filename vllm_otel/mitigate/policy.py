@@ -14,10 +14,12 @@ one action per target (these stop the chosen action).
 from __future__ import annotations
 
 import json
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,7 +28,7 @@ from vllm_otel.learn.config import LearnerConfig
 from vllm_otel.mitigate.models import (FAILED_OUTCOMES, AlertRecord, GuardDecision, Mode, Target,
                                        describe_validation_error)
 from vllm_otel.mitigate.strategies import REGISTRY, Strategy, StrategyConfigError, StrategyRegistry
-from vllm_otel.store import Store
+from vllm_otel.mitigate.store import Store
 
 __all__ = [
     "PolicyConfig", "PolicyError", "Policy", "Rule", "StrategyConfig", "GuardsConfig",
@@ -120,7 +122,10 @@ class EscalationConfig(_Cfg):
 
 class WorkerConfig(_Cfg):
     poll_s: float = Field(1.0, gt=0.0, description="look for work (other replicas, approvals)")
-    concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(4, ge=1, description="actions executing (and verifying) at once")
+    decide_batch: int = Field(64, ge=1, description="jobs claimed at once and decided together under "
+                                                    "one hold of the decision lease (a storm's "
+                                                    "jobs: one lease, one guard read per batch)")
     busy_share: float = Field(0.15, gt=0.0, le=1.0,
                               description="while webhooks keep arriving, the worker takes at most this "
                                           "share of the time (one job at a time): the intake's latency "
@@ -392,6 +397,28 @@ class Guardrails:
         self.policy = policy
         self.store = store
         self.clock = clock
+        self._memo = threading.local()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Within the block, on this thread, the answers that no decision of the batch changes
+        are read once: which targets have active alerts (blast radius: only the intake changes
+        it) and each strategy's circuit (only a finished action changes it, and actions finish
+        outside the decision lease). What a decision records (a start: rate limit, cooldown,
+        target lease) is read afresh by the next one."""
+        self._memo.cache = {}
+        try:
+            yield
+        finally:
+            self._memo.cache = None
+
+    def _cached(self, key: Any, read: Callable[[], Any]) -> Any:
+        cache = getattr(self._memo, "cache", None)
+        if cache is None:
+            return read()
+        if key not in cache:
+            cache[key] = read()
+        return cache[key]
 
     @property
     def cfg(self) -> GuardsConfig:
@@ -440,7 +467,8 @@ class Guardrails:
         fleet = {t.instance for t in self.policy.targets}
         if not fleet:
             return GuardDecision(guard="blast_radius", ok=True, detail="no fleet configured")
-        affected = self.store.active_instances(self.clock() - br.active_window_s) & fleet
+        affected = self._cached("active", lambda: self.store.active_instances(
+            self.clock() - br.active_window_s)) & fleet
         frac = len(affected) / len(fleet)
         detail = f"{len(affected)}/{len(fleet)} targets have active alerts"
         if len(affected) >= br.min_affected and frac > br.max_affected_fraction:
@@ -460,7 +488,8 @@ class Guardrails:
         trial allowed) once ``open_s`` has passed since the last of them."""
         cb = self.cfg.circuit_breaker
         now = self.clock()
-        last = self.store.executed_outcomes(strategy, since=now - cb.window_s, limit=cb.failures)
+        last = self._cached(("executed", strategy), lambda: self.store.executed_outcomes(
+            strategy, since=now - cb.window_s, limit=cb.failures))
         if len(last) < cb.failures or not all(o.outcome in FAILED_OUTCOMES for o in last):
             return CircuitState(False, f"closed ({len(last)} recent executions)")
         since_last = now - last[0].at

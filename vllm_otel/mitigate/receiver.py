@@ -37,7 +37,7 @@ from vllm_otel.mitigate.serve_auth import Credentials
 from vllm_otel.mitigate.strategies import Actuator, MetricsSource
 from vllm_otel.mitigate.worker import MitigationMetrics, Worker
 from vllm_otel.redact import redact_text
-from vllm_otel.store import Notification, NotificationResult, Store, WriteWouldWait
+from vllm_otel.mitigate.store import Notification, NotificationResult, Store, WriteWouldWait
 
 __all__ = ["Receiver", "GroupCommit", "IntakeGate", "create_app", "DEFAULT_MAX_BODY_BYTES", "MitigationMetrics"]
 
