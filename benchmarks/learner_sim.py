@@ -356,12 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nregret@{n} by phase (cold: first {COLD} incidents of each situation) and by what kept "
               "the oracle's choice out")
         print(f"{'learner':<20} {'cold':>6} {'steady':>7} {'post-drift':>11}   {'choice':>7} "
-              f"{'retry_on_target':>16} {'dropped':>8} {'critical':>9} {'not_worth':>10}   paired ratio per seed")
+              f"{'retry_on_target':>16} {'dropped':>8} {'critical':>9} {'not_worth':>10}   "
+              "paired ratio per seed")
         for k, s in summary.items():
             ph, c = s["phases"], s["causes"]
             pr = " ".join(f"{x:.2f}" for x in s.get("paired_ratio_per_seed", []) if x is not None)
             print(f"{k:<20} {ph['cold']:>6.1f} {ph['steady']:>7.1f} {ph['post_drift']:>11.1f}   "
-                  f"{c.get('choice', 0):>7.1f} {c.get('retry_on_target', 0):>16.1f} {c.get('dropped', 0):>8.1f} "
+                  f"{c.get('choice', 0):>7.1f} {c.get('retry_on_target', 0):>16.1f} "
+                  f"{c.get('dropped', 0):>8.1f} "
                   f"{c.get('critical', 0):>9.1f} {c.get('not_worth_trying', 0):>10.1f}   {pr}")
     return 0
 

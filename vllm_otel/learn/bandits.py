@@ -1,4 +1,5 @@
-"""Learners that choose by what worked: a Bayesian contextual bandit (Thompson sampling) and UCB.
+"""Learners that choose by what worked: a Bayesian contextual bandit (Thompson sampling) and
+Bayes-UCB (an upper quantile of the same posteriors).
 
 Both keep Beta posteriors of each strategy's success probability per context
 (:mod:`vllm_otel.learn.evidence`) and score a candidate as *success minus cost*: its disruption

@@ -83,7 +83,7 @@ class LearnerConfig(_Cfg):
     """``learner:`` in the policy file. Every field has a default; ``{}`` is the measured best."""
 
     kind: Literal["thompson", "ucb", "rules", "rule_based"] = Field(
-        "ucb", description="ucb: upper confidence bound on the Beta posteriors (default, the "
+        "ucb", description="ucb: an upper quantile of the Beta posteriors (Bayes-UCB; default, the "
                            "lowest regret in benchmarks/learner_sim.py); thompson: Thompson "
                            "sampling; rules: the best supported rule mined from history; "
                            "rule_based: least invasive first, skipping what failed recently")
