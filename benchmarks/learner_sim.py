@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_otel.learn import LearnerConfig, UCBLearner, make_learner  # noqa: E402
@@ -320,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         over = json.loads(a.config)
         LearnerConfig.model_validate({**over, "kind": "ucb"})
+    except ValidationError as e:
+        ap.error("--config: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
     except ValueError as e:
-        ap.error(f"--config: {e}")
+        ap.error(f"--config: not JSON ({e})")
     seeds = range(a.first_seed, a.first_seed + a.seeds)
     res = {k: [run(k, s, a.incidents, a.gap_min, a.drift_at, over) for s in seeds] for k in kinds}
     n = a.incidents
