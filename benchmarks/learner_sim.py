@@ -11,11 +11,21 @@ reward is its success probability minus its disruption and time cost (the learne
 stops working and another takes its place. The learners' clock follows the simulation.
 
 Compared: every learner kind (``make_learner``), random, epsilon-greedy (0.1) on the same contexts
-(each untried strategy first), and a fixed rule per failure type (the strategy best on average
-before the drift, as an expert would configure it). Regret: the oracle's expected reward minus
-the chosen strategy's, summed over incidents (choosing nothing scores 0, like escalating).
+(Sutton & Barto's: sample averages from 0, ties at random), a fixed rule per failure type (the
+strategy best on average before the drift, as an expert would configure it), and
+``oracle_safety_rules``: it knows the hidden probabilities but obeys the default learner's safety
+rules, so its regret is what those rules alone cost. Regret: the oracle's expected reward minus the
+chosen strategy's, summed over incidents (choosing nothing scores 0, like escalating). The oracle
+is per incident (failure type, KV bucket, severity) and follows the drift. Every learner meets
+the same incidents, and each incident carries its own random draws for its outcome, so two
+learners choosing the same strategy for it see the same outcome (a paired comparison).
+
+``--breakdown`` splits each learner's regret by phase (cold start: the first 20 incidents of each
+failure type and KV bucket; steady; post-drift: the drifted situation from the drift on) and, for
+the contextual learners, names the safety rule that kept the oracle's choice out, if one did.
 
     python benchmarks/learner_sim.py                 # 5 seeds, 1,000 incidents
+    python benchmarks/learner_sim.py --seeds 10 --breakdown
     python benchmarks/learner_sim.py --seeds 10 --json
 """
 
@@ -31,10 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_otel.learn import LearnerConfig, make_learner  # noqa: E402
-from vllm_otel.learn.context import context_of  # noqa: E402
+from vllm_otel.learn import LearnerConfig, UCBLearner, make_learner  # noqa: E402
+from vllm_otel.learn.context import Context, context_of  # noqa: E402
 
 INVASIVENESS = {"reduce_batch_size": 10, "lower_queue_limits": 14, "enable_backpressure": 16,
                 "reset_prefix_cache": 25, "emergency_gpu_memory_cleanup": 28, "handle_timeouts": 40,
@@ -69,6 +81,12 @@ class Incident:
     critical: bool
     target: str
     kv: float
+    # The incident's own random numbers for its outcome: whichever learner acts on it, the same
+    # draws decide (common random numbers: a paired comparison, not luck of the outcome stream).
+    u_ok: float = 0.0
+    u_misread: float = 0.0
+    z_duration: float = 0.0
+    u_kind: float = 0.0
 
 
 class World:
@@ -106,15 +124,16 @@ class World:
             hi = self.rng.random() < FAILURES[f][1]
             kv = self.rng.uniform(0.9, 1.0) if hi else self.rng.uniform(0.3, 0.9)
             out.append(Incident(self.now, f, hi, self.rng.random() < CRITICAL_SHARE,
-                                self.rng.choice(TARGETS), kv))
+                                self.rng.choice(TARGETS), kv, self.rng.random(), self.rng.random(),
+                                self.rng.gauss(0.0, 0.3), self.rng.random()))
         return out
 
     def outcome(self, inc: Incident, s: str) -> tuple[str, float]:
-        ok = self.rng.random() < self.p(inc, s)
-        if self.rng.random() < MISREAD:
+        ok = inc.u_ok < self.p(inc, s)
+        if inc.u_misread < MISREAD:
             ok = not ok
-        dur = DURATION_S[s] * math.exp(self.rng.gauss(0.0, 0.3))
-        return ("success" if ok else self.rng.choice(["no_effect", "failure"])), dur
+        dur = DURATION_S[s] * math.exp(inc.z_duration)
+        return ("success" if ok else ("no_effect" if inc.u_kind < 0.5 else "failure")), dur
 
 
 @dataclass
@@ -179,7 +198,36 @@ class FixedRule:
         pass
 
 
-LEARNERS = ["thompson", "ucb", "rules", "rule_based", "epsilon_greedy_0.1", "random", "fixed_rule"]
+class SafetyRulesOracle(UCBLearner):
+    """Not a learner: it knows the incident's hidden success probabilities and costs, and chooses
+    the best strategy the learner's safety rules leave (retry on a target, dropped in a context,
+    no riskier exploration on critical alerts). Its regret prices those rules."""
+
+    def __init__(self, world: World, config: LearnerConfig, clock: Callable[[], float]) -> None:
+        super().__init__(config, clock=clock)
+        self.world = world
+        self.incident: Incident | None = None
+
+    def posterior(self, ctx: Context, strategy: str) -> tuple[float, float]:
+        assert self.incident is not None
+        p = min(max(self.world.p(self.incident, strategy), 1e-6), 1 - 1e-6)
+        return 1e6 * p, 1e6 * (1 - p)
+
+    def weight(self, ctx: Context, strategy: str) -> float:
+        return 1e6
+
+    def cost(self, ctx: Context, strategy: str) -> float:
+        return self.world.cost(strategy)
+
+    def _choose(self, ctx: Context, names: list[str]) -> tuple[str, str]:
+        assert self.incident is not None
+        inc = self.incident
+        return max(names, key=lambda n: self.world.reward(inc, n)), "the oracle's best allowed"
+
+
+LEARNERS = ["thompson", "ucb", "rules", "rule_based", "epsilon_greedy_0.1", "random", "fixed_rule",
+            "oracle_safety_rules"]
+COLD = 20  # incidents of a (failure type, KV bucket) situation counted as its cold start
 
 
 def build(kind: str, world: World, seed: int, overrides: dict[str, Any] | None = None) -> Any:
@@ -189,7 +237,27 @@ def build(kind: str, world: World, seed: int, overrides: dict[str, Any] | None =
         return RandomChoice(seed)
     if kind == "fixed_rule":
         return FixedRule(world)
+    if kind == "oracle_safety_rules":
+        return SafetyRulesOracle(world, LearnerConfig.model_validate({**(overrides or {}), "seed": seed}),
+                                 clock=lambda: world.now)
     return make_learner({**(overrides or {}), "kind": kind, "seed": seed}, clock=lambda: world.now)
+
+
+def safety_rule_in_the_way(learner: Any, state: dict[str, Any], metrics: dict[str, float],
+                           cands: list[Cand], best: str | None, now: float) -> str | None:
+    """Which safety rule (if any) left the oracle's choice out of the learner's candidates."""
+    if best is None or not hasattr(learner, "allowed"):
+        return None
+    names = [c.name for c in sorted(cands, key=lambda c: c.invasiveness)]
+    left, notes = learner.allowed(learner.context(state, metrics), state, names, now)
+    if best in left:
+        return None
+    note = next((x for x in notes if best in x), "")
+    for key, rule in (("on this target", "retry_on_target"), ("in a row", "dropped"),
+                      ("critical", "critical"), ("worth", "not_worth_trying")):
+        if key in note:
+            return rule
+    return "other"
 
 
 def run(kind: str, seed: int, n: int, gap_min: float, drift_at: int,
@@ -198,16 +266,29 @@ def run(kind: str, seed: int, n: int, gap_min: float, drift_at: int,
     incidents = world.incidents()[:n]
     learner = build(kind, world, seed + 1000, overrides)
     regret, marks, drift_choices = 0.0, {}, []
+    seen: dict[tuple[str, bool], int] = {}
+    phases = {"cold": 0.0, "steady": 0.0, "post_drift": 0.0}
+    causes: dict[str, float] = {}
     for i, inc in enumerate(incidents):
         world.n, world.now = i, inc.at
         state = {"alertname": "VllmFailureForecast", "failure_type": inc.failure, "target": inc.target,
                  "severity": "critical" if inc.critical else "warning", "labels": {}}
         metrics = {"up": 1.0, "kv_cache_usage": inc.kv}
         cands = [Cand(s, INVASIVENESS[s]) for s in FAILURES[inc.failure][2]]
+        if isinstance(learner, SafetyRulesOracle):
+            learner.incident = inc
         chosen, _ = learner.select_best_strategy(state, [], metrics, cands)
         best, best_r = world.best(inc)
-        regret += best_r - world.reward(inc, chosen)
-        if i >= drift_at and (inc.failure, inc.kv_high) == DRIFT[:2]:
+        r = best_r - world.reward(inc, chosen)
+        regret += r
+        key = (inc.failure, inc.kv_high)
+        seen[key] = seen.get(key, 0) + 1
+        drifted = i >= drift_at and key == DRIFT[:2]
+        phases["post_drift" if drifted else "cold" if seen[key] <= COLD else "steady"] += r
+        if r > 1e-12:
+            rule = safety_rule_in_the_way(learner, state, metrics, cands, best, world.now) or "choice"
+            causes[rule] = causes.get(rule, 0.0) + r
+        if drifted:
             drift_choices.append(chosen == best)
         if chosen is not None:
             outcome, dur = world.outcome(inc, chosen)
@@ -218,36 +299,56 @@ def run(kind: str, seed: int, n: int, gap_min: float, drift_at: int,
     # Back on the new best: the first window of 10 incidents of the drifted context with 8 on it.
     recovered = next((j + 10 for j in range(len(drift_choices) - 9) if sum(drift_choices[j:j + 10]) >= 8),
                      None)
-    return {"regret": marks, "recovered_after": recovered}
+    return {"regret": marks, "recovered_after": recovered, "phases": phases, "causes": causes}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=5, help="worlds to average over (seeds 0..N-1)")
+    ap.add_argument("--first-seed", type=int, default=0, help="tune on other seeds than you report")
     ap.add_argument("--incidents", type=int, default=1000)
     ap.add_argument("--drift-at", type=int, default=500)
     ap.add_argument("--gap-min", type=float, default=12.0, help="mean minutes between incidents")
-    ap.add_argument("--learners", default=",".join(LEARNERS))
+    ap.add_argument("--learners", default=",".join(LEARNERS), help="comma-separated: " + ",".join(LEARNERS))
     ap.add_argument("--config", default="{}", help="learner: settings (JSON) for the learner kinds")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also regret by phase and by the safety rule in the oracle's way")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     kinds = a.learners.split(",")
-    over = json.loads(a.config)
-    res = {k: [run(k, s, a.incidents, a.gap_min, a.drift_at, over) for s in range(a.seeds)] for k in kinds}
+    unknown = [k for k in kinds if k not in LEARNERS]
+    if unknown:
+        ap.error(f"unknown learner(s) {', '.join(unknown)}; choose from {', '.join(LEARNERS)}")
+    try:
+        over = json.loads(a.config)
+        LearnerConfig.model_validate({**over, "kind": "ucb"})
+    except ValidationError as e:
+        ap.error("--config: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    except ValueError as e:
+        ap.error(f"--config: not JSON ({e})")
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    res = {k: [run(k, s, a.incidents, a.gap_min, a.drift_at, over) for s in seeds] for k in kinds}
     n = a.incidents
+    eg_runs = res.get("epsilon_greedy_0.1")
     summary = {}
     for k, runs in res.items():
-        r200 = [r["regret"][200] for r in runs]
         rn = [r["regret"][n] for r in runs]
-        rec = [r["recovered_after"] for r in runs]
-        summary[k] = {"regret_200": statistics.mean(r200), "regret_n": statistics.mean(rn),
-                      "regret_n_sd": statistics.pstdev(rn),
-                      "recovered_after": rec}
+        summary[k] = {
+            "regret_200": statistics.mean(r["regret"][200] for r in runs), "regret_n": statistics.mean(rn),
+            "regret_n_sd": statistics.pstdev(rn), "regret_n_per_seed": [round(x, 2) for x in rn],
+            "recovered_after": [r["recovered_after"] for r in runs],
+            "phases": {p: statistics.mean(r["phases"][p] for r in runs) for p in runs[0]["phases"]},
+            "causes": {c: sum(r["causes"].get(c, 0.0) for r in runs) / len(runs)
+                       for c in sorted({c for r in runs for c in r["causes"]})}}
+        if eg_runs:
+            summary[k]["paired_ratio_per_seed"] = [round(x / e["regret"][n], 3) if e["regret"][n] else None
+                                                   for x, e in zip(rn, eg_runs)]
     eg = summary.get("epsilon_greedy_0.1", {}).get("regret_n")
     if a.json:
-        print(json.dumps({"incidents": n, "seeds": a.seeds, "drift_at": a.drift_at, "learners": summary}))
+        print(json.dumps({"incidents": n, "seeds": list(seeds), "drift_at": a.drift_at, "learners": summary}))
         return 0
-    print(f"{a.seeds} seeds, {n} incidents ~{a.gap_min:g} min apart, drift at incident {a.drift_at}")
+    print(f"{a.seeds} seeds from {a.first_seed}, {n} incidents ~{a.gap_min:g} min apart, "
+          f"drift at incident {a.drift_at}")
     print(f"{'learner':<20} {'regret@200':>11} {f'regret@{n}':>13} {'vs eps-greedy':>14}  "
           "back on the new best after (incidents of that context, per seed)")
     for k, s in summary.items():
@@ -255,6 +356,19 @@ def main(argv: list[str] | None = None) -> int:
         rec = ", ".join("never" if x is None else str(x) for x in s["recovered_after"])
         print(f"{k:<20} {s['regret_200']:>11.1f} {s['regret_n']:>8.1f} ±{s['regret_n_sd']:<4.0f} "
               f"{ratio:>14}  {rec}")
+    if a.breakdown:
+        print(f"\nregret@{n} by phase (cold: first {COLD} incidents of each situation) and by what kept "
+              "the oracle's choice out")
+        print(f"{'learner':<20} {'cold':>6} {'steady':>7} {'post-drift':>11}   {'choice':>7} "
+              f"{'retry_on_target':>16} {'dropped':>8} {'critical':>9} {'not_worth':>10}   "
+              "paired ratio per seed")
+        for k, s in summary.items():
+            ph, c = s["phases"], s["causes"]
+            pr = " ".join(f"{x:.2f}" for x in s.get("paired_ratio_per_seed", []) if x is not None)
+            print(f"{k:<20} {ph['cold']:>6.1f} {ph['steady']:>7.1f} {ph['post_drift']:>11.1f}   "
+                  f"{c.get('choice', 0):>7.1f} {c.get('retry_on_target', 0):>16.1f} "
+                  f"{c.get('dropped', 0):>8.1f} "
+                  f"{c.get('critical', 0):>9.1f} {c.get('not_worth_trying', 0):>10.1f}   {pr}")
     return 0
 
 

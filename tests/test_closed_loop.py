@@ -335,6 +335,12 @@ def test_kv_overload_is_met_with_reduce_batch_size(loop: Loop, traces_dir: Path)
             assert picks(fresh) == 0
             assert replay_store(fresh, rx.store) >= 1
             assert picks(fresh) >= 100
+            # The default learner (make_learner(), as a restarted receiver builds it from the
+            # store) switches outright: escalating before, reduce_batch_size after.
+            default = make_learner()
+            assert default.select_best_strategy(o.state, [], o.metrics, cands)[0] == "escalate_to_human"
+            assert replay_store(default, rx.store) >= 1
+            assert default.select_best_strategy(o.state, [], o.metrics, cands)[0] == "reduce_batch_size"
     finally:
         control(loop, "set_max_running", {"max_num_seqs": orig})
     wait_quiet(loop)

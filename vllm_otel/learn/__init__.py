@@ -1,8 +1,9 @@
 """Continuous learning: which mitigation works, learnt from the outcomes the receiver records.
 
-``make_learner(config)`` builds the learner the policy's ``learner:`` section asks for (UCB on
-Beta posteriors by default, the lowest regret in benchmarks/learner_sim.py); every learner implements :class:`~vllm_otel.learn.learner.Learner`. Nothing
-in this package imports the mitigation package: data flows mitigate -> learn, never back.
+``make_learner(config)`` builds the learner the policy's ``learner:`` section asks for (Bayes-UCB
+on Beta posteriors by default, the lowest regret in benchmarks/learner_sim.py); every learner
+implements :class:`~vllm_otel.learn.learner.Learner`. Nothing in this package imports the
+mitigation package: data flows mitigate -> learn, never back.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class LearnerConfig(_Cfg):
     """``learner:`` in the policy file. Every field has a default; ``{}`` is the measured best."""
 
     kind: Literal["thompson", "ucb", "rules", "rule_based"] = Field(
-        "ucb", description="ucb: upper confidence bound on the Beta posteriors (default, the "
+        "ucb", description="ucb: an upper quantile of the Beta posteriors (Bayes-UCB; default, the "
                            "lowest regret in benchmarks/learner_sim.py); thompson: Thompson "
                            "sampling; rules: the best supported rule mined from history; "
                            "rule_based: least invasive first, skipping what failed recently")
@@ -109,7 +109,12 @@ class LearnerConfig(_Cfg):
     explore_in_critical: bool = Field(
         False, description="true: on critical alerts the learner may try a strategy more "
                            "disruptive than the best known one")
-    ucb_c: float = Field(0.5, gt=0.0, description="ucb: width of the exploration bonus")
+    half_life_s: float | None = Field(
+        4 * 86400.0, gt=0.0, description="evidence not refreshed for this long counts half (None: "
+                                         "never ages), so a strategy left alone is tried again "
+                                         "once the others disappoint")
+    ucb_c: float = Field(0.0, ge=0.0, description="ucb: c in the posterior quantile 1 - 1/(t (ln "
+                                                  "t)^c) (larger: explores more)")
     min_support: int = Field(5, ge=1, description="rules: outcomes a rule needs to be shown / used")
     min_lift: float = Field(0.15, ge=0.0, le=1.0,
                             description="rules: a narrower rule is kept when its success rate "

@@ -6,8 +6,10 @@ Discounting: every outcome of a strategy recorded in a context first multiplies 
 older evidence there by ``discount``, so its last ~1/(1-discount) outcomes carry most of the
 weight, and a strategy that stops working loses its lead within a few failures. (Discounting every
 strategy of the context instead made rarely chosen bad ones drift back to the prior and be tried
-again and again: 20 % more regret in benchmarks/learner_sim.py.) The raw attempt
-and success counts are kept too, undiscounted, for people and for rule mining.
+again and again: 20 % more regret in benchmarks/learner_sim.py.) What is never chosen again is
+forgotten by time instead, slowly: the learners age each arm's evidence by the time since its last
+outcome (``LearnerConfig.half_life_s``) when they read it. The raw attempt and success counts are
+kept too, undiscounted, for people and for rule mining.
 """
 
 from __future__ import annotations
