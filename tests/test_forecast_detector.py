@@ -525,3 +525,34 @@ def test_a_steady_trickle_of_preemptions_is_warned_of_before_the_storm() -> None
     assert 30 <= first and (onset - first) * STEP >= 15
     ttf = results[first].time_to_failure[0, j]
     assert 0 < ttf <= 60
+
+
+def test_units_in_any_row_order_get_the_same_predictions() -> None:
+    """A detector whose units come in a new order each step (state read row by row) predicts,
+    to the last bit, what one fed the same units in one steady order (state read as one block)."""
+    from vllm_otel.forecast.synthetic import SCENARIOS, frame_from_scenarios, scenario
+
+    n, join = 15, 30
+    frame = frame_from_scenarios({f"u{i:02d}": scenario(SCENARIOS[i % len(SCENARIOS)], 120, seed=i)
+                                  for i in range(n)})
+    for arr in frame.values.values():
+        arr[::5, 50:60] = np.nan  # gaps: some units miss steps
+    steady = PredictiveFailureDetector(FAST)
+    shuffled = PredictiveFailureDetector(FAST)
+    rng = np.random.default_rng(0)
+    for k in range(len(frame.t)):
+        sel = np.arange(n) if k >= join else np.arange(n - 3)  # 3 join later, at other ring positions
+        # New units are met in the same order by both (it orders refits of equal merit).
+        perm = np.arange(len(sel)) if k in (0, join) else rng.permutation(len(sel))
+        refit = k % 10 == 0
+        values, hists = frame.at(k, sel)
+        a = steady.step(float(frame.t[k]), [frame.units[i] for i in sel], values, hists, refit=refit)
+        values, hists = frame.at(k, sel[perm])
+        b = shuffled.step(float(frame.t[k]), [frame.units[i] for i in sel[perm]], values, hists, refit=refit)
+        assert a is not None and b is not None
+        back = np.argsort(perm)  # b's rows in a's order
+        for got, want in ((b.probability[back], a.probability), (b.time_to_failure[back], a.time_to_failure),
+                          (b.source[back], a.source), (b.states[back], a.states)):
+            np.testing.assert_array_equal(got, want)
+    assert steady.refits > 0
+    assert np.isfinite(a.probability).sum() > n  # the comparison covered real predictions

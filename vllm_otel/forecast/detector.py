@@ -412,8 +412,10 @@ class PredictiveFailureDetector:
 
     def _rows_for(self, units: Sequence[str]) -> np.ndarray:
         # A service or replay passes the same instance list step after step: reuse its rows.
-        key = [str(u) for u in units]
         cached = self._units_cache
+        if cached is not None and isinstance(units, list) and cached[0] == units:  # no copy to make
+            return cached[1]
+        key = [str(u) for u in units]
         if cached is not None and cached[0] == key:
             return cached[1]
         rows = self._lookup(key)
@@ -566,7 +568,7 @@ class PredictiveFailureDetector:
                 "thermal_high": sig["gpu_temperature"] >= sig["gpu_temperature_limit"] - cfg.thermal_margin_c,
                 "ecc_corrected": sig["ecc_corrected_window"] > 0,
             }
-        out["memory_steady_slope"], self._mem_prob, self._mem_ttf = self._memory_trend(rows)
+        out["memory_steady_slope"], self._mem_prob, self._mem_ttf = self._memory_trend(rows, full=trend)
         self._trend = {}
         for s in (cfg.trend_signals if trend else ()):  # only what a prediction uses: not while ingesting
             if s in self.banks and s in TREND_PRECURSORS:
@@ -644,8 +646,7 @@ class PredictiveFailureDetector:
         N = nb * B
         Hb = max(1, int(math.ceil(self.horizon_steps / B)))
         back = np.arange(N)[::-1]                        # oldest first
-        idx = (bank.hpos[rows, None] - 1 - back[None, :]) % bank.history
-        y = bank.hist[rows[:, None], idx]
+        y = bank.last_points(rows, back)
         fidx = (self._ring_pos[rows, None] - 1 - back[None, :]) % self._trend_len
         flat_k = self._flat_ring[rows[:, None], fidx]
         frozen = flat_k >= self._freeze_steps     # cuts the history before it
@@ -904,8 +905,9 @@ class PredictiveFailureDetector:
         prob, ttf = np.where(ok, prob, nan), np.where(ok, ttf, nan)
         return ok & (pred > mu), prob, ttf
 
-    def _memory_trend(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The "memory steady slope" precursor and what it implies.
+    def _memory_trend(self, rows: np.ndarray, full: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The "memory steady slope" precursor and what it implies (``full=False``: the
+        precursor alone, as ingesting history needs; probability and time stay NaN).
 
         A leak shows as a straight climb: least squares over the recent memory points with a
         positive slope and R^2 above the bar. Where it holds, the regression's own prediction
@@ -922,8 +924,7 @@ class PredictiveFailureDetector:
             return np.zeros(n, dtype=bool), nan, nan  # no memory data at all (vLLM series only)
         # Only the last N points of each ring: gather them rather than scanning the whole ring.
         back = np.arange(min(cfg.memory_slope_points, bank.history))
-        idx = (bank.hpos[rows, None] - 1 - back[None, :]) % bank.history
-        y = bank.hist[rows[:, None], idx]
+        y = bank.last_points(rows, back)
         use = (back[None, :] < bank.hlen[rows][:, None]) & np.isfinite(y)
         x = -np.broadcast_to(back, y.shape).astype(float)  # steps relative to now
         m = use.sum(axis=1).astype(float)
@@ -935,6 +936,8 @@ class PredictiveFailureDetector:
             slope = sxy / sxx
             r2 = sxy * sxy / (sxx * syy)
             active = (m >= 10) & (sxy > 0) & (r2 >= cfg.memory_slope_r2)
+            if not full:
+                return active, nan, nan
             s2 = np.maximum(syy - slope * sxy, 0.0) / np.maximum(m - 2, 1)
             pred = ym + slope * (H - xm)
             se = np.sqrt(s2 * (1 + 1 / m + (H - xm) ** 2 / sxx))

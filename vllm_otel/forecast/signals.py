@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_otel.forecast.failures import FailureCatalog
+from vllm_otel.forecast.rows import row_index, shared_position
 
 __all__ = [
     "Selector", "InputSeries", "INPUT_KINDS", "SIGNALS", "SignalExtractor", "histogram_quantile",
@@ -174,7 +175,7 @@ class _Counter:
         self.last = _grow(self.last, cap)
 
     def step(self, rows: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prev = self.last[rows]
+        prev = self.last[row_index(rows)]
         ok = np.isfinite(v)
         have = ok & np.isfinite(prev)
         reset = have & (v < prev)
@@ -211,7 +212,14 @@ class _Window:
         self.pos[rows] = 0
 
     def push(self, rows: np.ndarray, t: float, v: np.ndarray) -> None:
-        p = self.pos[rows]
+        ix = row_index(rows)
+        p = self.pos[ix]
+        p0 = shared_position(p)
+        if p0 is not None and isinstance(ix, slice):  # every row at the same slot: one column
+            self.ts[ix, p0] = t
+            self.vals[ix, p0] = v
+            self.pos[ix] = (p0 + 1) % self.len
+            return
         self.ts[rows, p] = t
         self.vals[rows, p] = v
         self.pos[rows] = (p + 1) % self.len
@@ -222,9 +230,22 @@ class _Window:
 
     def total(self, rows: np.ndarray, t: float, window: float) -> np.ndarray:
         """Sum over the window; NaN where the window holds no known value at all."""
-        inside = self.ts[rows] > t - window + 1e-9
-        vals = self.vals[rows]
+        ix = row_index(rows)
+        inside = self.ts[ix] > t - window + 1e-9
+        vals = self.vals[ix]
         if self.width is not None:
+            if len(inside) and (inside == inside[:1]).all():
+                # Every row pushed at the same times (the usual case): add up only the slots
+                # inside the window, one (rows, buckets) slice at a time. A sum along axis 1 of a
+                # 3-d array runs slot by slot in order, so leaving out the zeros of the slots
+                # outside gives the very same numbers.
+                s = np.zeros((len(inside), self.width))
+                any_known = np.zeros((len(inside), self.width), dtype=bool)
+                for c in np.flatnonzero(inside[0]):
+                    known = np.isfinite(vals[:, c])
+                    s += np.where(known, vals[:, c], 0.0)
+                    any_known |= known
+                return np.where(any_known, s, np.nan)
             inside = inside[:, :, None]
         known = inside & np.isfinite(vals)
         s = np.where(known, vals, 0.0).sum(axis=1)
