@@ -185,7 +185,11 @@ class _Counter:
 
 
 class _Window:
-    """Ring of (time, value) per row; sums entries newer than ``t - window``."""
+    """Ring of (time, value) per row; sums entries newer than ``t - window``.
+
+    A window of histograms (``width`` buckets) also keeps its values with unknowns as 0 and a
+    known mask, so the usual sum reads each slot once.
+    """
 
     def __init__(self, cap: int, length: int, width: int | None = None):
         self.len = length
@@ -194,22 +198,33 @@ class _Window:
         shape = (cap, length) if width is None else (cap, length, width)
         self.vals = np.full(shape, np.nan)
         self.pos = np.zeros(cap, dtype=np.int64)
+        if width is not None:
+            self._zero = np.zeros(shape)
+            self._known = np.zeros(shape, dtype=bool)
 
     def grow(self, cap: int) -> None:
         self.ts = _grow(self.ts, cap, -np.inf)
         self.vals = _grow(self.vals, cap)
         self.pos = _grow(self.pos, cap, 0)
+        if self.width is not None:
+            self._zero = _grow(self._zero, cap, 0.0)
+            self._known = _grow(self._known, cap, False)
 
     def widen(self, mapping: np.ndarray, width: int) -> None:
         """Move existing columns to new positions (histogram bucket sets that grew)."""
         new = np.full(self.vals.shape[:2] + (width,), np.nan)
         new[:, :, mapping] = self.vals
         self.vals, self.width = new, width
+        self._known = np.isfinite(new)
+        self._zero = np.where(self._known, new, 0.0)
 
     def clear(self, rows: np.ndarray) -> None:
         self.ts[rows] = -np.inf
         self.vals[rows] = np.nan
         self.pos[rows] = 0
+        if self.width is not None:
+            self._zero[rows] = 0.0
+            self._known[rows] = False
 
     def push(self, rows: np.ndarray, t: float, v: np.ndarray) -> None:
         ix = row_index(rows)
@@ -219,10 +234,18 @@ class _Window:
             self.ts[ix, p0] = t
             self.vals[ix, p0] = v
             self.pos[ix] = (p0 + 1) % self.len
+            if self.width is not None:
+                known = np.isfinite(v)
+                self._known[ix, p0] = known
+                self._zero[ix, p0] = np.where(known, v, 0.0)
             return
         self.ts[rows, p] = t
         self.vals[rows, p] = v
         self.pos[rows] = (p + 1) % self.len
+        if self.width is not None:
+            known = np.isfinite(v)
+            self._known[rows, p] = known
+            self._zero[rows, p] = np.where(known, v, 0.0)
 
     def entries(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(times, values) of the ring, (rows, length): -inf / NaN where nothing was pushed."""
@@ -232,21 +255,21 @@ class _Window:
         """Sum over the window; NaN where the window holds no known value at all."""
         ix = row_index(rows)
         inside = self.ts[ix] > t - window + 1e-9
-        vals = self.vals[ix]
         if self.width is not None:
             if len(inside) and (inside == inside[:1]).all():
                 # Every row pushed at the same times (the usual case): add up only the slots
                 # inside the window, one (rows, buckets) slice at a time. A sum along axis 1 of a
                 # 3-d array runs slot by slot in order, so leaving out the zeros of the slots
                 # outside gives the very same numbers.
+                zero, known = self._zero[ix], self._known[ix]
                 s = np.zeros((len(inside), self.width))
                 any_known = np.zeros((len(inside), self.width), dtype=bool)
                 for c in np.flatnonzero(inside[0]):
-                    known = np.isfinite(vals[:, c])
-                    s += np.where(known, vals[:, c], 0.0)
-                    any_known |= known
+                    s += zero[:, c]
+                    any_known |= known[:, c]
                 return np.where(any_known, s, np.nan)
             inside = inside[:, :, None]
+        vals = self.vals[ix]
         known = inside & np.isfinite(vals)
         s = np.where(known, vals, 0.0).sum(axis=1)
         return np.where(known.any(axis=1), s, np.nan)
