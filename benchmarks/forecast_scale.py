@@ -6,6 +6,8 @@ for every instance, then spend the refit budget. A *warm* cycle is the steady st
 per instance, predict, refit within the budget. *Parse* is the step before a warm cycle in
 production: one query_range answer holding one new point of every raw series (31 per instance:
 gauges, counters and the TTFT histogram's buckets) as JSON text, to the arrays the detector takes.
+*Service* is one more warm cycle through the forecaster service (predictions taken, snapshot
+published, refits within the budget), and */metrics* one exposition of everything it publishes.
 Each size runs in a fresh process, so its peak resident memory is its own.
 
     python benchmarks/forecast_scale.py [--sizes 1700 3400 5000] [--points 720] [--refit-budget 2.0]
@@ -28,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 
 def _frame(names: list[str], points: int):  # -> RawFrame, filled one instance at a time
@@ -68,16 +71,54 @@ def _parse_one_point(names: list[str]) -> float:
     return elapsed
 
 
+def _publish(det: Any, frame: Any, k: int, refit_budget: float) -> tuple[float, float]:
+    """One warm cycle through the forecaster service with ``det`` (one new point, predictions
+    taken, the snapshot published; refits within the budget), then one /metrics exposition."""
+    from prometheus_client import generate_latest
+
+    from vllm_otel.forecast.promjson import RawFrame
+    from vllm_otel.forecast.service import ForecasterService
+    from vllm_otel.forecast.sources import Batch
+
+    point = RawFrame(frame.t[k:k + 1], frame.step_s, frame.units, frame.instances,
+                     {name: arr[:, k:k + 1] for name, arr in frame.values.items()},
+                     {name: (les, c[:, k:k + 1]) for name, (les, c) in frame.histograms.items()})
+
+    class OnePoint:
+        kind, timeout = "benchmark", 5.0
+
+        def fetch(self, now: float) -> Batch:
+            return Batch(point, {}, now)
+
+        def close(self) -> None:
+            pass
+
+    svc = ForecasterService(OnePoint(), det.config.model_copy(update={"refit_time_budget_s": refit_budget}),
+                            clock=lambda: float(frame.t[k]))
+    svc.detector = det                      # warm: the detector that ingested the history
+    svc._last_step_t = float(frame.t[k - 1])
+    t0 = time.perf_counter()
+    report = svc.run_cycle()
+    service_s = time.perf_counter() - t0
+    assert report.ok and report.units == len(frame.units), report
+    t0 = time.perf_counter()
+    body = generate_latest(svc.registry)
+    exposition_s = time.perf_counter() - t0
+    assert body.count(b"vllm_otel_failure_probability{") >= len(frame.units)
+    return service_s, exposition_s
+
+
 def _one(n: int, points: int, refit_budget: float, extra: dict | None = None,
          shard: tuple[int, int] | None = None) -> dict[str, float]:
     import numpy as np
 
-    from vllm_otel.forecast.detector import DetectorConfig, PredictiveFailureDetector
+    from vllm_otel.forecast.detector import PredictiveFailureDetector
+    from vllm_otel.forecast.detector_config import DetectorConfig
     from vllm_otel.forecast.promjson import in_shard
 
     names = [f"inst-{i:05d}" for i in range(n) if in_shard(f"inst-{i:05d}", shard)]
     t0 = time.perf_counter()
-    frame = _frame(names, points + 1)
+    frame = _frame(names, points + 2)
     gen_s = time.perf_counter() - t0
     parse_s = _parse_one_point(names)
 
@@ -103,11 +144,13 @@ def _one(n: int, points: int, refit_budget: float, extra: dict | None = None,
     res = det.step(float(frame.t[points]), units, values, hists, refit=False)
     warm_predict_s = time.perf_counter() - t0
     assert res is not None and res.probability.shape[0] == len(names)
+    service_s, exposition_s = _publish(det, frame, points + 1, refit_budget)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {"instances": len(names), "series": len(names) * 6, "points": points, "generate_s": gen_s,
             "parse_s": parse_s, "cold_ingest_s": ingest_s, "cold_predict_s": predict_s, "cold_refit_s": refit_s,
             "cold_refits": refits, "cold_cycle_s": cold_s, "warm_cycle_s": warm_predict_s + refit_s,
-            "warm_predict_s": warm_predict_s, "predictions": int(np.isfinite(res.probability).sum()),
+            "warm_predict_s": warm_predict_s, "service_s": service_s, "exposition_s": exposition_s,
+            "predictions": int(np.isfinite(res.probability).sum()),
             "peak_rss_mib": rss_mib}
 
 
@@ -118,14 +161,14 @@ def _cmd(n: int, args: argparse.Namespace, conf: str | None, shard: str | None =
 
 
 HEADER = (f"{'config':>24} {'instances':>9} {'series':>7} {'parse s':>8} {'ingest s':>9} {'predict s':>9} "
-          f"{'refit s':>8} {'refits':>6} {'cold s':>7} {'warm s':>7} {'warm pred ms':>12} {'peak MiB':>9}")
+          f"{'refit s':>8} {'refits':>6} {'cold s':>7} {'warm s':>7} {'warm pred ms':>12} {'service s':>9} {'/metrics s':>10} {'peak MiB':>9}")
 
 
 def _row(label: str, r: dict) -> str:
     return (f"{label[:24]:>24} {r['instances']:>9} {r['series']:>7} {r['parse_s']:>8.2f} {r['cold_ingest_s']:>9.2f} "
             f"{r['cold_predict_s']:>9.3f} {r['cold_refit_s']:>8.2f} {r['cold_refits']:>6} "
             f"{r['cold_cycle_s']:>7.2f} {r['warm_cycle_s']:>7.2f} {1000 * r['warm_predict_s']:>12.1f} "
-            f"{r['peak_rss_mib']:>9.0f}")
+            f"{r['service_s']:>9.2f} {r['exposition_s']:>10.2f} {r['peak_rss_mib']:>9.0f}")
 
 
 def _slope(rows: list[dict], key: str) -> float:

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_otel.forecast.failures import FAILURE_TYPES
 from vllm_otel.forecast.service import ForecasterService
+from vllm_otel.forecast.promjson import in_shard
 from vllm_otel.forecast.sources import (PrometheusSource, ScrapeSource, SourceError, parse_exposition,
                                         target_instance)
 from vllm_otel.testing.processes import free_port
@@ -622,3 +623,38 @@ def test_prometheus_source_live_predictions_on_metrics(vllm_server, prometheus) 
         assert dict(unit_of(svc, inst).probability) == before
     finally:
         svc.stop()
+
+
+def test_shards_together_publish_exactly_what_one_forecaster_does() -> None:
+    """N forecasters with ``--shard K/N`` over the same targets: each publishes predictions only
+    for its own instances, none is published twice, and together they cover what one unsharded
+    forecaster publishes."""
+    servers = [FakeVllm() for _ in range(8)]
+    clock = Clock()
+    targets = [s.url for s in servers]
+    whole = ForecasterService(ScrapeSource(targets, timeout=2), FAST, clock=clock)
+    shards = [ForecasterService(ScrapeSource(targets, timeout=2, shard=(k, 3)), FAST, clock=clock)
+              for k in (1, 2, 3)]
+    try:
+        for k in range(10):
+            for s in servers:
+                s.text = moving(k)
+            clock.tick()
+            for svc in [whole, *shards]:
+                assert svc.run_cycle().ok or not svc.source.targets
+
+        def published(svc: ForecasterService) -> set[str]:
+            return {u.unit for u in svc.snapshot.units if u.probability}
+
+        everyone = published(whole)
+        assert everyone == {s.instance for s in servers}
+        parts = [published(svc) for svc in shards]
+        assert sum(len(p) for p in parts) == len(everyone)        # none twice
+        assert set().union(*parts) == everyone                     # none lost
+        for k, part in enumerate(parts, 1):
+            assert all(in_shard(u, (k, 3)) for u in part)
+    finally:
+        for svc in [whole, *shards]:
+            svc.stop()
+        for s in servers:
+            s.stop()
