@@ -188,7 +188,8 @@ class _Window:
     """Ring of (time, value) per row; sums entries newer than ``t - window``.
 
     A window of histograms (``width`` buckets) also keeps its values with unknowns as 0 and a
-    known mask, so the usual sum reads each slot once.
+    known mask, slot by slot (slot, row, bucket), so the usual sum reads each slot once, in one
+    block.
     """
 
     def __init__(self, cap: int, length: int, width: int | None = None):
@@ -199,32 +200,35 @@ class _Window:
         self.vals = np.full(shape, np.nan)
         self.pos = np.zeros(cap, dtype=np.int64)
         if width is not None:
-            self._zero = np.zeros(shape)
-            self._known = np.zeros(shape, dtype=bool)
+            self._zero = np.zeros((length, cap, width))
+            self._known = np.zeros((length, cap, width), dtype=bool)
 
     def grow(self, cap: int) -> None:
         self.ts = _grow(self.ts, cap, -np.inf)
         self.vals = _grow(self.vals, cap)
         self.pos = _grow(self.pos, cap, 0)
-        if self.width is not None:
-            self._zero = _grow(self._zero, cap, 0.0)
-            self._known = _grow(self._known, cap, False)
+        if self.width is not None and self._zero.shape[1] < cap:
+            old = self._zero.shape[1]
+            zero = np.zeros((self.len, cap, self.width))
+            known = np.zeros((self.len, cap, self.width), dtype=bool)
+            zero[:, :old], known[:, :old] = self._zero, self._known
+            self._zero, self._known = zero, known
 
     def widen(self, mapping: np.ndarray, width: int) -> None:
         """Move existing columns to new positions (histogram bucket sets that grew)."""
         new = np.full(self.vals.shape[:2] + (width,), np.nan)
         new[:, :, mapping] = self.vals
         self.vals, self.width = new, width
-        self._known = np.isfinite(new)
-        self._zero = np.where(self._known, new, 0.0)
+        self._known = np.ascontiguousarray(np.isfinite(new).transpose(1, 0, 2))
+        self._zero = np.ascontiguousarray(np.where(np.isfinite(new), new, 0.0).transpose(1, 0, 2))
 
     def clear(self, rows: np.ndarray) -> None:
         self.ts[rows] = -np.inf
         self.vals[rows] = np.nan
         self.pos[rows] = 0
         if self.width is not None:
-            self._zero[rows] = 0.0
-            self._known[rows] = False
+            self._zero[:, rows] = 0.0
+            self._known[:, rows] = False
 
     def push(self, rows: np.ndarray, t: float, v: np.ndarray) -> None:
         ix = row_index(rows)
@@ -236,16 +240,16 @@ class _Window:
             self.pos[ix] = (p0 + 1) % self.len
             if self.width is not None:
                 known = np.isfinite(v)
-                self._known[ix, p0] = known
-                self._zero[ix, p0] = np.where(known, v, 0.0)
+                self._known[p0, ix] = known
+                self._zero[p0, ix] = np.where(known, v, 0.0)
             return
         self.ts[rows, p] = t
         self.vals[rows, p] = v
         self.pos[rows] = (p + 1) % self.len
         if self.width is not None:
             known = np.isfinite(v)
-            self._known[rows, p] = known
-            self._zero[rows, p] = np.where(known, v, 0.0)
+            self._known[p, rows] = known
+            self._zero[p, rows] = np.where(known, v, 0.0)
 
     def entries(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(times, values) of the ring, (rows, length): -inf / NaN where nothing was pushed."""
@@ -261,12 +265,11 @@ class _Window:
                 # inside the window, one (rows, buckets) slice at a time. A sum along axis 1 of a
                 # 3-d array runs slot by slot in order, so leaving out the zeros of the slots
                 # outside gives the very same numbers.
-                zero, known = self._zero[ix], self._known[ix]
                 s = np.zeros((len(inside), self.width))
                 any_known = np.zeros((len(inside), self.width), dtype=bool)
                 for c in np.flatnonzero(inside[0]):
-                    s += zero[:, c]
-                    any_known |= known[:, c]
+                    s += self._zero[c, ix]
+                    any_known |= self._known[c, ix]
                 return np.where(any_known, s, np.nan)
             inside = inside[:, :, None]
         vals = self.vals[ix]
