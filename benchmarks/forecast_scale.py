@@ -11,11 +11,12 @@ published, refits within the budget), and */metrics* one exposition of everythin
 Each size runs in a fresh process, so its peak resident memory is its own.
 
     python benchmarks/forecast_scale.py [--sizes 1700 3400 5000] [--points 720] [--refit-budget 2.0]
-                                        [--shards N] [--detector-config JSON]...
+                                        [--shards N] [--profile] [--detector-config JSON]...
 
 After the table: the cost per added series (least-squares slope over the sizes). ``--shards N``
 then runs the largest size split over N forecaster processes side by side (``--shard K/N``, the
 stable hash of the instance label), each on its own share, and prints each one's cycle and memory.
+``--profile`` then splits the largest size's ingest by part of the detector step (cProfile).
 Each ``--detector-config`` adds a run of every size with those DetectorConfig settings (a
 side-by-side cost of an option, e.g. ``'{"use_capacity": false}'``); none: the defaults.
 
@@ -154,6 +155,46 @@ def _one(n: int, points: int, refit_budget: float, extra: dict | None = None,
             "peak_rss_mib": rss_mib}
 
 
+def _profile(n: int, steps: int = 120) -> None:
+    """Where ingest time goes: cProfile over ``steps`` history steps of ``n`` instances, grouped
+    by the part of the detector step (milliseconds per step, under the profiler)."""
+    import cProfile
+    import pstats
+
+    from vllm_otel.forecast.detector import PredictiveFailureDetector
+    from vllm_otel.forecast.detector_config import DetectorConfig
+
+    frame = _frame([f"inst-{i:05d}" for i in range(n)], steps)
+    det = PredictiveFailureDetector(DetectorConfig(step_s=frame.step_s))
+    inputs = [frame.at(k) for k in range(steps)]
+    for k in range(20):  # past the first steps' growth of state
+        det.step(float(frame.t[k]), frame.units, *inputs[k], predict=False, refit=False)
+    prof = cProfile.Profile()
+    prof.enable()
+    for k in range(20, steps):
+        det.step(float(frame.t[k]), frame.units, *inputs[k], predict=False, refit=False)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+
+    def cum(module: str, fn: str) -> float:
+        return sum(v[3] for k, v in stats.items() if k[0].endswith(module) and k[2] == fn)
+
+    total = cum("detector.py", "step")
+    parts = {
+        "signals (counters, windows, TTFT quantile)": cum("signals.py", "update"),
+        "forecast state updates (one bank per signal)": cum("statespace.py", "update"),
+        "memory-slope precursor": cum("memory.py", "probability"),
+        "stall and offered-load models": cum("stall.py", "observe") + cum("offered_load.py", "observe"),
+        "health states, graph, failure checks": (cum("stategraph.py", "classify") + cum("stategraph.py", "observe")
+                                                 + cum("failures.py", "breached")),
+    }
+    parts["rest of the step"] = total - sum(parts.values())
+    per = 1000.0 / (steps - 20)
+    print(f"\ningest of {n} instances, ms per history step (cProfile, {steps - 20} steps): {total * per:.1f}")
+    for name, v in parts.items():
+        print(f"  {name:<46} {v * per:6.2f}  {100 * v / total:5.1f} %")
+
+
 def _cmd(n: int, args: argparse.Namespace, conf: str | None, shard: str | None = None) -> list[str]:
     return ([sys.executable, __file__, "--one", str(n), "--points", str(args.points),
              "--refit-budget", str(args.refit_budget)] + (["--detector-config", conf] if conf else [])
@@ -185,6 +226,7 @@ def main() -> int:
     ap.add_argument("--points", type=int, default=720)
     ap.add_argument("--refit-budget", type=float, default=2.0, help="seconds of statsmodels fits per cycle")
     ap.add_argument("--shards", type=int, default=0, help="then run the largest size as N shard processes at once")
+    ap.add_argument("--profile", action="store_true", help="then profile the largest size's ingest by part")
     ap.add_argument("--detector-config", action="append", metavar="JSON",
                     help="DetectorConfig settings for one run of every size (repeatable; default: none)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child mode: one size, JSON out
@@ -231,6 +273,8 @@ def main() -> int:
         print(f"instances covered: {covered} of {n}; slowest cold cycle "
               f"{max(r['cold_cycle_s'] for r in shard_rows):.2f} s; memory together "
               f"{sum(r['peak_rss_mib'] for r in shard_rows):.0f} MiB")
+    if args.profile:
+        _profile(max(args.sizes))
     return 0
 
 
