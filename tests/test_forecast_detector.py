@@ -570,3 +570,25 @@ def test_units_in_any_row_order_get_the_same_predictions() -> None:
             np.testing.assert_array_equal(got, want)
     assert steady.refits > 0
     assert np.isfinite(a.probability).sum() > n  # the comparison covered real predictions
+
+
+def test_memory_slope_is_the_same_with_or_without_a_gappy_row_beside() -> None:
+    """Rows with every point take a shortcut (shared x statistics); one row with a gap beside them
+    sends all through the general sums. Both give the same numbers for the full rows."""
+    from vllm_otel.forecast.precursors.memory import MemoryTrend
+    from vllm_otel.forecast.statespace import Innovations, InnovationsBank
+
+    rng = np.random.default_rng(3)
+    bank = InnovationsBank(Innovations(0.3, 0.02, 1.0, 0.95, 0.0), history=120)
+    rows = np.arange(6)
+    for k in range(90):
+        y = 0.5 + 0.004 * k * np.arange(1, 7) / 6 + rng.normal(0, 0.002, 6)
+        if k >= 70:
+            y[5] = np.nan if k % 4 == 0 else y[5]  # the last row has gaps
+        bank.update(rows, y)
+    model = MemoryTrend(points=60, r2=0.9, horizon_steps=24, step_s=5.0)
+    full = model.probability(rows[:5], bank)
+    mixed = model.probability(rows, bank)
+    for a, b in zip(full, mixed):
+        np.testing.assert_array_equal(a, b[:5])
+    assert full[0].any() and np.isfinite(full[1]).any()  # the climbs are seen, with a probability

@@ -40,13 +40,26 @@ class MemoryTrend:
         back = np.arange(min(self.points, bank.history))
         y = bank.last_points(rows, back)
         use = (back[None, :] < bank.hlen[rows][:, None]) & np.isfinite(y)
-        x = -np.broadcast_to(back, y.shape).astype(float)  # steps relative to now
-        m = use.sum(axis=1).astype(float)
         with np.errstate(invalid="ignore", divide="ignore"):
-            xm = np.where(use, x, 0).sum(axis=1) / m
-            ym = np.where(use, y, 0).sum(axis=1) / m
-            dx, dy = np.where(use, x - xm[:, None], 0), np.where(use, y - ym[:, None], 0)
-            sxx, syy, sxy = (dx * dx).sum(axis=1), (dy * dy).sum(axis=1), (dx * dy).sum(axis=1)
+            if use.all():
+                # Every row has every point (the usual case): x, its mean and spread are the same
+                # for all rows, computed once; the same sums as below, so the same numbers.
+                x1 = -back.astype(float)                      # steps relative to now
+                m = np.full(n, float(len(back)))
+                xm1 = x1.sum() / float(len(back))
+                dx1 = x1 - xm1
+                xm = np.full(n, xm1)
+                ym = y.sum(axis=1) / m
+                dy = y - ym[:, None]
+                sxx = np.full(n, (dx1 * dx1).sum())
+                syy, sxy = (dy * dy).sum(axis=1), (dx1[None, :] * dy).sum(axis=1)
+            else:
+                x = -np.broadcast_to(back, y.shape).astype(float)  # steps relative to now
+                m = use.sum(axis=1).astype(float)
+                xm = np.where(use, x, 0).sum(axis=1) / m
+                ym = np.where(use, y, 0).sum(axis=1) / m
+                dx, dy = np.where(use, x - xm[:, None], 0), np.where(use, y - ym[:, None], 0)
+                sxx, syy, sxy = (dx * dx).sum(axis=1), (dy * dy).sum(axis=1), (dx * dy).sum(axis=1)
             slope = sxy / sxx
             r2 = sxy * sxy / (sxx * syy)
             active = (m >= 10) & (sxy > 0) & (r2 >= self.r2)
