@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from vllm_otel.forecast.backtest import (CALIBRATION_LEGEND, METHODS, MethodScore, ReplayResult,  # noqa: E402
                                          calibration, calibration_rows, method_alarms, reliability_rows, replay,
                                          score)
-from vllm_otel.forecast.detector import DetectorConfig  # noqa: E402
+from vllm_otel.forecast.detector_config import DetectorConfig  # noqa: E402
 from vllm_otel.forecast.failures import FailureCatalog  # noqa: E402
 from vllm_otel.forecast.promjson import load_query_range  # noqa: E402
 

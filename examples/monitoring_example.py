@@ -56,7 +56,7 @@ def _auth(args: argparse.Namespace) -> dict[str, str]:
 
 def predictions(prometheus: str, selector: str, min_history_s: float | None) -> dict[str, Any]:
     """One forecaster cycle over Prometheus' recent history (what `vllm-otel forecaster` serves)."""
-    from vllm_otel.forecast.detector import DetectorConfig
+    from vllm_otel.forecast.detector_config import DetectorConfig
     from vllm_otel.forecast.service import ForecasterService
     from vllm_otel.forecast.sources import PrometheusSource
 

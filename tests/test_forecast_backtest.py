@@ -300,3 +300,22 @@ def test_backtest_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     capsys.readouterr()
     assert _backtest([str(empty), "--score", "--hold", "-5"]) == 2
     assert "--hold must be 0 or more seconds" in capsys.readouterr().err
+
+
+def test_parsed_answer_holds_exactly_the_series_it_was_made_of() -> None:
+    """A query_range answer, through JSON text and the parser, gives the very arrays it was built
+    from (every value, gap and histogram bucket), so the forecasts from it are the same too."""
+    from vllm_otel.forecast.synthetic import SCENARIOS, frame_from_scenarios
+
+    series = {f"host-{i:02d}:8000": scenario(SCENARIOS[i % len(SCENARIOS)], 90, seed=i) for i in range(12)}
+    for s in series.values():
+        s["kv_usage"][30:35] = np.nan  # a gap: those samples are left out of the answer
+    want = frame_from_scenarios(series, t0=T0)
+    got = parse_query_range(json.loads(json.dumps(to_query_range(series, t0=T0))))
+    assert got.units == sorted(want.units) == want.units
+    np.testing.assert_array_equal(got.t, want.t)
+    assert set(got.values) == set(want.values)
+    for name in want.values:
+        np.testing.assert_array_equal(got.values[name], want.values[name])
+    np.testing.assert_array_equal(got.histograms["ttft"][0], want.histograms["ttft"][0])
+    np.testing.assert_array_equal(got.histograms["ttft"][1], want.histograms["ttft"][1])

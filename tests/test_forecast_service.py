@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_otel.forecast.failures import FAILURE_TYPES
 from vllm_otel.forecast.service import ForecasterService
+from vllm_otel.forecast.promjson import in_shard
 from vllm_otel.forecast.sources import (PrometheusSource, ScrapeSource, SourceError, parse_exposition,
                                         target_instance)
 from vllm_otel.testing.processes import free_port
@@ -622,3 +623,103 @@ def test_prometheus_source_live_predictions_on_metrics(vllm_server, prometheus) 
         assert dict(unit_of(svc, inst).probability) == before
     finally:
         svc.stop()
+
+
+def test_shards_together_publish_exactly_what_one_forecaster_does() -> None:
+    """N forecasters with ``--shard K/N`` over the same targets: each publishes predictions only
+    for its own instances, none is published twice, and together they cover what one unsharded
+    forecaster publishes."""
+    servers = [FakeVllm() for _ in range(8)]
+    clock = Clock()
+    targets = [s.url for s in servers]
+    whole = ForecasterService(ScrapeSource(targets, timeout=2), FAST, clock=clock)
+    shards = [ForecasterService(ScrapeSource(targets, timeout=2, shard=(k, 3)), FAST, clock=clock)
+              for k in (1, 2, 3)]
+    try:
+        for k in range(10):
+            for s in servers:
+                s.text = moving(k)
+            clock.tick()
+            for svc in [whole, *shards]:
+                assert svc.run_cycle().ok or not svc.source.targets
+
+        def published(svc: ForecasterService) -> set[str]:
+            return {u.unit for u in svc.snapshot.units if u.probability}
+
+        everyone = published(whole)
+        assert everyone == {s.instance for s in servers}
+        parts = [published(svc) for svc in shards]
+        assert sum(len(p) for p in parts) == len(everyone)        # none twice
+        assert set().union(*parts) == everyone                     # none lost
+        for k, part in enumerate(parts, 1):
+            assert all(in_shard(u, (k, 3)) for u in part)
+    finally:
+        for svc in [whole, *shards]:
+            svc.stop()
+        for s in servers:
+            s.stop()
+
+
+class _QueryRange:
+    """Prometheus' query_range endpoint answering from synthetic series (the fake stands in for
+    the answer's size only: a real Prometheus would need a fleet's worth of targets to exceed it)."""
+
+    def __init__(self, instances: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        from vllm_otel.forecast.synthetic import scenario, to_query_range
+
+        self.ranges: list[tuple[float, float]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+                start, end, step = float(q["start"]), float(q["end"]), float(q["step"])
+                outer.ranges.append((start, end))
+                n = int(round((end - start) / step)) + 1
+                body = to_query_range({f"10.0.0.{i}:8000": scenario("steady", n, step_s=step, seed=i)
+                                       for i in range(instances)}, t0=start, step_s=step)
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading at its size limit, as it should
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_backfill_too_large_for_one_answer_is_shortened_to_fit(caplog: pytest.LogCaptureFixture) -> None:
+    """A fleet whose 30 min of history is over the answer limit still starts: the forecaster
+    asks for the newest point alone, then for as much history as fits, and says so."""
+    prom = _QueryRange(instances=20)
+    src = PrometheusSource(prom.url, step_s=5.0, backfill_s=1800, max_bytes=2_000_000)
+    try:
+        with caplog.at_level("WARNING", logger="vllm_otel.forecast"):
+            batch = src.fetch(T0)
+        assert not batch.empty and len(batch.frame.units) == 20
+        points = len(batch.frame.t)
+        assert 2 <= points < 361 and batch.frame.t[-1] == math.floor(T0 / 5.0) * 5.0
+        assert "history per query" in caplog.text
+        # later fetches catch up one step at a time; an outage is caught up within what fits
+        assert len(src.fetch(T0 + 5.0).frame.t) == 1
+        assert len(src.fetch(T0 + 3600.0).frame.t) == points
+        with pytest.raises(SourceError, match="one point of every series is over 100 bytes"):
+            PrometheusSource(prom.url, step_s=5.0, max_bytes=100).fetch(T0)
+    finally:
+        src.close()
+        prom.close()

@@ -75,7 +75,7 @@ def failure_onsets(series_json: Mapping[str, Any], *, horizon_s: float, min_hist
     thresholds the live forecaster was given) applied to the scraped vLLM series (a replay of the
     detector over the run; only its labels are used)."""
     from vllm_otel.forecast.backtest import replay
-    from vllm_otel.forecast.detector import DetectorConfig
+    from vllm_otel.forecast.detector_config import DetectorConfig
     from vllm_otel.forecast.promjson import parse_query_range
 
     frame = parse_query_range(series_json, step=1.0)

@@ -9,7 +9,11 @@ Modules, in the order data flows through them:
 - :mod:`~vllm_otel.forecast.statespace`: the shared innovations state space, vectorised over series
 - :mod:`~vllm_otel.forecast.models`: statsmodels-fitted models registered by name; selection by AIC
 - :mod:`~vllm_otel.forecast.stategraph`: health states and their learned transition probabilities
-- :mod:`~vllm_otel.forecast.detector`: :class:`PredictiveFailureDetector`, tying it all together
+- :mod:`~vllm_otel.forecast.precursors`: the precursor models (engine stall, load trend, offered
+  load, preemption window, memory slope), one module each
+- :mod:`~vllm_otel.forecast.detector`: :class:`PredictiveFailureDetector`, tying it all together;
+  its settings in :mod:`~vllm_otel.forecast.detector_config`, what it gives in
+  :mod:`~vllm_otel.forecast.results`
 - :mod:`~vllm_otel.forecast.backtest`: replay, labels, scoring, baselines; ``cli``: ``vllm-otel backtest``
 
 Names are imported lazily so that ``vllm-otel --help`` does not pay for numpy/scipy/pandas.
@@ -28,8 +32,8 @@ __all__ = [
 ]
 
 _WHERE = {
-    "PredictiveFailureDetector": "detector", "DetectorConfig": "detector", "Prediction": "detector",
-    "Checkpoint": "detector", "StepResult": "detector",
+    "PredictiveFailureDetector": "detector", "DetectorConfig": "detector_config", "Prediction": "results",
+    "Checkpoint": "results", "StepResult": "results",
     "FailureCatalog": "failures", "FAILURE_TYPES": "failures",
     "InputSeries": "signals",
     "load_query_range": "promjson", "parse_query_range": "promjson", "RawFrame": "promjson",

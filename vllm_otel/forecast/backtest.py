@@ -58,7 +58,8 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-from vllm_otel.forecast.detector import DetectorConfig, PredictiveFailureDetector
+from vllm_otel.forecast.detector import PredictiveFailureDetector
+from vllm_otel.forecast.detector_config import DetectorConfig
 from vllm_otel.forecast.failures import SCORE_SIGNAL, STRICT
 from vllm_otel.forecast.promjson import RawFrame
 
@@ -85,10 +86,11 @@ class ReplayResult:
     refits: int = 0
 
 
-def replay(frame: RawFrame, config: DetectorConfig | None = None) -> ReplayResult:
-    """Run the detector over every step of ``frame``."""
+def replay(frame: RawFrame, config: DetectorConfig | None = None,
+           detector: type[PredictiveFailureDetector] = PredictiveFailureDetector) -> ReplayResult:
+    """Run the detector (``detector``: a subclass, to compare a precursor model) over every step of ``frame``."""
     cfg = config or DetectorConfig(step_s=frame.step_s or 5.0)
-    det = PredictiveFailureDetector(cfg)
+    det = detector(cfg)
     U, T, fts = len(frame.units), len(frame.t), det.failure_types
     F = len(fts)
     prob = np.full((U, T, F), np.nan, dtype=np.float32)

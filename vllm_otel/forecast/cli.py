@@ -58,7 +58,7 @@ def _fail(msg: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_otel.forecast.backtest import calibration, replay, score, score_json, write_jsonl
-    from vllm_otel.forecast.detector import DetectorConfig
+    from vllm_otel.forecast.detector_config import DetectorConfig
     from vllm_otel.forecast.promjson import InputError, load_query_range, parse_shard
 
     if not 0.0 < args.threshold <= 1.0:
@@ -248,7 +248,7 @@ def run_forecaster(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from vllm_otel.forecast.detector import DetectorConfig
+    from vllm_otel.forecast.detector_config import DetectorConfig
     from vllm_otel.forecast.promjson import InputError, parse_shard
     from vllm_otel.forecast.service import ForecasterService
     from vllm_otel.forecast.sources import PrometheusSource, ScrapeSource

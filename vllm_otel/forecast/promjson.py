@@ -18,7 +18,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Mapping
+from collections.abc import Mapping
+from typing import IO, Any
 
 import numpy as np
 
@@ -123,13 +124,44 @@ def _points(entry: Mapping[str, Any], i: int) -> tuple[np.ndarray, np.ndarray]:
     values = entry.get("values")
     if not isinstance(values, list):
         raise InputError(f"series {i} has no 'values' list")
+    if not values:
+        return np.zeros(0), np.zeros(0)
     try:
-        ts = np.fromiter((float(p[0]) for p in values), dtype=float, count=len(values))
-        vs = np.fromiter((float(p[1]) for p in values), dtype=float, count=len(values))
-    except (TypeError, ValueError, IndexError):
+        # Columns first, then one conversion each: numpy parses the value strings in bulk.
+        t_col, v_col = zip(*values)
+        ts = np.array(t_col, dtype=float)
+        vs = np.array(v_col, dtype=float)
+        if ts.ndim != 1 or vs.ndim != 1 or len(ts) != len(values):
+            raise ValueError
+    except (TypeError, ValueError):
         raise InputError(f"series {i}: values must be [time, \"number\"] pairs") from None
     vs[~np.isfinite(vs)] = np.nan  # +Inf/-Inf samples carry no usable level
     return ts, vs
+
+
+class _Matcher:
+    """:meth:`InputSeries.match` with the answer kept per metric name where labels cannot change
+    it (no selector of that name looks at labels), and the shard of each instance kept."""
+
+    def __init__(self, inputs: InputSeries, shard: tuple[int, int] | None):
+        self.inputs = inputs
+        self.shard = shard
+        self._by_name: dict[str, str | None] = {}
+        self._labelled = {sel.metric for name in INPUT_KINDS for sel in getattr(inputs, name) if sel.labels}
+        self._in_shard: dict[str, bool] = {}
+
+    def input(self, name: str, labels: Mapping[str, str]) -> str | None:
+        if name in self._labelled:
+            return self.inputs.match(name, labels)
+        if name not in self._by_name:
+            self._by_name[name] = self.inputs.match(name, labels)
+        return self._by_name[name]
+
+    def keeps(self, instance: str) -> bool:
+        keep = self._in_shard.get(instance)
+        if keep is None:
+            keep = self._in_shard[instance] = in_shard(instance, self.shard)
+        return keep
 
 
 def parse_query_range(obj: Any, inputs: InputSeries | None = None, step: float | None = None,
@@ -140,17 +172,17 @@ def parse_query_range(obj: Any, inputs: InputSeries | None = None, step: float |
     sample within one step before it); default: the response's own timestamps. ``shard=(K, N)``
     keeps only instances whose :func:`shard_index` is K-1.
     """
-    inputs = inputs or InputSeries()
+    match = _Matcher(inputs or InputSeries(), shard)
     records: list[tuple[str, str | None, str, float | None, np.ndarray, np.ndarray]] = []
     for i, entry in enumerate(_series_list(obj)):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("metric"), Mapping):
             raise InputError(f"series {i} has no 'metric' labels")
         labels = {str(k): str(v) for k, v in entry["metric"].items()}
-        inp = inputs.match(labels.get("__name__", ""), labels)
+        inp = match.input(labels.get("__name__", ""), labels)
         if inp is None:
             continue
         instance = labels.get("instance", "unknown")
-        if not in_shard(instance, shard):
+        if not match.keeps(instance):
             continue
         le: float | None = None
         if INPUT_KINDS[inp][0] == "histogram":
@@ -232,6 +264,8 @@ def _grid(times: list[np.ndarray], step: float | None) -> tuple[np.ndarray, floa
 def _on_grid(grid: np.ndarray, ts: np.ndarray, vs: np.ndarray, lookback: float | None) -> np.ndarray:
     order = np.argsort(ts, kind="stable")
     ts, vs = np.round(ts[order], 3), vs[order]
+    if lookback is None and len(ts) == len(grid) and np.array_equal(ts, grid):
+        return vs  # a sample at every grid point, as query_range answers a series without gaps
     out = np.full(len(grid), np.nan)
     if lookback is None:
         idx = np.searchsorted(grid, ts)

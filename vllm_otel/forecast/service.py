@@ -33,7 +33,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from scipy.special import ndtri
 
-from vllm_otel.forecast.detector import SOURCES, DetectorConfig, PredictiveFailureDetector, StepResult
+from vllm_otel.forecast.detector import PredictiveFailureDetector
+from vllm_otel.forecast.detector_config import DetectorConfig
+from vllm_otel.forecast.results import SOURCES, StepResult
 from vllm_otel.forecast.publish import ForecastCollector, MetricsServer, ServiceMetrics, Snapshot, UnitForecast
 from vllm_otel.forecast.signals import HistogramInput
 from vllm_otel.forecast.sources import Batch, Source, SourceError

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_otel.forecast.failures import FailureCatalog
+from vllm_otel.forecast.rows import row_index, shared_position
 
 __all__ = [
     "Selector", "InputSeries", "INPUT_KINDS", "SIGNALS", "SignalExtractor", "histogram_quantile",
@@ -174,7 +175,7 @@ class _Counter:
         self.last = _grow(self.last, cap)
 
     def step(self, rows: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prev = self.last[rows]
+        prev = self.last[row_index(rows)]
         ok = np.isfinite(v)
         have = ok & np.isfinite(prev)
         reset = have & (v < prev)
@@ -184,7 +185,12 @@ class _Counter:
 
 
 class _Window:
-    """Ring of (time, value) per row; sums entries newer than ``t - window``."""
+    """Ring of (time, value) per row; sums entries newer than ``t - window``.
+
+    A window of histograms (``width`` buckets) also keeps its values with unknowns as 0 and a
+    known mask, slot by slot (slot, row, bucket), so the usual sum reads each slot once, in one
+    block.
+    """
 
     def __init__(self, cap: int, length: int, width: int | None = None):
         self.len = length
@@ -193,28 +199,57 @@ class _Window:
         shape = (cap, length) if width is None else (cap, length, width)
         self.vals = np.full(shape, np.nan)
         self.pos = np.zeros(cap, dtype=np.int64)
+        if width is not None:
+            self._zero = np.zeros((length, cap, width))
+            self._known = np.zeros((length, cap, width), dtype=bool)
 
     def grow(self, cap: int) -> None:
         self.ts = _grow(self.ts, cap, -np.inf)
         self.vals = _grow(self.vals, cap)
         self.pos = _grow(self.pos, cap, 0)
+        if self.width is not None and self._zero.shape[1] < cap:
+            old = self._zero.shape[1]
+            zero = np.zeros((self.len, cap, self.width))
+            known = np.zeros((self.len, cap, self.width), dtype=bool)
+            zero[:, :old], known[:, :old] = self._zero, self._known
+            self._zero, self._known = zero, known
 
     def widen(self, mapping: np.ndarray, width: int) -> None:
         """Move existing columns to new positions (histogram bucket sets that grew)."""
         new = np.full(self.vals.shape[:2] + (width,), np.nan)
         new[:, :, mapping] = self.vals
         self.vals, self.width = new, width
+        self._known = np.ascontiguousarray(np.isfinite(new).transpose(1, 0, 2))
+        self._zero = np.ascontiguousarray(np.where(np.isfinite(new), new, 0.0).transpose(1, 0, 2))
 
     def clear(self, rows: np.ndarray) -> None:
         self.ts[rows] = -np.inf
         self.vals[rows] = np.nan
         self.pos[rows] = 0
+        if self.width is not None:
+            self._zero[:, rows] = 0.0
+            self._known[:, rows] = False
 
     def push(self, rows: np.ndarray, t: float, v: np.ndarray) -> None:
-        p = self.pos[rows]
+        ix = row_index(rows)
+        p = self.pos[ix]
+        p0 = shared_position(p)
+        if p0 is not None and isinstance(ix, slice):  # every row at the same slot: one column
+            self.ts[ix, p0] = t
+            self.vals[ix, p0] = v
+            self.pos[ix] = (p0 + 1) % self.len
+            if self.width is not None:
+                known = np.isfinite(v)
+                self._known[p0, ix] = known
+                self._zero[p0, ix] = np.where(known, v, 0.0)
+            return
         self.ts[rows, p] = t
         self.vals[rows, p] = v
         self.pos[rows] = (p + 1) % self.len
+        if self.width is not None:
+            known = np.isfinite(v)
+            self._known[p, rows] = known
+            self._zero[p, rows] = np.where(known, v, 0.0)
 
     def entries(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(times, values) of the ring, (rows, length): -inf / NaN where nothing was pushed."""
@@ -222,10 +257,22 @@ class _Window:
 
     def total(self, rows: np.ndarray, t: float, window: float) -> np.ndarray:
         """Sum over the window; NaN where the window holds no known value at all."""
-        inside = self.ts[rows] > t - window + 1e-9
-        vals = self.vals[rows]
+        ix = row_index(rows)
+        inside = self.ts[ix] > t - window + 1e-9
         if self.width is not None:
+            if len(inside) and (inside == inside[:1]).all():
+                # Every row pushed at the same times (the usual case): add up only the slots
+                # inside the window, one (rows, buckets) slice at a time. A sum along axis 1 of a
+                # 3-d array runs slot by slot in order, so leaving out the zeros of the slots
+                # outside gives the very same numbers.
+                s = np.zeros((len(inside), self.width))
+                any_known = np.zeros((len(inside), self.width), dtype=bool)
+                for c in np.flatnonzero(inside[0]):
+                    s += self._zero[c, ix]
+                    any_known |= self._known[c, ix]
+                return np.where(any_known, s, np.nan)
             inside = inside[:, :, None]
+        vals = self.vals[ix]
         known = inside & np.isfinite(vals)
         s = np.where(known, vals, 0.0).sum(axis=1)
         return np.where(known.any(axis=1), s, np.nan)

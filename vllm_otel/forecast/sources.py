@@ -10,7 +10,8 @@ simply absent from the batch (a gap for the detector).
 * :class:`PrometheusSource` (production): the first fetch backfills ``backfill_s`` of history with
   ``/api/v1/query_range``; each later fetch asks query_range for the grid points since the last one
   it got, so an outage is caught up (up to ``backfill_s``) rather than leaving a hole. Grid times
-  are multiples of ``step_s``, so a restarted forecaster lines up with the old grid.
+  are multiples of ``step_s``, so a restarted forecaster lines up with the old grid. A history
+  too large for one answer (``max_bytes``; a large fleet's backfill) is shortened to what fits.
 * :class:`ScrapeSource` (the embedded default): GETs each vLLM ``/metrics`` concurrently, parses the
   text exposition with ``prometheus_client``'s parser and labels every series with
   ``instance`` = host:port, as a Prometheus scrape would. One point per fetch, at fetch time.
@@ -21,6 +22,7 @@ data-parallel engine), series combination and sharding are the same whichever so
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -44,6 +46,10 @@ log = logging.getLogger("vllm_otel.forecast")
 
 class SourceError(RuntimeError):
     """The source delivered nothing this cycle (unreachable, slow, bad answer); one line why."""
+
+
+class _TooLarge(Exception):
+    """A Prometheus answer went past ``max_bytes`` (handled inside :class:`PrometheusSource`)."""
 
 
 @dataclass
@@ -110,7 +116,7 @@ class PrometheusSource:
     def __init__(self, url: str, selector: str = "", timeout: float = 5.0, *, step_s: float = 5.0,
                  backfill_s: float = 1800.0, shard: tuple[int, int] | None = None,
                  inputs: InputSeries | None = None, headers: Mapping[str, str] | None = None,
-                 client: httpx.Client | None = None) -> None:
+                 client: httpx.Client | None = None, max_bytes: int = QUERY_MAX_BYTES) -> None:
         if step_s <= 0:
             raise ValueError("step_s must be positive")
         self.url = url.rstrip("/")
@@ -125,6 +131,8 @@ class PrometheusSource:
         self.query = base[:-1] + ("," + extra if extra else "") + "}"
         self._client = client or httpx.Client(timeout=httpx.Timeout(self.timeout), headers=dict(headers or {}))
         self._last_end: float | None = None
+        self.max_bytes = int(max_bytes)
+        self._max_points: int | None = None  # grid points per query that fit in max_bytes, once learned
 
     def _grid_end(self, now: float) -> float:
         return math.floor(now / self.step_s) * self.step_s
@@ -135,8 +143,16 @@ class PrometheusSource:
         start = oldest if self._last_end is None else max(self._last_end + self.step_s, oldest)
         if start > end:  # called again within one step: nothing new on the grid
             return Batch(_empty_frame(self.step_s), {}, now)
-        body = self._get("query_range", query=self.query, start=f"{start:.3f}", end=f"{end:.3f}",
-                         step=f"{self.step_s:g}")
+        if self._max_points is not None:
+            start = max(start, end - (self._max_points - 1) * self.step_s)
+        try:
+            body = self._range(start, end)
+        except _TooLarge:
+            if start >= end:
+                raise SourceError(f"Prometheus at {self.url}: one point of every series is over "
+                                  f"{self.max_bytes} bytes; narrow --selector or use --shard") from None
+            start = self._shorten(start, end)
+            body = self._range(start, end)
         try:
             frame = parse_query_range(body, inputs=self.inputs, shard=self.shard)
         except InputError as e:
@@ -147,10 +163,35 @@ class PrometheusSource:
             frame.step_s = self.step_s
         return Batch(frame, _model_names(body["data"]["result"]), now)
 
+    def _range(self, start: float, end: float) -> Any:
+        return self._get("query_range", query=self.query, start=f"{start:.3f}", end=f"{end:.3f}",
+                         step=f"{self.step_s:g}")
+
+    def _shorten(self, start: float, end: float) -> float:
+        """A history too large for one answer (a large fleet's backfill): from the sizes of the
+        newest one and two points (labels once, then each point), the range that fits in half of
+        ``max_bytes``, kept for later catch-ups. Older points are left out; the detector warms up
+        on what fits."""
+        try:
+            one = len(json.dumps(self._range(end, end)))
+            two = len(json.dumps(self._range(end - self.step_s, end)))
+        except _TooLarge:
+            raise SourceError(f"Prometheus at {self.url}: one point of every series is over "
+                              f"{self.max_bytes} bytes; narrow --selector or use --shard") from None
+        per_point = max(two - one, 1)
+        self._max_points = max(1, 1 + int((0.5 * self.max_bytes - one) / per_point))
+        new_start = max(start, end - (self._max_points - 1) * self.step_s)
+        log.warning("vllm-otel forecaster: Prometheus answers over %d bytes; asking for %d points "
+                    "(%.0f s) of history per query instead of %d", self.max_bytes, self._max_points,
+                    end - new_start, int(round((end - start) / self.step_s)) + 1)
+        return new_start
+
     def _get(self, endpoint: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{endpoint}"
         try:
-            r = request_capped_sync(self._client, "GET", url, max_bytes=QUERY_MAX_BYTES, params=params)
+            r = request_capped_sync(self._client, "GET", url, max_bytes=self.max_bytes, params=params)
+        except BodyTooLarge:
+            raise _TooLarge from None
         except httpx.TimeoutException:
             raise SourceError(f"Prometheus at {self.url} did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as e:

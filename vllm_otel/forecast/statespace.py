@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vllm_otel.forecast.rows import row_index, shared_position
+
 __all__ = ["Innovations", "InnovationsBank", "filter_series", "forecast_moments"]
 
 
@@ -178,9 +180,10 @@ class InnovationsBank:
         a = self._arrays
         y = np.asarray(y, dtype=float)
         ok = np.isfinite(y)
-        alpha, beta, d, phi, c = (a[k][rows] for k in ("alpha", "beta", "d", "phi", "c"))
-        level, slope, sigma2 = a["level"][rows], a["slope"][rows], a["sigma2"][rows]
-        nobs, gap = a["nobs"][rows], a["gap"][rows]
+        ix = row_index(rows)  # reads are views where rows are one run; every write comes after them
+        alpha, beta, d, phi, c = (a[k][ix] for k in ("alpha", "beta", "d", "phi", "c"))
+        level, slope, sigma2 = a["level"][ix], a["slope"][ix], a["sigma2"][ix]
+        nobs, gap = a["nobs"][ix], a["gap"][ix]
         # A long gap makes the old state meaningless: start again from the next observation.
         stale = gap > self.max_gap
         nobs = np.where(stale, 0, nobs)
@@ -211,10 +214,26 @@ class InnovationsBank:
         a["sigma2"][rows] = new_sigma2
         a["nobs"][rows] = nobs + ok
         a["gap"][rows] = np.where(ok, 0, gap + 1)
-        p = a["hpos"][rows]
-        self.hist[rows, p] = y
-        a["hpos"][rows] = (p + 1) % self.history
-        a["hlen"][rows] = np.minimum(a["hlen"][rows] + 1, self.history)
+        p = a["hpos"][ix]
+        p0 = shared_position(p)
+        if p0 is not None and isinstance(ix, slice):  # every row at the same slot: one column
+            self.hist[ix, p0] = y
+            a["hpos"][ix] = (p0 + 1) % self.history
+        else:
+            self.hist[rows, p] = y
+            a["hpos"][rows] = (p + 1) % self.history
+        a["hlen"][rows] = np.minimum(a["hlen"][ix] + 1, self.history)
+
+    def last_points(self, rows: np.ndarray, back: np.ndarray) -> np.ndarray:
+        """(rows, len(back)): each row's observation ``back`` steps before its newest (0: the
+        newest), NaN for gaps; slots never written hold NaN too (compare ``back`` with hlen)."""
+        ix = row_index(rows)
+        p = self.hpos[ix]
+        p0 = shared_position(p)
+        if p0 is not None and isinstance(ix, slice):
+            return self.hist[ix][:, (p0 - 1 - back) % self.history]
+        idx = (p[:, None] - 1 - back[None, :]) % self.history
+        return self.hist[rows[:, None], idx]
 
     def forecast(self, rows: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
         a = self._arrays
