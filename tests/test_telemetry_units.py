@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vllm_otel.instrument.otel import BoundedSpanProcessor, ExportStats, OtelSettings, build_resource
+from vllm_otel.telemetry import BoundedSpanProcessor, ExportStats, OtelSettings, build_resource
 from vllm_otel.instrument.requests import RequestContextMiddleware, RequestRegistry, candidate_keys
 from vllm_otel.instrument.stall import ProgressState, StallDetector
 

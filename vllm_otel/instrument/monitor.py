@@ -32,10 +32,10 @@ from vllm_otel.instrument import phases
 from vllm_otel.instrument.lifecycle import INTERVENTION_STATES, END_STATES, STARTUP_STATES
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 from vllm_otel.instrument.lifecycle import LifecycleTracker
-from vllm_otel.instrument.otel import (ExportStats, OtelSettings, build_meter_provider, build_resource,
-                                       build_tracer_provider)
 from vllm_otel.instrument.requests import registry as request_registry
 from vllm_otel.instrument.stall import ProgressState, StallDetector
+from vllm_otel.telemetry import (ExportStats, OtelSettings, build_meter_provider, build_resource,
+                                 build_tracer_provider)
 
 __all__ = ["EngineMonitor", "get_monitor", "ensure_monitor"]
 
