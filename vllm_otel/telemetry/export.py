@@ -37,7 +37,7 @@ class BoundedSpanProcessor(SpanProcessor):
 
     def __init__(self, exporter: Any, stats: ExportStats, *, max_queue: int = 2048, batch: int = 512,
                  delay_s: float = 2.0) -> None:
-        self._exporter = exporter
+        self._exporter = self.exporter = exporter
         self._stats = stats
         self._queue: collections.deque = collections.deque()
         self._max_queue = max_queue
@@ -114,9 +114,13 @@ class CountingMetricExporter:
     an exporter that raises counts as a failed export (a collector that is down is no crash).
     Used in vLLM (counts into :class:`ExportStats`) and by the forecaster (its error metric)."""
 
-    def __init__(self, inner: Any, on_result: Callable[[bool], None]) -> None:
+    def __init__(self, inner: Any, on_result: Callable[[bool], None], extra: Any = None,
+                 scope: Any = None) -> None:
         self._inner = inner
         self._on_result = on_result
+        # A HistogramSet aggregated outside the SDK, sent in ``scope`` with the SDK's metrics.
+        self._extra = extra
+        self._scope = scope
         # The reader asks the exporter for these.
         self._preferred_temporality = inner._preferred_temporality
         self._preferred_aggregation = inner._preferred_aggregation
@@ -125,11 +129,31 @@ class CountingMetricExporter:
         from opentelemetry.sdk.metrics.export import MetricExportResult
 
         try:
+            if self._extra is not None:
+                metrics_data = self._merge(metrics_data)
             res = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kw)
         except Exception:  # noqa: BLE001
             res = MetricExportResult.FAILURE
         self._on_result(res == MetricExportResult.SUCCESS)
         return res
+
+    def _merge(self, data: Any) -> Any:
+        from opentelemetry.sdk.metrics import Histogram
+        from opentelemetry.sdk.metrics.export import (AggregationTemporality, MetricsData, ResourceMetrics,
+                                                      ScopeMetrics)
+
+        extra = self._extra.metrics(self._preferred_temporality.get(Histogram, AggregationTemporality.CUMULATIVE))
+        if not extra or not data.resource_metrics:
+            return data
+        rm = data.resource_metrics[0]
+        scopes = list(rm.scope_metrics)
+        for i, sm in enumerate(scopes):
+            if sm.scope.name == self._scope.name:
+                scopes[i] = ScopeMetrics(sm.scope, [*sm.metrics, *extra], sm.schema_url)
+                break
+        else:
+            scopes.append(ScopeMetrics(self._scope, extra, ""))
+        return MetricsData([ResourceMetrics(rm.resource, scopes, rm.schema_url), *data.resource_metrics[1:]])
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
         return self._inner.force_flush(timeout_millis=timeout_millis)
