@@ -252,9 +252,12 @@ def _request_spans(sampler):  # noqa: ANN001, ANN202
 
 
 def _flat(sent):  # noqa: ANN001, ANN202
+    """What a collector decodes from the requests (wire format) the spans were sent in."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
     from vllm_otel.testing.otlp_receiver import _flatten_spans
 
-    return [s for req in sent for s in _flatten_spans(req)]
+    return [s for req in sent for s in _flatten_spans(ExportTraceServiceRequest.FromString(req))]
 
 
 def test_request_spans_follow_semconv_and_continue_the_client_trace():
@@ -287,6 +290,10 @@ def test_request_spans_follow_semconv_and_continue_the_client_trace():
     assert "gen_ai.usage.prompt_tokens" not in a  # deprecated names are not emitted
     assert root["duration_ns"] / 1e9 == pytest.approx(1.0)
     assert root["resource"]["service.name"] == "vllm" and root["scope"]["name"] == "vllm_otel"
+    assert root["flags"] == 0x301 and spans["queued"]["flags"] == 0x101  # sampled; parent remote or not
+    assert [e["attributes"] for e in root["events"]][1:] == [{"vllm.request.num_preemptions": 2},
+                                                              {"finish_reason": "length"}]
+    assert a["gen_ai.response.id"] == "cmpl-x-0" and a["gen_ai.request.max_tokens"] == 20
     for phase, dur in (("queued", 0.2), ("prefill", 0.1), ("decode", 0.6)):
         assert spans[phase]["parent_span_id"] == root["span_id"] and spans[phase]["kind"] == "internal"
         assert spans[phase]["duration_ns"] / 1e9 == pytest.approx(dur, abs=1e-6)
@@ -300,7 +307,7 @@ def test_request_spans_follow_semconv_and_continue_the_client_trace():
     b.flush()
     root = next(s for s in _flat(sent) if s["name"].endswith(" tiny"))
     assert root["attributes"]["error.type"] == "aborted" and root["attributes"]["vllm.engine"] == 1
-    assert root["status"]["code"] == "error" and root["parent_span_id"] is None
+    assert root["status"] == {"code": "error", "message": "abort"} and root["parent_span_id"] is None
     b.shutdown()
 
 

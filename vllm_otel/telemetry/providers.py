@@ -16,7 +16,7 @@ __all__ = ["build_tracer_provider", "build_meter_provider", "send_encoded"]
 
 def _span_exporter(protocol: str) -> Any:
     """The SDK's OTLP span exporter for ``protocol``, also taking an ``ExportTraceServiceRequest``
-    already encoded (:func:`send_encoded`): what vLLM's request spans need, built in bulk without
+    already built, as a message or in wire format (:func:`send_encoded`): what vLLM's request spans need, built in bulk without
     the SDK's span objects (see :mod:`vllm_otel.instrument.tracing`)."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -29,9 +29,13 @@ def _span_exporter(protocol: str) -> Any:
         class Exporter(OTLPSpanExporter):
             # The gRPC exporter's own hooks: translation and counting of what it sends.
             def _translate_data(self, data: Any) -> Any:
+                if isinstance(data, bytes):
+                    return ExportTraceServiceRequest.FromString(data)
                 return data if isinstance(data, ExportTraceServiceRequest) else super()._translate_data(data)
 
             def _count_data(self, data: Any) -> int:
+                if isinstance(data, bytes):
+                    return 0  # only the SDK's own self-metrics would use it
                 return count(data) if isinstance(data, ExportTraceServiceRequest) else super()._count_data(data)
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -39,9 +43,9 @@ def _span_exporter(protocol: str) -> Any:
 
         class Exporter(OTLPSpanExporter):  # type: ignore[no-redef]
             def export(self, data: Any) -> Any:
-                if not isinstance(data, ExportTraceServiceRequest):
+                if not isinstance(data, (bytes, ExportTraceServiceRequest)):
                     return super().export(data)
-                body = data.SerializePartialToString()
+                body = data if isinstance(data, bytes) else data.SerializePartialToString()
                 client = getattr(self, "_client", None)
                 if client is not None and hasattr(client, "export"):  # SDK >= 1.40
                     ok = client.export(body).success
