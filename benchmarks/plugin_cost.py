@@ -3,6 +3,8 @@ without our plugins (``VLLM_PLUGINS=""``), with metrics only over OTLP (``OTEL_T
 with traces and metrics over OTLP, and optionally with traces sampled at a ratio. All servers
 run side by side; only the one measured is awake (the others' process groups are stopped with
 SIGSTOP), and every round visits the sides in a rotated order, so machine noise hits all alike.
+OTLP goes over gRPC to a local endpoint that accepts and discards (a real collector runs on another
+machine: one decoding every span here would take CPU from the server under test).
 
 Two loads per visit:
 - **API-bound**: short prompts (4-16 tokens), ``max_tokens`` 1-4, many requests in flight over
@@ -43,7 +45,6 @@ from rawload import make_bodies, run_load  # noqa: E402
 
 from vllm_otel.loadgen.replay import run_replay  # noqa: E402
 from vllm_otel.loadgen.traces import load_trace  # noqa: E402
-from vllm_otel.testing.otlp_receiver import OtlpReceiver  # noqa: E402
 from vllm_otel.testing.rules import default_traces_dir  # noqa: E402
 from vllm_otel.testing.services import VllmServer  # noqa: E402
 
@@ -55,6 +56,49 @@ SIDES = {
                                           "OTEL_TRACES_SAMPLER_ARG": "0.1"}),
     "all": ("traces + metrics", {}),
 }
+
+
+class DiscardCollector:
+    """An OTLP/gRPC endpoint that accepts every export and parses nothing.
+
+    The collector runs elsewhere in production; on this 2-core machine a receiver that decodes
+    every span (vllm_otel.testing's) would take CPU from the vLLM under test and charge it to
+    the plugins. This one counts calls and bytes only."""
+
+    SERVICES = ("opentelemetry.proto.collector.trace.v1.TraceService",
+                "opentelemetry.proto.collector.metrics.v1.MetricsService",
+                "opentelemetry.proto.collector.logs.v1.LogsService")
+
+    def __init__(self) -> None:
+        import grpc
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.calls: dict[str, int] = {}
+        self.bytes = 0
+
+        def export(service: str):  # noqa: ANN202
+            def handle(request: bytes, context: object) -> bytes:
+                self.calls[service] = self.calls.get(service, 0) + 1
+                self.bytes += len(request)
+                return b""  # an empty Export*ServiceResponse: full success
+
+            return grpc.unary_unary_rpc_method_handler(handle)  # bytes in, bytes out
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        for svc in self.SERVICES:
+            self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(svc, {"Export": export(svc)})])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def __enter__(self) -> "DiscardCollector":
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop(0)
+
+    def otel_env(self) -> dict[str, str]:
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true"}
 
 
 def label(side: str) -> str:
@@ -87,7 +131,8 @@ def main() -> int:  # noqa: C901, PLR0915
     ap.add_argument("--sides", default="off,metrics,all", help=f"comma list of {','.join(SIDES)}")
     ap.add_argument("--api-seconds", type=float, default=15.0, help="API-bound load per visit")
     ap.add_argument("--api-concurrency", type=int, default=64)
-    ap.add_argument("--token-requests", type=int, default=48, help="streamed requests per visit (0: skip)")
+    ap.add_argument("--token-requests", type=int, default=0,
+                    help="also a token load: this many streamed trace requests per visit (0: none)")
     ap.add_argument("--before", metavar="DIR", default=None,
                     help="also run the metrics and all sides with the vllm_otel found in DIR (an export of "
                          "an older commit: `git archive REV | tar -x -C DIR`), as sides metrics@before, all@before")
@@ -102,13 +147,13 @@ def main() -> int:  # noqa: C901, PLR0915
     reqs = load_trace(default_traces_dir() / "AzureLLMInferenceTrace_conv.csv", limit=args.token_requests) \
         if args.token_requests else []
     rows: dict[str, list[dict]] = {s: [] for s in sides}
-    with tempfile.TemporaryDirectory(prefix="vllm-otel-cost-") as wd, OtlpReceiver() as rx:
+    with tempfile.TemporaryDirectory(prefix="vllm-otel-cost-") as wd, DiscardCollector() as rx:
         servers: dict[str, VllmServer] = {}
         try:
             for s in sides:
                 kind, _, code = s.partition("@")
                 env = {"VLLM_ENABLE_MONITORING": "false"} if s == "off" else \
-                    {**rx.otel_env("grpc"), "OTEL_METRIC_EXPORT_INTERVAL": "10000", **SIDES[kind][1]}
+                    {**rx.otel_env(), "OTEL_METRIC_EXPORT_INTERVAL": "10000", **SIDES[kind][1]}
                 if code:
                     env["PYTHONPATH"] = str(Path(args.before).resolve())
                 console.print(f"starting vLLM: {label(s)} ...")
@@ -153,31 +198,38 @@ def main() -> int:  # noqa: C901, PLR0915
                 except ProcessLookupError:
                     pass
                 srv.stop()
-        spans = len(rx.spans())
+        received = {k.rsplit('.', 2)[-2]: v for k, v in rx.calls.items()}
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in rows.items()}
     base = med.get("off")
-    out = {"median": med, "spans_received": spans, "rounds": args.rounds, "api_seconds": args.api_seconds,
+    if base:  # paired: each side against the server without plugins in the same round
+        for s, rs in rows.items():
+            med[s]["api_us_delta"] = statistics.median(r["api_us_per_req"] - o["api_us_per_req"]
+                                                       for r, o in zip(rs, rows["off"]))
+            med[s]["rps_ratio"] = statistics.median(r["rps"] / o["rps"] for r, o in zip(rs, rows["off"]))
+            if "cpu_us_per_token" in rs[0]:
+                med[s]["token_ratio"] = statistics.median(r["cpu_us_per_token"] / o["cpu_us_per_token"]
+                                                          for r, o in zip(rs, rows["off"]))
+    out = {"median": med, "exports_received": received, "bytes_received": rx.bytes, "rounds": args.rounds, "api_seconds": args.api_seconds,
            "api_concurrency": args.api_concurrency, "token_requests": args.token_requests}
     console.print(json.dumps({"rows": rows}))  # every visit, for the record
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     t = Table(title=f"vllm-otel plugin cost, median of {args.rounds} interleaved rounds "
-                    f"(API-bound: {args.api_seconds:.0f} s at {args.api_concurrency} in flight, max_tokens 1-4; "
-                    f"tokens: {args.token_requests} streamed requests x 64 tokens)")
+                    f"(API-bound: {args.api_seconds:.0f} s at {args.api_concurrency} in flight, max_tokens 1-4"
+                    + (f"; tokens: {args.token_requests} streamed requests x 64 tokens)" if reqs else ")"))
     for col in ("side", "API-bound req/s", "ratio", "API-server CPU us/req", "+ vs off", "engine CPU us/req",
                 "all CPU us/token", "ratio "):
         t.add_column(col, justify="right")
-    for s in sides:
+    for s in sides:  # ratios and "+ vs off": medians of the per-round pairs with the side without plugins
         m = med[s]
-        t.add_row(label(s), f"{m['rps']:.1f}", f"{m['rps'] / base['rps']:.3f}" if base else "-",
-                  f"{m['api_us_per_req']:.0f}", f"{m['api_us_per_req'] - base['api_us_per_req']:+.0f}" if base else "-",
+        t.add_row(label(s), f"{m['rps']:.1f}", f"{m['rps_ratio']:.3f}" if base else "-",
+                  f"{m['api_us_per_req']:.0f}", f"{m['api_us_delta']:+.0f}" if base else "-",
                   f"{m['engine_us_per_req']:.0f}",
                   f"{m['cpu_us_per_token']:.1f}" if "cpu_us_per_token" in m else "-",
-                  f"{m['cpu_us_per_token'] / base['cpu_us_per_token']:.3f}"
-                  if base and "cpu_us_per_token" in m else "-")
+                  f"{m['token_ratio']:.3f}" if base and "token_ratio" in m else "-")
     Console().print(t)
-    print(f"spans received by the OTLP receiver: {spans}")
+    print(f"OTLP exports received (calls per signal): {received}, {rx.bytes / 1e6:.1f} MB")
     return 0
 
 

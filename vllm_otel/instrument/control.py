@@ -21,7 +21,7 @@ import inspect
 import time
 from typing import Any
 
-from vllm_otel.instrument.guard import guarded, logger
+from vllm_otel.instrument.guard import logger
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 
 __all__ = ["ControlPlane", "ControlError", "ACTIONS"]
