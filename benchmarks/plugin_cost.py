@@ -101,6 +101,17 @@ class DiscardCollector:
                 "OTEL_EXPORTER_OTLP_INSECURE": "true"}
 
 
+def probe(server: VllmServer) -> dict[str, float] | None:
+    """CPU seconds by our function (event loop) and by thread, from the cost probe's file."""
+    path = server.env.get("VLLM_OTEL_COST_PROBE")
+    if not path or not os.path.exists(path):
+        return None
+    doc = json.loads(Path(path).read_text())
+    out = {f"probe: {k}": v[1] for k, v in doc["counters"].items()}
+    out.update({f"thread: {k}": v for k, v in doc["threads"].items()})
+    return out
+
+
 def label(side: str) -> str:
     kind, _, code = side.partition("@")
     return SIDES[kind][0] + (f" ({code})" if code else "")
@@ -136,6 +147,9 @@ def main() -> int:  # noqa: C901, PLR0915
     ap.add_argument("--before", metavar="DIR", default=None,
                     help="also run the metrics and all sides with the vllm_otel found in DIR (an export of "
                          "an older commit: `git archive REV | tar -x -C DIR`), as sides metrics@before, all@before")
+    ap.add_argument("--probe", action="store_true",
+                    help="also account our code's CPU inside each plugin server (benchmarks/cost_probe): "
+                         "per request, by function on the event loop and by thread")
     ap.add_argument("--model", default=str(ROOT / ".cache" / "tiny-model"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -156,6 +170,10 @@ def main() -> int:  # noqa: C901, PLR0915
                     {**rx.otel_env(), "OTEL_METRIC_EXPORT_INTERVAL": "10000", **SIDES[kind][1]}
                 if code:
                     env["PYTHONPATH"] = str(Path(args.before).resolve())
+                if args.probe and s != "off":
+                    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks" / "cost_probe"),
+                                                         env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))])
+                    env["VLLM_OTEL_COST_PROBE"] = str(Path(wd) / f"probe-{s.replace('@', '-')}.json")
                 console.print(f"starting vLLM: {label(s)} ...")
                 servers[s] = VllmServer(args.model, wd, plugins="" if s == "off" else "vllm_otel", env=env,
                                         name=f"vllm-{s.replace('@', '-')}", max_model_len=1024).start()
@@ -174,11 +192,17 @@ def main() -> int:  # noqa: C901, PLR0915
                 for s in order:
                     only(s)
                     srv = servers[s]
+                    p0 = probe(srv)
                     a0, k0 = cpu(srv)
                     r = run_load(srv.url, bodies, args.api_seconds, args.api_concurrency)
                     a1, k1 = cpu(srv)
                     row = {"rps": r.rps, "api_us_per_req": (a1 - a0) / max(r.ok, 1) * 1e6,
                            "engine_us_per_req": (k1 - k0) / max(r.ok, 1) * 1e6, "errors": r.errors}
+                    if p0 is not None:
+                        time.sleep(1.2)  # the probe writes every second
+                        p1 = probe(srv)
+                        for k, v in p1.items():
+                            row[k] = (v - p0.get(k, 0.0)) / max(r.ok, 1) * 1e6
                     if reqs:
                         a0, k0 = cpu(srv)
                         t = run_replay(reqs, srv.url, speed=1e6, concurrency=16, max_input_tokens=512,
@@ -199,7 +223,7 @@ def main() -> int:  # noqa: C901, PLR0915
                     pass
                 srv.stop()
         received = {k.rsplit('.', 2)[-2]: v for k, v in rx.calls.items()}
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in rows.items()}
+    med = {s: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)} for s, rs in rows.items()}
     base = med.get("off")
     if base:  # paired: each side against the server without plugins in the same round
         for s, rs in rows.items():
@@ -229,6 +253,16 @@ def main() -> int:  # noqa: C901, PLR0915
                   f"{m['cpu_us_per_token']:.1f}" if "cpu_us_per_token" in m else "-",
                   f"{m['token_ratio']:.3f}" if base and "token_ratio" in m else "-")
     Console().print(t)
+    probed = sorted({k for s in sides for k in med[s] if k.startswith(("probe: ", "thread: "))})
+    if probed:
+        t2 = Table(title="inside each plugin server (cost probe): CPU us per request of the API-bound load, median")
+        t2.add_column("where")
+        for s in sides:
+            if s != "off":
+                t2.add_column(label(s), justify="right")
+        for k in probed:
+            t2.add_row(k, *(f"{med[s].get(k, 0.0):.1f}" for s in sides if s != "off"))
+        Console().print(t2)
     print(f"OTLP exports received (calls per signal): {received}, {rx.bytes / 1e6:.1f} MB")
     return 0
 
