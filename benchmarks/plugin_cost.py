@@ -222,7 +222,7 @@ def main() -> int:  # noqa: C901, PLR0915
                 except ProcessLookupError:
                     pass
                 srv.stop()
-        received = {k.rsplit('.', 2)[-2]: v for k, v in rx.calls.items()}
+        received = {k.split('.')[3]: v for k, v in rx.calls.items()}
     med = {s: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)} for s, rs in rows.items()}
     base = med.get("off")
     if base:  # paired: each side against the server without plugins in the same round
