@@ -106,9 +106,8 @@ def fresh_plugin(monkeypatch):
 
     installed: list[str] = []
     monkeypatch.setattr(plugin, "_registered_pid", None)
-    monkeypatch.setattr(plugin, "_install_abort_hook", lambda: installed.append("abort"))
-    monkeypatch.setattr("vllm_otel.instrument.offline.install", lambda: installed.append("offline"))
-    monkeypatch.setattr("vllm_otel.instrument.control.install_engine_side", lambda: installed.append("control"))
+    monkeypatch.setattr("vllm_otel.instrument.patches.install",
+                        lambda api_server: installed.append("patches"))
     for k in [k for k in list(__import__("os").environ) if k.startswith("VLLM_MONITOR_")]:
         monkeypatch.delenv(k)
     monkeypatch.delenv("VLLM_ENABLE_MONITORING", raising=False)
@@ -125,7 +124,7 @@ def test_enabled_switches_the_code_inside_vllm(fresh_plugin, monkeypatch):
     monkeypatch.setattr(plugin, "_registered_pid", None)
     monkeypatch.setenv("VLLM_ENABLE_MONITORING", "true")
     plugin.register()
-    assert "control" in installed
+    assert "patches" in installed
 
 
 def test_log_level_sets_the_vllm_otel_logger(fresh_plugin, monkeypatch):
@@ -141,7 +140,7 @@ def test_prestartup_check_off_means_no_check(fresh_plugin, monkeypatch, tmp_path
     # A command the check would refuse (missing model): with the field off vLLM starts unchecked.
     monkeypatch.setattr(sys, "argv", ["/usr/bin/vllm", "serve", str(tmp_path / "missing")])
     plugin.register()
-    assert "control" in installed
+    assert "patches" in installed
     monkeypatch.setattr(plugin, "_registered_pid", None)
     monkeypatch.setenv("VLLM_MONITOR_PRESTARTUP_CHECK", "true")
     with pytest.raises(SystemExit):

@@ -82,12 +82,18 @@ def test_the_handler_survives_vllms_logging_reconfiguration() -> None:
     import pytest
 
     vl = pytest.importorskip("vllm.logger")
+    from vllm_otel.instrument import patches
+
     phases.install()
+    patches.install(api_server=False)  # as the general plugin does in every process
     from vllm.config.logging import LoggingConfig
 
-    vl.configure_logging(LoggingConfig())
-    log = logging.getLogger("vllm.entrypoints.launchers.api_server.entry")
-    before = len(phases.collect(children=False))
-    log.info("Starting vLLM server on %s", "http://127.0.0.1:1")
-    got = phases.collect(children=False)
+    try:
+        vl.configure_logging(LoggingConfig())
+        log = logging.getLogger("vllm.entrypoints.launchers.api_server.entry")
+        before = len(phases.collect(children=False))
+        log.info("Starting vLLM server on %s", "http://127.0.0.1:1")
+        got = phases.collect(children=False)
+    finally:
+        patches.uninstall()
     assert len(got) == before + 1 and got[-1].state is S.READY

@@ -290,9 +290,7 @@ def test_general_plugin_refuses_to_start_vllm_on_errors(monkeypatch, tmp_path, c
 
     monkeypatch.setattr(plugin, "_registered_pid", None)
     monkeypatch.setenv("VLLM_MONITOR_PRESTARTUP_CHECK", "true")
-    monkeypatch.setattr(plugin, "_install_abort_hook", lambda: None)
-    monkeypatch.setattr("vllm_otel.instrument.offline.install", lambda: None)
-    monkeypatch.setattr("vllm_otel.instrument.control.install_engine_side", lambda: None)
+    monkeypatch.setattr("vllm_otel.instrument.patches.install", lambda api_server: None)
     monkeypatch.setattr(sys, "argv", ["/usr/bin/vllm", "serve", str(tmp_path / "missing"), "--port",
                                       str(_free_port()), "--dtype", "float32"])
     with pytest.raises(SystemExit) as e:
@@ -311,10 +309,7 @@ def test_general_plugin_lets_a_good_command_start_and_never_raises_on_a_broken_c
                                                                                      keep_log_level):
     from vllm_otel.instrument import plugin
 
-    for name in ("_install_abort_hook",):
-        monkeypatch.setattr(plugin, name, lambda: None)
-    monkeypatch.setattr("vllm_otel.instrument.offline.install", lambda: None)
-    monkeypatch.setattr("vllm_otel.instrument.control.install_engine_side", lambda: None)
+    monkeypatch.setattr("vllm_otel.instrument.patches.install", lambda api_server: None)
     monkeypatch.setenv("VLLM_MONITOR_PRESTARTUP_CHECK", "1")
     monkeypatch.setattr(sys, "argv", ["/usr/bin/vllm", "serve", str(TINY), "--port", str(_free_port()),
                                       "--dtype", "float32", "--max-model-len", "1024"])

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vllm_otel.instrument.otel import BoundedSpanProcessor, ExportStats, OtelSettings, build_resource
+from vllm_otel.telemetry import BoundedSpanProcessor, ExportStats, OtelSettings, build_resource
 from vllm_otel.instrument.requests import RequestContextMiddleware, RequestRegistry, candidate_keys
 from vllm_otel.instrument.stall import ProgressState, StallDetector
 
@@ -238,47 +238,101 @@ def test_engine_that_froze_after_reporting_idle_with_a_request_in_the_front_end_
 
 
 # ---- per-request spans ------------------------------------------------------------------------------
+def _request_spans(sampler):  # noqa: ANN001, ANN202
+    from opentelemetry.sdk.resources import Resource
+
+    from vllm_otel.instrument.tracing import RequestSpans
+    from vllm_otel.telemetry import ExportStats
+
+    sent: list = []
+    stats = ExportStats()
+    rs = RequestSpans(sampler, lambda req: sent.append(req) or True, stats, Resource({"service.name": "vllm"}),
+                      ("vllm_otel", "0"), "tiny", "127.0.0.1", 8000, delay_s=60)
+    return rs, sent, stats
+
+
+def _flat(sent):  # noqa: ANN001, ANN202
+    """What a collector decodes from the requests (wire format) the spans were sent in."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from vllm_otel.testing.otlp_receiver import _flatten_spans
+
+    return [s for req in sent for s in _flatten_spans(ExportTraceServiceRequest.FromString(req))]
+
+
 def test_request_spans_follow_semconv_and_continue_the_client_trace():
     pytest.importorskip("vllm")
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, ALWAYS_ON
     from vllm.v1.engine import FinishReason
     from vllm.v1.metrics.stats import FinishedRequestStats
 
     from vllm_otel.instrument.requests import RequestInfo
-    from vllm_otel.instrument.tracing import RequestSpanBuilder
 
-    mem = InMemorySpanExporter()
-    tp = TracerProvider()
-    tp.add_span_processor(SimpleSpanProcessor(mem))
-    b = RequestSpanBuilder(tp.get_tracer("t"), "tiny", "127.0.0.1", 8000)
+    b, sent, stats = _request_spans(ParentBased(ALWAYS_ON))
     fin = FinishedRequestStats(finish_reason=FinishReason.LENGTH, request_id="cmpl-x-0", e2e_latency=1.0,
                                num_prompt_tokens=100, num_generation_tokens=20, max_tokens_param=20,
                                queued_time=0.2, prefill_time=0.1, inference_time=0.7, decode_time=0.6,
                                mean_time_per_output_token=0.03, num_preemptions=2)
     info = RequestInfo("chat", "/v1/chat/completions", 0.0,
-                       traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
-    b.build(fin, end_s=2000.0, engine=0, info=info)
-    spans = {s.name: s for s in mem.get_finished_spans()}
+                       traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", tracestate="k=v")
+    ids = b.record(fin, end_s=2000.0, engine=0, info=info)
+    assert ids is not None and format(ids[0], "032x") == "0af7651916cd43dd8448eb211c80319c"
+    b.flush()
+    spans = {s["name"]: s for s in _flat(sent)}
     root = spans["chat tiny"]
-    assert format(root.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
-    assert format(root.parent.span_id, "016x") == "b7ad6b7169203331"
-    a = root.attributes
+    assert root["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and root["kind"] == "server"
+    assert root["parent_span_id"] == "b7ad6b7169203331" and root["trace_state"] == "k=v"
+    assert root["span_id"] == format(ids[1], "016x")  # what the histograms' exemplars point at
+    a = root["attributes"]
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "vllm"
     assert a["gen_ai.usage.input_tokens"] == 100 and a["gen_ai.usage.output_tokens"] == 20
+    assert a["gen_ai.response.finish_reasons"] == ["length"] and a["server.port"] == 8000
     assert "gen_ai.usage.prompt_tokens" not in a  # deprecated names are not emitted
-    assert (root.end_time - root.start_time) / 1e9 == pytest.approx(1.0)
+    assert root["duration_ns"] / 1e9 == pytest.approx(1.0)
+    assert root["resource"]["service.name"] == "vllm" and root["scope"]["name"] == "vllm_otel"
+    assert root["flags"] == 0x301 and spans["queued"]["flags"] == 0x101  # sampled; parent remote or not
+    assert [e["attributes"] for e in root["events"]][1:] == [{"vllm.request.num_preemptions": 2},
+                                                              {"finish_reason": "length"}]
+    assert a["gen_ai.response.id"] == "cmpl-x-0" and a["gen_ai.request.max_tokens"] == 20
     for phase, dur in (("queued", 0.2), ("prefill", 0.1), ("decode", 0.6)):
-        assert spans[phase].parent.span_id == root.context.span_id
-        assert (spans[phase].end_time - spans[phase].start_time) / 1e9 == pytest.approx(dur, abs=1e-6)
-    events = [e.name for e in root.events]
-    assert events == ["first_token", "preempted", "finished"]
+        assert spans[phase]["parent_span_id"] == root["span_id"] and spans[phase]["kind"] == "internal"
+        assert spans[phase]["duration_ns"] / 1e9 == pytest.approx(dur, abs=1e-6)
+    assert [e["name"] for e in root["events"]] == ["first_token", "preempted", "finished"]
+    assert stats.exported["traces"] == 4
 
-    mem.clear()
+    sent.clear()
     aborted = FinishedRequestStats(finish_reason=FinishReason.ABORT, request_id="cmpl-y-0", e2e_latency=0.5,
                                    queued_time=0.5)
-    b.build(aborted, end_s=2001.0, engine=1, info=None)
-    root = next(s for s in mem.get_finished_spans() if s.name.endswith(" tiny"))
-    assert root.attributes["error.type"] == "aborted" and root.attributes["vllm.engine"] == 1
-    assert root.status.is_ok is False and root.parent is None
+    b.record(aborted, end_s=2001.0, engine=1, info=None)
+    b.flush()
+    root = next(s for s in _flat(sent) if s["name"].endswith(" tiny"))
+    assert root["attributes"]["error.type"] == "aborted" and root["attributes"]["vllm.engine"] == 1
+    assert root["status"] == {"code": "error", "message": "abort"} and root["parent_span_id"] is None
+    b.shutdown()
+
+
+@pytest.mark.parametrize("sampler_name, arg, parent_flag, sampled", [
+    ("always_off", None, "01", False),
+    ("traceidratio", "0", "01", False),
+    ("parentbased_traceidratio", "0", "01", True),   # the client sampled it: we continue
+    ("parentbased_always_on", None, "00", False),    # the client did not: neither do we
+    ("parentbased_always_on", None, None, True),
+])
+def test_request_spans_honour_otel_traces_sampler(monkeypatch, sampler_name, arg, parent_flag, sampled):
+    pytest.importorskip("vllm")
+    from opentelemetry.sdk.trace import TracerProvider
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.metrics.stats import FinishedRequestStats
+
+    from vllm_otel.instrument.requests import RequestInfo
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler_name)
+    if arg is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+    b, sent, stats = _request_spans(TracerProvider().sampler)  # the SDK reads the variables
+    tp = f"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-{parent_flag}" if parent_flag else None
+    fin = FinishedRequestStats(finish_reason=FinishReason.STOP, request_id="cmpl-z-0", e2e_latency=0.1)
+    ids = b.record(fin, end_s=10.0, engine=0, info=RequestInfo("chat", "/v1/chat/completions", 0.0, traceparent=tp))
+    b.flush()
+    assert (ids is not None) is sampled and bool(_flat(sent)) is sampled
+    b.shutdown()

@@ -14,9 +14,9 @@ __all__ = ["__version__", "ConfigError", "MonitorConfig", "load_config", "LLM", 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy so that importing vllm_otel never imports vLLM
     if name in ("LLM", "create_monitored_engine"):
-        from vllm_otel import offline
+        from vllm_otel import llm
 
-        return getattr(offline, name)
+        return getattr(llm, name)
     if name == "make_learner":
         from vllm_otel.learn import make_learner
 

@@ -4,7 +4,7 @@ Sources, later ones winning: built-in defaults < ``monitor_config.json`` (path f
 ``VLLM_MONITOR_CONFIG``, else ``./monitor_config.json`` when present) < ``VLLM_MONITOR_*`` /
 ``VLLM_ENABLE_MONITORING`` environment variables < command-line flags (``overrides``). Standard
 ``OTEL_*`` variables are *not* copied here: the OpenTelemetry SDK reads them itself, and our
-exporters honour them (see ``vllm_otel.instrument.otel``); duplicating them would create two
+exporters honour them (see ``vllm_otel.telemetry``); duplicating them would create two
 sources of truth.
 
 Every field is read by the part it names (the table in the README says where). An unknown key,

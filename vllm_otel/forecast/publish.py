@@ -248,7 +248,7 @@ class OtlpPublisher:
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        from vllm_otel.instrument.otel import CountingMetricExporter, OtelSettings, build_resource
+        from vllm_otel.telemetry import CountingMetricExporter, OtelSettings, build_resource
 
         settings = OtelSettings.from_env()
         if settings.metrics_protocol == "grpc":

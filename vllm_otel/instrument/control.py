@@ -22,10 +22,10 @@ import inspect
 import time
 from typing import Any
 
-from vllm_otel.instrument.guard import guarded, logger
+from vllm_otel.instrument.guard import logger
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 
-__all__ = ["install_engine_side", "ControlPlane", "ControlError", "ACTIONS"]
+__all__ = ["ControlPlane", "ControlError", "ACTIONS"]
 
 ACTIONS = ("status", "set_max_running", "set_token_budget", "set_queue_limits", "abort_requests",
            "reset_prefix_cache", "pause", "resume", "sleep", "wake_up", "gc_workers")
@@ -167,24 +167,6 @@ def _worker_gc(self: Any) -> dict:
     return {"collected": collected, "cuda_freed_bytes": freed, "heap_trimmed": trimmed,
             "rss_freed_bytes": None if rss0 is None or rss1 is None else rss0 - rss1,
             "seconds": time.perf_counter() - t0}
-
-
-@guarded("control.install_engine_side")
-def install_engine_side() -> None:
-    try:
-        from vllm.v1.engine.core import EngineCore
-
-        if not hasattr(EngineCore, "vllm_otel_control"):
-            EngineCore.vllm_otel_control = _engine_control
-    except ImportError:
-        pass
-    try:
-        from vllm.v1.worker.worker_base import WorkerBase
-
-        if not hasattr(WorkerBase, "vllm_otel_gc"):
-            WorkerBase.vllm_otel_gc = _worker_gc
-    except ImportError:
-        pass
 
 
 # ---- API side ------------------------------------------------------------------------------------

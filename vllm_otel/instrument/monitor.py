@@ -32,10 +32,10 @@ from vllm_otel.instrument import phases
 from vllm_otel.instrument.lifecycle import INTERVENTION_STATES, END_STATES, STARTUP_STATES
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 from vllm_otel.instrument.lifecycle import LifecycleTracker
-from vllm_otel.instrument.otel import (ExportStats, OtelSettings, build_meter_provider, build_resource,
-                                       build_tracer_provider)
 from vllm_otel.instrument.requests import registry as request_registry
 from vllm_otel.instrument.stall import ProgressState, StallDetector
+from vllm_otel.telemetry import (ExportStats, OtelSettings, build_meter_provider, build_resource,
+                                 build_tracer_provider)
 
 __all__ = ["EngineMonitor", "get_monitor", "ensure_monitor"]
 
@@ -114,6 +114,7 @@ class EngineMonitor:
         self.engines: dict[int, _Engine] = {}
         self.recent_stalls: deque[dict[str, Any]] = deque(maxlen=50)
         self.export_stats = ExportStats()
+        self._attr_cache: dict[tuple, tuple] = {}
         self._closed = False
         self._setup_otel()
         self._setup_prometheus()
@@ -155,7 +156,7 @@ class EngineMonitor:
         self.meter_provider = None
         self.tracer_provider = None
         self._span_processor = None
-        self.span_builder = None
+        self.request_spans = None
         self.tracer = None
         if not (self.settings.metrics_enabled or self.settings.traces_enabled):
             return
@@ -168,33 +169,37 @@ class EngineMonitor:
             "vllm.pipeline_parallel_size": self.parallel["pipeline_parallel_size"],
             "vllm.data_parallel_size": self.parallel["data_parallel_size"],
         })
-        mp = build_meter_provider(self.settings, self.resource, self.export_stats)
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from vllm_otel.telemetry import HistogramSet
+
+        # Histograms aggregated here, sent with the SDK's metrics (see telemetry.histograms).
+        self.histograms = HistogramSet()
+        mp = build_meter_provider(self.settings, self.resource, self.export_stats, histograms=self.histograms,
+                                  scope=InstrumentationScope("vllm_otel", __version__))
         if mp is not None:
             self.meter_provider = mp
+            h = self.histograms.histogram
+            self.h_duration = h(sc.REQUEST_DURATION, "s", "Generative AI server request duration",
+                                sc.REQUEST_DURATION_BUCKETS)
+            self.h_ttft = h(sc.TIME_TO_FIRST_TOKEN, "s", "Time to generate first token for successful responses",
+                            sc.TIME_TO_FIRST_TOKEN_BUCKETS)
+            self.h_tpot = h(sc.TIME_PER_OUTPUT_TOKEN, "s", "Time per output token generated after the first token",
+                            sc.TIME_PER_OUTPUT_TOKEN_BUCKETS)
+            self.h_tokens = h(sc.TOKEN_USAGE, "{token}", "Number of input and output tokens used",
+                              sc.TOKEN_USAGE_BUCKETS)
+            self.h_queue = h("vllm.request.queue.duration", "s", "Time a request waited in vLLM's scheduler queue",
+                             sc.TIME_TO_FIRST_TOKEN_BUCKETS)
             m = mp.get_meter("vllm_otel", __version__)
-            self.h_duration = m.create_histogram(sc.REQUEST_DURATION, unit="s",
-                                                 description="Generative AI server request duration",
-                                                 explicit_bucket_boundaries_advisory=sc.REQUEST_DURATION_BUCKETS)
-            self.h_ttft = m.create_histogram(sc.TIME_TO_FIRST_TOKEN, unit="s",
-                                             description="Time to generate first token for successful responses",
-                                             explicit_bucket_boundaries_advisory=sc.TIME_TO_FIRST_TOKEN_BUCKETS)
-            self.h_tpot = m.create_histogram(sc.TIME_PER_OUTPUT_TOKEN, unit="s",
-                                             description="Time per output token generated after the first token",
-                                             explicit_bucket_boundaries_advisory=sc.TIME_PER_OUTPUT_TOKEN_BUCKETS)
-            self.h_tokens = m.create_histogram(sc.TOKEN_USAGE, unit="{token}",
-                                               description="Number of input and output tokens used",
-                                               explicit_bucket_boundaries_advisory=sc.TOKEN_USAGE_BUCKETS)
-            self.h_queue = m.create_histogram("vllm.request.queue.duration", unit="s",
-                                              description="Time a request waited in vLLM's scheduler queue",
-                                              explicit_bucket_boundaries_advisory=sc.TIME_TO_FIRST_TOKEN_BUCKETS)
-            self.c_preempt = m.create_counter("vllm.preemptions", unit="{preemption}",
-                                              description="Requests preempted by the scheduler")
-            self.c_aborted = m.create_counter("vllm.requests.aborted", unit="{request}",
-                                              description="Requests aborted (client disconnects included)")
-            self.c_prefix_q = m.create_counter("vllm.prefix_cache.queries", unit="{token}",
-                                               description="Prefix-cache lookups in tokens")
-            self.c_prefix_h = m.create_counter("vllm.prefix_cache.hits", unit="{token}",
-                                               description="Prefix-cache hits in tokens")
+            # Counters read at collection from the integers the monitor keeps anyway: nothing per step.
+            m.create_observable_counter("vllm.preemptions", [self._obs_preempted], unit="{preemption}",
+                                        description="Requests preempted by the scheduler")
+            m.create_observable_counter("vllm.requests.aborted", [self._obs_aborted], unit="{request}",
+                                        description="Requests aborted (client disconnects included)")
+            m.create_observable_counter("vllm.prefix_cache.queries", [self._obs_prefix_queries], unit="{token}",
+                                        description="Prefix-cache lookups in tokens")
+            m.create_observable_counter("vllm.prefix_cache.hits", [self._obs_prefix_hits], unit="{token}",
+                                        description="Prefix-cache hits in tokens")
             m.create_observable_gauge("vllm.kv_cache.usage", [self._obs_kv], unit="1",
                                       description="KV-cache usage, 1 = full")
             m.create_observable_gauge("vllm.requests.running", [self._obs_running], unit="{request}",
@@ -205,11 +210,14 @@ class EngineMonitor:
                                       description="1 while the engine makes no forward progress")
         tp = None if self.vllm_tracing else build_tracer_provider(self.settings, self.resource, self.export_stats)
         if tp is not None:
-            from vllm_otel.instrument.tracing import RequestSpanBuilder
+            from vllm_otel.instrument.tracing import RequestSpans
+            from vllm_otel.telemetry import send_encoded
 
             self.tracer_provider, self._span_processor = tp
-            tracer = self.tracer = self.tracer_provider.get_tracer("vllm_otel", __version__)
-            self.span_builder = RequestSpanBuilder(tracer, self.model_name, self.server_address, self.server_port)
+            self.tracer = self.tracer_provider.get_tracer("vllm_otel", __version__)
+            self.request_spans = RequestSpans(
+                self.tracer_provider.sampler, send_encoded(self._span_processor.exporter), self.export_stats,
+                self.resource, ("vllm_otel", __version__), self.model_name, self.server_address, self.server_port)
 
     def _setup_prometheus(self) -> None:
         from vllm_otel.instrument.prom import MonitorCollector
@@ -327,18 +335,12 @@ class EngineMonitor:
             if pcs is not None and pcs.queries:
                 eng.prefix_queries += pcs.queries
                 eng.prefix_hits += pcs.hits
-                if self.meter_provider is not None:
-                    attrs = {sc.ENGINE: idx}
-                    self.c_prefix_q.add(pcs.queries, attrs)
-                    self.c_prefix_h.add(pcs.hits, attrs)
         if iteration_stats is None:
             return
         if iteration_stats.num_generation_tokens:
             p.last_progress = now
         if iteration_stats.num_preempted_reqs:
             eng.preemptions += iteration_stats.num_preempted_reqs
-            if self.meter_provider is not None:
-                self.c_preempt.add(iteration_stats.num_preempted_reqs, {sc.ENGINE: idx})
         for fin in iteration_stats.finished_requests:
             self._on_finished(eng, fin, iteration_stats.iteration_timestamp)
 
@@ -349,28 +351,34 @@ class EngineMonitor:
         info = request_registry.pop(fin.request_id)
         if reason == "abort":
             eng.aborted += 1
-        root = None
-        if self.span_builder is not None:
-            root = self.span_builder.build(fin, end_s, eng.idx, info)
+        ids = None
+        if self.request_spans is not None:
+            ids = self.request_spans.record(fin, end_s, eng.idx, info)
         if self.meter_provider is None:
             return
-        from opentelemetry import trace
-
-        ctx = trace.set_span_in_context(root) if root is not None else None
-        attrs = {sc.OPERATION_NAME: info.operation if info else sc.DEFAULT_OPERATION,
-                 sc.PROVIDER_NAME: sc.PROVIDER, sc.REQUEST_MODEL: self.model_name,
-                 sc.RESPONSE_MODEL: self.model_name, sc.ENGINE: eng.idx}
-        if reason in ("abort", "error"):
-            attrs[sc.ERROR_TYPE] = "aborted" if reason == "abort" else "error"
-            self.c_aborted.add(1, {sc.ENGINE: eng.idx})
-        self.h_duration.record(fin.e2e_latency, attrs, context=ctx)
-        self.h_queue.record(max(fin.queued_time, 0.0), {sc.ENGINE: eng.idx}, context=ctx)
-        if fin.num_generation_tokens > 0 and sc.ERROR_TYPE not in attrs:
-            self.h_ttft.record(max(fin.e2e_latency - fin.decode_time, 0.0), attrs, context=ctx)
+        failed = reason in ("abort", "error")
+        attrs, queue_attrs, tokens_in, tokens_out = self._attrs(info.operation if info else sc.DEFAULT_OPERATION,
+                                                                 "aborted" if reason == "abort" else
+                                                                 "error" if failed else None, eng.idx)
+        self.h_duration.record(fin.e2e_latency, attrs, ids)
+        self.h_queue.record(max(fin.queued_time, 0.0), queue_attrs, ids)
+        if fin.num_generation_tokens > 0 and not failed:
+            self.h_ttft.record(max(fin.e2e_latency - fin.decode_time, 0.0), attrs, ids)
             if fin.num_generation_tokens > 1:
-                self.h_tpot.record(fin.mean_time_per_output_token, attrs, context=ctx)
-        self.h_tokens.record(fin.num_prompt_tokens, {**attrs, sc.TOKEN_TYPE: "input"}, context=ctx)
-        self.h_tokens.record(fin.num_generation_tokens, {**attrs, sc.TOKEN_TYPE: "output"}, context=ctx)
+                self.h_tpot.record(fin.mean_time_per_output_token, attrs, ids)
+        self.h_tokens.record(fin.num_prompt_tokens, tokens_in, ids)
+        self.h_tokens.record(fin.num_generation_tokens, tokens_out, ids)
+
+    def _attrs(self, op: str, error: str | None, idx: int) -> tuple:
+        """Attribute tuples of the request histograms, built once per (operation, error, engine)."""
+        key = (op, error, idx)
+        got = self._attr_cache.get(key)
+        if got is None:
+            base = ((sc.OPERATION_NAME, op), (sc.PROVIDER_NAME, sc.PROVIDER), (sc.REQUEST_MODEL, self.model_name),
+                    (sc.RESPONSE_MODEL, self.model_name), (sc.ENGINE, idx)) + (((sc.ERROR_TYPE, error),) if error else ())
+            got = self._attr_cache[key] = (base, ((sc.ENGINE, idx),), base + ((sc.TOKEN_TYPE, "input"),),
+                                           base + ((sc.TOKEN_TYPE, "output"),))
+        return got
 
     @guarded("monitor.on_client_abort")
     def on_client_abort(self, external_ids: list[str], idx: int = 0) -> None:
@@ -380,8 +388,6 @@ class EngineMonitor:
         eng.finished["abort"] += len(external_ids)
         for rid in external_ids:
             request_registry.pop(rid)
-        if self.meter_provider is not None and external_ids:
-            self.c_aborted.add(len(external_ids), {sc.ENGINE: idx})
 
     # ---- lifecycle and stall ---------------------------------------------------------------------
     def _on_stall_change(self, idx: int, stalled: bool, why: str) -> None:
@@ -444,6 +450,19 @@ class EngineMonitor:
     def _obs_stalled(self, _opts: Any) -> list[Any]:
         return self._observe(lambda e: int(e.progress.stalled))
 
+    def _obs_preempted(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: e.preemptions)
+
+    def _obs_aborted(self, _opts: Any) -> list[Any]:
+        # Aborted (finish reason "abort" and client disconnects) plus engine errors, as before.
+        return self._observe(lambda e: e.aborted + e.finished["error"])
+
+    def _obs_prefix_queries(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: e.prefix_queries)
+
+    def _obs_prefix_hits(self, _opts: Any) -> list[Any]:
+        return self._observe(lambda e: e.prefix_hits)
+
     # ---- status ------------------------------------------------------------------------------------
     def get_engine_status(self) -> dict[str, Any]:
         engines = {}
@@ -495,6 +514,8 @@ class EngineMonitor:
             e.tracker.transition(S.STOPPED, reason="process exiting")
         if self.gpu is not None:
             self.gpu.stop()
+        if self.request_spans is not None:
+            self.request_spans.shutdown()  # flushed before the exporter it shares closes
         for p in (self.meter_provider, self.tracer_provider):
             if p is not None:
                 try:

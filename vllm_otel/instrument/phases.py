@@ -34,7 +34,7 @@ from typing import Callable
 from vllm_otel.instrument.lifecycle import LifecycleState as S
 
 __all__ = ["PHASE_LOGGERS", "PHASE_RECORDS", "Phase", "PhaseHandler", "install", "collect", "subscribe",
-           "process_start_time", "ENV_DIR", "ENV_OWNER"]
+           "process_start_time", "attach_handlers", "ENV_DIR", "ENV_OWNER"]
 
 logger = logging.getLogger(__name__)
 ENV_DIR = "VLLM_OTEL_LIFECYCLE_DIR"
@@ -177,44 +177,17 @@ def install() -> None:
         d = tempfile.mkdtemp(prefix="vllm-otel-lifecycle-")
         os.environ[ENV_DIR], os.environ[ENV_OWNER] = d, str(os.getpid())
         atexit.register(shutil.rmtree, d, True)
-    _attach()
-    _follow_vllm_logging_config()
+    attach_handlers()
 
 
-def _attach() -> None:
+def attach_handlers() -> None:
+    """Put the handler on each of :data:`PHASE_LOGGERS` (again after vLLM's ``dictConfig``
+    dropped it: :mod:`.patches` re-attaches after each of vLLM's logging configurations)."""
     handler = PhaseHandler(level=logging.INFO)
     for name in PHASE_LOGGERS:
         log = logging.getLogger(name)
         if not any(isinstance(h, PhaseHandler) for h in log.handlers):
             log.addHandler(handler)
-
-
-def _follow_vllm_logging_config() -> None:
-    """Re-attach after each of vLLM's logging (re)configurations.
-
-    vLLM applies a ``dictConfig`` again once it has parsed its arguments (API server), and
-    ``dictConfig`` clears the handlers of every logger under the ones it names, ours included.
-    The wrapper calls vLLM's function unchanged and re-attaches afterwards.
-    """
-    try:
-        import vllm.logger as vllm_logging
-    except Exception:  # noqa: BLE001 - no vLLM (tests, offline tools): nothing reconfigures
-        return
-    original = getattr(vllm_logging, "_configure_vllm_root_logger", None)
-    if original is None or getattr(original, "_vllm_otel_wrapped", False):
-        return
-
-    def _configure_vllm_root_logger(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        result = original(*args, **kwargs)
-        try:
-            _attach()
-        except Exception:  # noqa: BLE001
-            logger.debug("vllm-otel: phase handler not re-attached", exc_info=True)
-        return result
-
-    _configure_vllm_root_logger._vllm_otel_wrapped = True  # type: ignore[attr-defined]
-    _configure_vllm_root_logger.__wrapped__ = original  # type: ignore[attr-defined]
-    vllm_logging._configure_vllm_root_logger = _configure_vllm_root_logger
 
 
 def collect(children: bool = True) -> list[Phase]:

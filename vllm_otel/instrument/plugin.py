@@ -76,15 +76,10 @@ def register() -> None:
         install_phases()
     except Exception:  # noqa: BLE001 - the rest of the plugin still works without phases
         logger.warning("vllm-otel: start-up phases not watched in pid %d", os.getpid(), exc_info=True)
-    # Control methods on EngineCore / workers: cheap class attributes, used only when called.
-    from vllm_otel.instrument.control import install_engine_side
+    from vllm_otel.instrument import patches
 
-    install_engine_side()
-    if role == "api_server":  # vLLM's main process: API server or the user's offline script
-        _install_abort_hook()
-        from vllm_otel.instrument.offline import install as install_offline
-
-        install_offline()
+    # vLLM's main process (API server or the user's offline script) gets the front-end patches.
+    patches.install(api_server=role == "api_server")
 
 
 def _prestartup_check() -> None:
@@ -116,53 +111,3 @@ def _prestartup_check() -> None:
         logger.error("vllm-otel: refusing to start vLLM: the pre-startup check found errors "
                      "(VLLM_MONITOR_PRESTARTUP_CHECK=true; run `vllm-otel check` for the report)")
         raise SystemExit(2)
-
-
-def _install_abort_hook() -> None:
-    """Count requests aborted in the front end (client disconnects).
-
-    vLLM's ``OutputProcessor.abort_requests`` drops such requests without passing them through
-    its stats, so ``vllm:request_success_total{finished_reason="abort"}`` misses them. We wrap the
-    method (once per process) and report the aborted ids to the monitor after vLLM is done; our
-    part is guarded, vLLM's result is returned unchanged.
-    """
-    try:
-        from vllm.v1.engine.output_processor import OutputProcessor
-    except Exception:  # noqa: BLE001 - another vLLM layout: skip, the rest still works
-        logger.info("vllm-otel: OutputProcessor not found; client aborts not counted")
-        return
-    original = OutputProcessor.abort_requests
-    if getattr(original, "_vllm_otel_wrapped", False):
-        return
-
-    def abort_requests(self, request_ids, internal, *args, **kwargs):  # noqa: ANN001, ANN202
-        external: list[str] = []
-        # A one-shot iterable must reach vLLM whole: read it once, hand vLLM the list.
-        request_ids = list(request_ids)
-        try:
-            states = self.request_states
-            for rid in request_ids:
-                st = states.get(rid) if internal else None
-                if st is not None:
-                    external.append(st.external_req_id)
-                elif not internal and rid in self.external_req_ids:
-                    external.append(rid)
-        except Exception:  # noqa: BLE001
-            external = []
-        result = original(self, request_ids, internal, *args, **kwargs)
-        if external:
-            _report_aborts(external)
-        return result
-
-    abort_requests._vllm_otel_wrapped = True  # type: ignore[attr-defined]
-    abort_requests.__wrapped__ = original  # type: ignore[attr-defined]
-    OutputProcessor.abort_requests = abort_requests
-
-
-@guarded("plugin.report_aborts")
-def _report_aborts(external_ids: list[str]) -> None:
-    from vllm_otel.instrument.monitor import get_monitor
-
-    mon = get_monitor()
-    if mon is not None:
-        mon.on_client_abort(external_ids)

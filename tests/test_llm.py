@@ -1,4 +1,4 @@
-"""Offline use of real vLLM with monitoring: the spec's LLM(..., enable_monitoring=True),
+"""vllm_otel.llm: offline use of real vLLM with monitoring: the spec's LLM(..., enable_monitoring=True),
 llm.get_monitoring_status(), and spans over OTLP/HTTP from an offline process."""
 
 from __future__ import annotations

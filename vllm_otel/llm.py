@@ -1,4 +1,4 @@
-"""Offline (in-process) monitoring: the spec's ``LLM(model=..., enable_monitoring=True)``,
+"""The public offline API: ``vllm_otel.LLM(model=..., enable_monitoring=True)``,
 ``llm.get_monitoring_status()`` and ``create_monitored_engine(engine_args)``.
 
 ``vllm.LLM`` rejects keyword arguments it does not know, and vLLM loads our plugin only inside
@@ -29,7 +29,7 @@ def __getattr__(name: str) -> Any:  # lazy: importing vllm_otel must not import 
 
 
 def _make_llm_class() -> type:
-    from vllm_otel.instrument.offline import install, request_monitoring
+    from vllm_otel.instrument.patches import install, request_monitoring
 
     base = _base_llm()
     install()
@@ -46,9 +46,9 @@ def _make_llm_class() -> type:
             self.monitoring_enabled = enable_monitoring
 
         def get_monitoring_status(self) -> dict[str, Any]:
-            from vllm_otel.instrument.offline import _monitoring_status
+            from vllm_otel.instrument.patches import monitoring_status
 
-            return _monitoring_status(self)
+            return monitoring_status(self)
 
     LLM.__qualname__ = LLM.__name__ = "LLM"
     return LLM
