@@ -186,7 +186,7 @@ def check_port(rep: Report, host: str, port: int | None) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 rep.add("port", "error", f"port {port} on {host} is already in use{_holder(port)}",
-                        f"stop what holds it, or start vLLM with another --port", port=port)
+                        "stop what holds it, or start vLLM with another --port", port=port)
             else:
                 rep.add("port", "error", f"cannot listen on {host}:{port}: {e.strerror}",
                         "use a port above 1024 or an address of this host", port=port)
