@@ -157,3 +157,19 @@ def test_a_storm_over_most_of_the_fleet_is_stopped_by_the_blast_radius(tmp_path:
                           "GROUP BY 1").fetchall())
     assert esc == {"success": "30/30", "blocked": "30/60"}
     assert after.get("escalate", 0) - before.get("escalate", 0) == 30
+
+
+def test_actions_run_at_most_concurrency_at_once_and_decisions_go_on_meanwhile(
+        tmp_path: Path, standin: ControlStandin) -> None:
+    """worker.concurrency bounds the actions running (here 2, each verifying for 2 s); the other
+    jobs, claimed and decided 4 at a time, are all decided before the first action is done."""
+    policy = storm_policy(tmp_path, standin, targets=range(70, 120), max_actions=6, concurrency=2,
+                          decide_batch=4, verify_delay_s=2.0)
+    db = run_storm(tmp_path, policy, storm(20, 3, 70))
+    assert dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()) == {"done": 60}
+    executed = sorted(r[0] for r in db.execute("SELECT at FROM outcomes WHERE outcome = 'success'"))
+    assert len(executed) == 6
+    assert executed[-1] - executed[0] >= 3.0  # three waves of two: no more than two at once
+    others = db.execute("SELECT max(at) FROM outcomes WHERE outcome != 'success'").fetchone()[0]
+    late = db.execute("SELECT o.outcome, o.detail, o.at - ? FROM outcomes o WHERE o.outcome != 'success' AND o.at > ?", (executed[0], executed[0])).fetchall()
+    assert others < executed[0], late

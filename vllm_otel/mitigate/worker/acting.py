@@ -70,10 +70,12 @@ class Actor(Decider):
         """Run a started action, at most ``worker.concurrency`` at once (a job waiting for a slot
         has its target's lease and its 'started' record already; deciding goes on meanwhile)."""
         self._now_acting()
-        if self._action_slots is None:
-            self._action_slots = asyncio.Semaphore(self.wcfg.concurrency)
+        loop = asyncio.get_running_loop()
+        if self._action_slots is None or self._slots_loop is not loop:  # bound to its loop, as drain()'s
+            self._action_slots, self._slots_loop = asyncio.Semaphore(self.wcfg.concurrency), loop
+        slots = self._action_slots
         try:
-            await self._action_slots.acquire()
+            await slots.acquire()
         except asyncio.CancelledError:  # shutting down before it ran: recorded, target freed
             await asyncio.shield(asyncio.to_thread(self._interrupted, plan, job_id))
             if plan.lock_owner and plan.ctx is not None and plan.ctx.alert.instance:
@@ -83,7 +85,7 @@ class Actor(Decider):
         try:
             await self._run_started(plan, job_id)
         finally:
-            self._action_slots.release()
+            slots.release()
 
     async def _run_started(self, plan: _Plan, job_id: int | None) -> None:
         assert plan.ctx is not None and plan.strategy is not None and plan.action_id is not None

@@ -80,6 +80,8 @@ class WorkerBase:
         self._decider: asyncio.Task[None] | None = None
         self._acting: set[asyncio.Task[None]] = set()  # job tasks past their decision, running an action
         self._action_slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        self._progress: asyncio.Event | None = None  # drain()'s: a job finished or went on to act
         # One metrics read per target shared by the jobs that want it within _SNAPSHOT_SHARE_S.
         self._snaps: dict[str, tuple[float, asyncio.Future[MetricsSnapshot | None]]] = {}
         self._snaps_loop: asyncio.AbstractEventLoop | None = None

@@ -149,11 +149,16 @@ class Worker(Actor):
         """Process every job that can be claimed now, to completion (tests, one-shot runs)."""
         await asyncio.to_thread(self.sync_learner)
         done = 0
-        while True:
-            done += await self._fill()
-            if not self._tasks:
-                return done
-            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+        self._progress = progress = asyncio.Event()  # a job finished or went on to act: room to fill
+        try:
+            while True:
+                progress.clear()
+                done += await self._fill()
+                if not self._tasks:
+                    return done
+                await progress.wait()
+        finally:
+            self._progress = None
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop taking jobs, give running ones ``grace_s`` to finish, hand back the rest."""
@@ -235,8 +240,9 @@ class Worker(Actor):
         t0 = self._started_at.pop(task, None)  # type: ignore[arg-type]
         if t0 is not None:
             self._pace(t0)
-        if self._wake is not None:
-            self._wake.set()
+        for ev in (self._wake, self._progress):
+            if ev is not None:
+                ev.set()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -244,8 +250,9 @@ class Worker(Actor):
         t0 = self._started_at.pop(task, None)
         if t0 is not None:
             self._pace(t0)
-        if self._wake is not None:
-            self._wake.set()
+        for ev in (self._wake, self._progress):
+            if ev is not None:
+                ev.set()
 
     async def _process_job(self, job: JobRecord) -> None:
         try:
