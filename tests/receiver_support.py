@@ -25,7 +25,7 @@ import httpx
 import yaml
 from starlette.testclient import TestClient
 
-from vllm_otel.mitigate.models import Target
+from vllm_otel.mitigate.records import Target
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.receiver import create_app
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, Check, MetricsSnapshot,

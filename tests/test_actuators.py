@@ -23,7 +23,7 @@ import pytest
 
 from vllm_otel.mitigate.actuators import (HttpActuator, PrometheusMetricsSource, ScrapeMetricsSource,
                                           build_actuator, build_metrics_source, render_template)
-from vllm_otel.mitigate.models import AlertRecord, Mode, Target
+from vllm_otel.mitigate.records import AlertRecord, Mode, Target
 from vllm_otel.mitigate.policy import ActuatorConfig, MetricsConfig, Policy
 from vllm_otel.mitigate.strategies import ActionResult, ActuatorError, StrategyContext
 from vllm_otel.testing.processes import engine_core_process, free_port

@@ -86,7 +86,7 @@ def test_capped_reads_stop_at_the_limit_sync_and_async(endless: str) -> None:
 
 def test_actuator_scrape_of_an_endless_metrics_page_reads_as_down(endless: str, monkeypatch) -> None:  # noqa: ANN001
     from vllm_otel.mitigate import actuators
-    from vllm_otel.mitigate.models import Target
+    from vllm_otel.mitigate.records import Target
     from vllm_otel.mitigate.strategies import common as k
 
     monkeypatch.setattr(actuators, "METRICS_MAX_BYTES", 2 << 20)

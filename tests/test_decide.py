@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from vllm_otel.mitigate.decide import CandidateFacts, JobFacts, Kind, choose, screen
-from vllm_otel.mitigate.models import GuardDecision, Mode, Outcome
+from vllm_otel.mitigate.records import GuardDecision, Mode, Outcome
 
 
 def ok(guard: str, strategy: str | None = None, detail: str = "") -> GuardDecision:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from vllm_otel.mitigate.cli import add_parser
-from vllm_otel.mitigate.models import AlertRecord, Mode
+from vllm_otel.mitigate.records import AlertRecord, Mode
 from vllm_otel.mitigate.policy import Guardrails, Policy, PolicyError, load_policy
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, Strategy, StrategyConfigError,
                                            StrategyParams, StrategyRegistry, Verification)
@@ -275,7 +275,7 @@ def test_stale_alert_and_metrics(guards: tuple[Guardrails, Store, Clock]) -> Non
 
 
 def test_blast_radius(guards: tuple[Guardrails, Store, Clock]) -> None:
-    from vllm_otel.mitigate.models import AlertmanagerAlert
+    from vllm_otel.mitigate.records import AlertmanagerAlert
 
     g, store, clock = guards
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.receiver_support import I1, I2, Env, am_alert, am_payload, resolved, run
-from vllm_otel.mitigate.models import JobState
+from vllm_otel.mitigate.records import JobState
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from tests.receiver_support import (CLI, I1, TOKEN, Env, StaticMetrics, am_alert, am_payload, cli_files,
                                     role_client, run)
-from vllm_otel.mitigate.models import Outcome
+from vllm_otel.mitigate.records import Outcome
 from vllm_otel.mitigate.store import Store
 from vllm_otel.testing.processes import free_port
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 import vllm_otel.mitigate.store as store_mod
-from vllm_otel.mitigate.models import AlertmanagerAlert, AlertmanagerWebhook, JobState, Outcome
+from vllm_otel.mitigate.records import AlertmanagerAlert, AlertmanagerWebhook, JobState, Outcome
 from vllm_otel.mitigate.store import Store, normalize_db_url
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import pytest
 
-from vllm_otel.mitigate.models import AlertRecord, Mode, Target
+from vllm_otel.mitigate.records import AlertRecord, Mode, Target
 from vllm_otel.mitigate.policy import Policy, PolicyError
 from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, ActuatorError, MetricsSnapshot,
                                            StrategyConfigError, StrategyContext)

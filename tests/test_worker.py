@@ -25,7 +25,7 @@ import pytest
 
 from vllm_otel.learn.learner import RuleBasedLearner
 from vllm_otel.mitigate.actuators import build_actuator, build_metrics_source
-from vllm_otel.mitigate.models import AlertmanagerWebhook
+from vllm_otel.mitigate.records import AlertmanagerWebhook
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.store import Notification, Store
 from vllm_otel.mitigate.worker import Worker

@@ -40,7 +40,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from vllm_otel.mitigate.models import Target
+from vllm_otel.mitigate.records import Target
 from vllm_otel.mitigate.policy import (ActuatorConfig, ControlConfig, HookConfig, MetricsConfig,
                                        Policy, SupervisorConfig)
 from vllm_otel.mitigate.strategies import ActuatorError, MetricsSnapshot

@@ -28,7 +28,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from vllm_otel.mitigate.models import iso
+from vllm_otel.mitigate.records import iso
 from vllm_otel.mitigate.routes.common import receiver_of
 from vllm_otel.mitigate.serve_auth import Credentials
 

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass
 from typing import Sequence
 
-from vllm_otel.mitigate.models import GuardDecision, Mode, Outcome
+from vllm_otel.mitigate.records import GuardDecision, Mode, Outcome
 
 __all__ = ["Kind", "Decision", "CandidateFacts", "JobFacts", "screen", "choose"]
 

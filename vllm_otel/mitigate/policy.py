@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_otel.learn.config import LearnerConfig
-from vllm_otel.mitigate.models import (FAILED_OUTCOMES, AlertRecord, GuardDecision, Mode, Target,
+from vllm_otel.mitigate.records import (FAILED_OUTCOMES, AlertRecord, GuardDecision, Mode, Target,
                                        describe_validation_error)
 from vllm_otel.mitigate.strategies import REGISTRY, Strategy, StrategyConfigError, StrategyRegistry
 from vllm_otel.mitigate.store import Store

@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from vllm_otel.learn.learner import Learner
-from vllm_otel.mitigate.models import AlertmanagerWebhook, AlertStatus, JobState, Outcome
+from vllm_otel.mitigate.records import AlertmanagerWebhook, AlertStatus, JobState, Outcome
 from vllm_otel.mitigate.policy import Policy
 from vllm_otel.mitigate.routes import api_routes
 from vllm_otel.mitigate.routes.intake import webhook_asgi

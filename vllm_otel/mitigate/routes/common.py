@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vllm_otel.mitigate.models import describe_validation_error
+from vllm_otel.mitigate.records import describe_validation_error
 from vllm_otel.mitigate.serve_auth import Credentials, bearer
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from vllm_otel.mitigate.models import AlertmanagerWebhook, describe_validation_error
+from vllm_otel.mitigate.records import AlertmanagerWebhook, describe_validation_error
 from vllm_otel.mitigate.routes.common import json_answer, read_body, receiver_of
 from vllm_otel.mitigate.serve_auth import bearer
 

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from sqlalchemy import func, select
 
-from vllm_otel.mitigate.models import KillSwitchState
+from vllm_otel.mitigate.records import KillSwitchState
 from vllm_otel.mitigate.store.alerts import IngestResult, Notification, NotificationResult, AlertStore
 from vllm_otel.mitigate.store.engine import DEFAULT_DB_URL, _text, normalize_db_url
 from vllm_otel.mitigate.store.errors import StoreError, WriteWouldWait

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from vllm_otel.mitigate.models import ActionRecord, Outcome
+from vllm_otel.mitigate.records import ActionRecord, Outcome
 from vllm_otel.redact import redact_mapping
 from vllm_otel.mitigate.store.errors import StoreError
 from vllm_otel.mitigate.store.schema import (ActionEventRow, ActionRow, AlertResolutionRow, AlertRow, JobRow,

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from vllm_otel.mitigate.models import (AlertmanagerAlert, AlertmanagerWebhook, AlertRecord, AlertStatus,
+from vllm_otel.mitigate.records import (AlertmanagerAlert, AlertmanagerWebhook, AlertRecord, AlertStatus,
                                        JobState, Outcome, to_unix)
 from vllm_otel.redact import redact_mapping
 from vllm_otel.mitigate.store.errors import StoreError

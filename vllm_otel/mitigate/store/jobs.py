@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import func, or_, select, update
 
-from vllm_otel.mitigate.models import JobRecord, JobState
+from vllm_otel.mitigate.records import JobRecord, JobState
 from vllm_otel.mitigate.store.schema import JobRow
 from vllm_otel.mitigate.store.engine import StoreEngine
 

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from sqlalchemy import bindparam, func, or_, select
 
-from vllm_otel.mitigate.models import EXECUTED_OUTCOMES, FAILED_OUTCOMES, OutcomeRecord
+from vllm_otel.mitigate.records import EXECUTED_OUTCOMES, FAILED_OUTCOMES, OutcomeRecord
 from vllm_otel.mitigate.store.schema import ActionEventRow, ActionRow, OutcomeRow
 from vllm_otel.mitigate.store.engine import StoreEngine, _floats
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vllm_otel.mitigate.models import AlertRecord, Mode, Target, describe_validation_error
+from vllm_otel.mitigate.records import AlertRecord, Mode, Target, describe_validation_error
 
 __all__ = [
     "Strategy", "StrategyParams", "NoParams", "StrategyRegistry", "REGISTRY", "register_strategy",

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 from pydantic import AnyHttpUrl, Field
 
-from vllm_otel.mitigate.models import iso
+from vllm_otel.mitigate.records import iso
 from vllm_otel.mitigate.strategies.base import (ActionResult, Actuator, Check, Strategy,
                                                 StrategyContext, StrategyParams, Verification,
                                                 register_strategy)

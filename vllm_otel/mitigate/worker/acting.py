@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 
-from vllm_otel.mitigate.models import FAILED_OUTCOMES, AlertRecord, JobRecord, Mode, Outcome, Target
+from vllm_otel.mitigate.records import FAILED_OUTCOMES, AlertRecord, JobRecord, Mode, Outcome, Target
 from vllm_otel.mitigate.strategies import ActionResult, MetricsSnapshot, StrategyContext, Verification
 from vllm_otel.redact import redact_text
 from vllm_otel.mitigate.worker.base import _Plan

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from vllm_otel.learn import make_learner
 from vllm_otel.learn.learner import Learner
 from vllm_otel.learn.metrics import LearnerMetrics
-from vllm_otel.mitigate.models import AlertRecord, GuardDecision, JobState, Outcome, Target
+from vllm_otel.mitigate.records import AlertRecord, GuardDecision, JobState, Outcome, Target
 from vllm_otel.mitigate.policy import Guardrails, Policy, WorkerConfig
 from vllm_otel.mitigate.strategies import (Actuator, MetricsSnapshot, MetricsSource, StrategyContext,
                                            UnavailableActuator)

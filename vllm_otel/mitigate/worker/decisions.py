@@ -11,7 +11,7 @@ import uuid
 from typing import Any, Callable, Mapping
 
 from vllm_otel.mitigate.decide import CandidateFacts, Decision, JobFacts, Kind, choose, screen
-from vllm_otel.mitigate.models import (AlertRecord, GuardDecision, JobRecord, JobState, Mode, Outcome,
+from vllm_otel.mitigate.records import (AlertRecord, GuardDecision, JobRecord, JobState, Mode, Outcome,
                                        Target)
 from vllm_otel.mitigate.strategies import Check, MetricsSnapshot, Strategy, StrategyContext
 from vllm_otel.redact import redact_text

@@ -9,7 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from vllm_otel.mitigate.models import AlertRecord, JobRecord, JobState, Mode, Outcome
+from vllm_otel.mitigate.records import AlertRecord, JobRecord, JobState, Mode, Outcome
 from vllm_otel.mitigate.worker.acting import Actor
 
 log = logging.getLogger(__name__)
