@@ -66,7 +66,7 @@ have_am() {
 have_pg() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; }
 # Headless chromium: the tests open the demo's report (and the receiver's approvals page) in it.
 have_browser() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
-# systemd-analyze checks deploy/systemd/ in the tests (tests/test_deploy.py).
+# systemd-analyze checks deploy/systemd/ in the tests (tests/integration/test_deploy.py).
 have_sd() { command -v systemd-analyze >/dev/null 2>&1; }
 if ! have_prom || ! have_am || ! have_pg || ! have_browser || ! have_sd; then
   if [[ "${VLLM_OTEL_NO_APT:-0}" != 1 ]] && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then

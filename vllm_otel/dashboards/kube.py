@@ -2,7 +2,7 @@
 files outside its folder, and the Prometheus Operator wants rules as a PrometheusRule object).
 
 Written under ``deploy/kubernetes/generated/`` by ``vllm-otel dashboards build``; ``--check`` (and
-tests/test_deploy.py) fail when they differ from their sources.
+tests/integration/test_deploy.py) fail when they differ from their sources.
 """
 
 from __future__ import annotations

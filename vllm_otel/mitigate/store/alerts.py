@@ -35,7 +35,7 @@ _Q_ALERT = (select(AlertRow.__table__, _RES.c.ends_at.label("res_ends_at"),
 # The intake's common case on SQLite (new or resent firing alerts the policy maps), as plain SQL on
 # the driver: SQLAlchemy's per-statement machinery cost ~0.6 ms of the ~1 ms an alert took to
 # store, and every ms of CPU per alert is what a busy host multiplies. Same rows as the ORM path
-# (tests/test_store.py compares the two table by table).
+# (tests/integration/test_store.py compares the two table by table).
 _WEBHOOK_COLS = ("received_at", "group_key", "status", "receiver", "n_alerts", "truncated_alerts", "replica")
 _ALERT_COLS = ("key", "fingerprint", "alertname", "instance", "failure_type", "severity", "starts_at",
                "labels", "annotations", "generator_url", "group_key", "received_at", "replica")

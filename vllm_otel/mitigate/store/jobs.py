@@ -15,7 +15,7 @@ from vllm_otel.mitigate.store.engine import StoreEngine
 # The worker's writes on SQLite as plain SQL on the driver (a dry-run job took ~15 ms of CPU in store calls
 # through the ORM, most of it SQLAlchemy's per-transaction cost: ~0.55 ms a session, ~0.2 ms a
 # Core connection, ~0.02 ms the driver). Same rows as the ORM path, which PostgreSQL keeps
-# (tests/test_store.py runs its tests on both and compares the rows).
+# (tests/integration/test_store.py runs its tests on both and compares the rows).
 _JOB_COLS = ("id", "alert_id", "target", "state", "owner", "lease_until", "attempts", "action_id",
              "cancel_requested", "rechecks")
 _CLAIMABLE_SQL = ("((state = ? AND (run_after IS NULL OR run_after <= ?))"

@@ -33,7 +33,7 @@ from vllm_otel.forecast.sources import (PrometheusSource, ScrapeSource, SourceEr
                                         target_instance)
 from vllm_otel.testing.processes import free_port
 
-SAMPLE = Path(__file__).parent / "data" / "vllm_metrics_sample.txt"
+SAMPLE = Path(__file__).parents[1] / "data" / "vllm_metrics_sample.txt"
 SAMPLE_TEXT = SAMPLE.read_text()
 T0 = 1_800_000_000.0
 # Small warm-up so the tests run few cycles; the rest are DetectorConfig defaults.

@@ -2,7 +2,7 @@
 
 The action is observed AT THE ACTUATOR BOUNDARY: a recording actuator stands in for the real
 one and answers what vLLM's control endpoints / the supervisor / a hook answer (shapes taken
-from the real server; tests/test_actuators.py and tests/test_supervisor.py run the real
+from the real server; tests/integration/test_actuators.py and tests/integration/test_supervisor.py run the real
 actuator against a real vLLM and a real supervisor). Metrics likewise enter as the snapshot
 values the real metrics source produces. GPU-only strategies are checked to say "not
 applicable on CPU" (this machine has no GPU, and neither does the fake: nothing is faked there).

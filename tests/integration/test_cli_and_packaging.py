@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs Python with `import vllm` made impossible, the way a host without vLLM behaves.
 _NO_VLLM = """

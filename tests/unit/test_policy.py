@@ -17,7 +17,7 @@ from vllm_otel.mitigate.strategies import (REGISTRY, ActionResult, Strategy, Str
 from vllm_otel.mitigate.strategies.escalate import EscalateToHuman
 from vllm_otel.mitigate.store import Store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "policy.yaml"
 
 

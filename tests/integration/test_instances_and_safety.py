@@ -65,7 +65,7 @@ def test_vllm_keeps_serving_when_every_hook_throws(tiny_model, workdir):
     from vllm_otel.testing.services import VllmServer
 
     # Faults come from the test-only sitecustomize (tests/faults), not from a switch in our code.
-    faults = Path(__file__).resolve().parent / "faults"
+    faults = Path(__file__).resolve().parents[1] / "faults"
     env = {"VLLM_OTEL_FAULT_HOOKS": "*",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(faults), os.environ.get("PYTHONPATH", "")]))}
     with VllmServer(tiny_model, workdir, max_model_len=2048, env=env, name="vllm-raising") as srv:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TOKEN = "examples-receiver-token-5a1f"            # intake: Alertmanager's webhooks
 OPERATOR = "examples-operator-credential-77c2"     # an operator reading the audit trail

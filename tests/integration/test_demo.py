@@ -7,7 +7,7 @@ Alertmanager, forecaster, receiver and OTLP receiver; the test gives it a model 
 so that every process it starts names a path of this test, which is how "nothing left running"
 is checked (never by process name).
 
-Run alone: ``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/test_demo.py``.
+Run alone: ``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/integration/test_demo.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ Prometheus scraping it, and a local HTTP endpoint standing in for an external ho
 (load balancer, autoscaler): a plain recording HTTP server, nothing mocked in between.
 
 vLLM starts once for this module (about a minute on these CPUs); run it under the heavy lock:
-``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/test_actuators.py``.
+``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/integration/test_actuators.py``.
 """
 
 from __future__ import annotations

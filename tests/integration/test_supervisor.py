@@ -1,7 +1,7 @@
 """The supervisor: argument patching (pure), a real `vllm-otel supervise` process around a small
 real HTTP server (restart with patched arguments, crash restarts with backoff, rollback, only its
 own process group signalled), and the compose / Kubernetes command builders. The real vLLM
-whose stopped engine core is restarted through the supervisor is in tests/test_closed_loop.py.
+whose stopped engine core is restarted through the supervisor is in tests/integration/test_closed_loop.py.
 
 There is no Docker engine and no Kubernetes cluster here: the compose and Kubernetes backends are
 tested by the exact commands they build (run by a recording runner), nothing more.

@@ -23,7 +23,7 @@ CFG = {"step_s": STEP, "max_refits_per_step": 0, "catalog": {"queue_overload": {
 def _alternative(name: str) -> type[PredictiveFailureDetector]:
     """A detector with a precursor model's alternative, from benchmarks/precursor_alternatives.py
     (not shipped: it lost to the model the detector uses)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precursor_alternatives.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "precursor_alternatives.py"
     spec = importlib.util.spec_from_file_location("precursor_alternatives", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

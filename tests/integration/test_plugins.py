@@ -17,7 +17,7 @@ import yaml
 
 from vllm_otel.plugins import PluginError, PluginInterface, PluginManager, create_plugin
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(d: Path, name: str, body: str) -> Path:

@@ -18,7 +18,7 @@ import pytest
 from vllm_otel.prestartup import CheckOptions, options_from_vllm_argv, run_checks
 from vllm_otel.prestartup.autofix import apply_fixes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(os.environ.get("VLLM_OTEL_TINY_MODEL", ROOT / ".cache" / "tiny-model"))
 needs_tiny = pytest.mark.skipif(not (TINY / "config.json").exists(), reason="tiny model not built")
 SIGILL_PROBE = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"

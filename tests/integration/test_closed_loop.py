@@ -9,7 +9,7 @@ this module. The receiver is the real app in a real uvicorn server on a fixed po
 needs one URL); each test starts its own receiver with its own policy, store and learner.
 Load is the real Azure conversation trace replayed with ``vllm_otel.loadgen``.
 
-Run alone: ``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/test_closed_loop.py``.
+Run alone: ``flock /tmp/vllm-otel-heavy.lock .venv/bin/python -m pytest tests/integration/test_closed_loop.py``.
 """
 
 from __future__ import annotations

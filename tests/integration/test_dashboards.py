@@ -31,7 +31,7 @@ from vllm_otel.dashboards.grafana import DS, TAG
 from vllm_otel.dashboards.queries import (OPTIONAL, OPTIONAL_PANELS, known_metric_names, metric_names, queries, substitute,
                                           unknown_names)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DASHES = dbuild.build_all()
 
 
