@@ -23,6 +23,14 @@ KV_BLOCKS = int(os.environ.get("VLLM_OTEL_TEST_KV_BLOCKS", "24"))
 MAX_MODEL_LEN = 2048
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m unit` / `-m "not integration"` select by folder, so a developer can run the fast part alone.
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, folder))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):  # noqa: ANN001
     outcome = yield
