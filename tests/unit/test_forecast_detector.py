@@ -425,7 +425,7 @@ def test_unfit_series_borrow_fleet_parameters() -> None:
     fitted = Innovations(alpha=0.8, beta=0.1, d=0.9, phi=0.9)
     for r in rows[:3]:
         bank.set_model(int(r), fitted, 0.5, 0.0, 1e-4, model=det._model_names.index("damped_holt"), fitted_at=0.0)
-    det._pool_defaults(rows)
+    det.refitter.pool_defaults(rows)
     assert bank.params(int(rows[4])) == Innovations(alpha=0.8, beta=0.1, d=0.9, phi=0.9, c=0.0)
     det.step(STEP * 3, ["new"], {"kv_usage": np.array([0.5])}, refit=False)
     assert bank.params(det._rows["new"]).alpha == 0.8  # new instances start from them too

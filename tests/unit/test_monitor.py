@@ -125,7 +125,7 @@ def test_vllm_native_tracing_means_no_second_request_span(monkeypatch):
                       registry=CollectorRegistry())
     try:
         assert m.vllm_tracing is True
-        assert m.request_spans is None and m.tracer_provider is None  # vLLM emits llm_request itself
+        assert m.request_spans is None and m.otel.tracer_provider is None  # vLLM emits llm_request itself
         assert m.meter_provider is not None  # metrics still flow
         from opentelemetry import trace
 

@@ -9,7 +9,7 @@ Each step (a scrape, a query_range point, or one ``analyze_checkpoint`` call):
 4. the precursor models (:mod:`~vllm_otel.forecast.precursors`: engine stall, load trend, offered
    load, preemption window, memory slope) and the health-state graph give learned probabilities;
    each failure publishes the highest estimate it has;
-5. a bounded number of series are refit with statsmodels (:func:`~vllm_otel.forecast.models.select_model`):
+5. a bounded number of series are refit with statsmodels (:class:`~vllm_otel.forecast.refit.RefitScheduler`):
    never-fit ones first, then those whose errors show a regime change, then the stalest.
 
 Fitting is the only expensive part, and it is capped per step, so a step's cost is linear in the
@@ -20,7 +20,6 @@ unless ``refit_time_budget_s`` is set, which the long-running service may want.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,16 +27,17 @@ from scipy.special import ndtr
 
 from vllm_otel.forecast.detector_config import DetectorConfig
 from vllm_otel.forecast.failures import FORECAST_SIGNAL, SCORE_SIGNAL
-from vllm_otel.forecast.models import MODELS, get_model, select_model
+from vllm_otel.forecast.models import MODELS, get_model
 from vllm_otel.forecast.precursors import first_time
 from vllm_otel.forecast.precursors.load_trend import TREND_PRECURSORS, LoadTrend
 from vllm_otel.forecast.precursors.memory import MemoryTrend
 from vllm_otel.forecast.precursors.offered_load import OfferedLoad
 from vllm_otel.forecast.precursors.preemption import PreemptionWindow
 from vllm_otel.forecast.precursors.stall import EngineStall
+from vllm_otel.forecast.refit import RefitScheduler
 from vllm_otel.forecast.results import Checkpoint, Prediction, StepResult
 from vllm_otel.forecast.signals import HistogramInput, SignalExtractor
-from vllm_otel.forecast.statespace import Innovations, InnovationsBank, filter_series
+from vllm_otel.forecast.statespace import InnovationsBank
 from vllm_otel.forecast.stategraph import StateGraph, classify, state_names
 
 __all__ = ["PredictiveFailureDetector"]
@@ -68,7 +68,7 @@ class PredictiveFailureDetector:
                                          max_gap_steps=max_gap)
                       for s in dict.fromkeys(FORECAST_SIGNAL[f] for f in self.failure_types
                                              if f in FORECAST_SIGNAL)}
-        self._fit_n = {s: np.zeros(0, dtype=np.int64) for s in self.banks}
+        self.refitter = RefitScheduler(cfg, self.banks, self._model_names)
         stall_steps = max(1, int(math.ceil(cfg.catalog.engine_stall.flat_s / cfg.step_s)))
         self.state_names = state_names(min(stall_steps, 30))
         self.graph = StateGraph(self.state_names, self.horizon_steps, cfg.graph_prior)
@@ -107,11 +107,9 @@ class PredictiveFailureDetector:
         self.load_trend.grow(cap)
         self.offered_load.grow(cap)
         self.extractor.grow(cap)
-        for s, b in self.banks.items():
+        for b in self.banks.values():
             b.grow(cap)
-            fit_n = np.zeros(cap, dtype=np.int64)
-            fit_n[: self.cap] = self._fit_n[s]
-            self._fit_n[s] = fit_n
+        self.refitter.grow(cap)
         for name, fill, dt in (("_last_seen", -np.inf, float), ("_n_steps", 0, np.int64),
                                ("_prev_state", -1, np.int64)):
             new = np.full(cap, fill, dtype=dt)
@@ -153,9 +151,9 @@ class PredictiveFailureDetector:
 
     def _release(self, rows: np.ndarray) -> None:
         self.extractor.clear(rows)
-        for s, b in self.banks.items():
+        for b in self.banks.values():
             b.reset(rows, keep_params=False)
-            self._fit_n[s][rows] = 0
+        self.refitter.forget(rows)
         self._last_seen[rows] = -np.inf
         self._n_steps[rows] = 0
         self._prev_state[rows] = -1
@@ -201,9 +199,9 @@ class PredictiveFailureDetector:
         if restarted.any():
             # vLLM restarted: the series start over, so must the state (the fitted parameters
             # still describe the instance and are kept).
-            for s, b in self.banks.items():
+            for b in self.banks.values():
                 b.reset(rows[restarted])
-                self._fit_n[s][rows[restarted]] = 0  # refit once the new run has enough points
+            self.refitter.forget(rows[restarted])  # refit once the new run has enough points
             self.offered_load.reset(rows[restarted])
         for s, b in self.banks.items():
             b.update(rows, self._transform(s, sig[s]))
@@ -389,70 +387,8 @@ class PredictiveFailureDetector:
     # -- scheduled refits -------------------------------------------------------------------
     def _refit(self, t: float) -> int:
         """Refit the most deserving series with statsmodels, within this step's budget."""
-        cfg = self.config
-        if cfg.max_refits_per_step <= 0 or not self._rows:
+        if not self._rows:
             return 0
-        active = np.fromiter(self._rows.values(), dtype=np.int64)
-        cands: list[tuple[tuple[float, float, float], str, int, bool]] = []
-        for s, bank in self.banks.items():
-            hlen = bank.hlen[active]
-            fitted_at = bank.fitted_at[active]
-            never = ~np.isfinite(fitted_at)
-            grown = hlen >= 2 * self._fit_n[s][active]          # fit on 30, 60, 120... points
-            old = t - fitted_at >= cfg.refit_every_s
-            surprise = bank.surprise(active)
-            shifted = (surprise >= cfg.regime_surprise) & (t - fitted_at >= cfg.min_refit_interval_s)
-            due = (bank.nobs[active] >= cfg.min_fit_points) & (never | grown | old | shifted)
-            regime = shifted & ~never & ~grown & ~old
-            for r, sp, rg in zip(active[due], surprise[due], regime[due]):
-                key = (0.0 if not np.isfinite(bank.fitted_at[r]) else 1.0, -float(sp), float(bank.fitted_at[r]))
-                cands.append((key, s, int(r), bool(rg)))
-        if not cands:
-            return 0
-        cands.sort(key=lambda c: c[0])
-        deadline = time.perf_counter() + cfg.refit_time_budget_s if cfg.refit_time_budget_s else None
-        done = 0
-        for _, s, r, regime in cands[: cfg.max_refits_per_step]:
-            if deadline is not None and time.perf_counter() > deadline:
-                break
-            self._fit_row(s, r, t, recent_only=regime)
-            done += 1
+        done = self.refitter.run(t, np.fromiter(self._rows.values(), dtype=np.int64))
         self.refits += done
-        if done:
-            self._pool_defaults(active)
         return done
-
-    def _pool_defaults(self, active: np.ndarray) -> None:
-        """Series not fit yet borrow the fleet's typical parameters for their signal.
-
-        With thousands of series, individual fits take many cycles to reach everyone; until then
-        the median parameters of the most often selected model (among this signal's fitted
-        series) beat the generic defaults. Drift terms are per-series, so they are not pooled.
-        """
-        for s, bank in self.banks.items():
-            fitted = active[bank.model[active] >= 0]
-            if len(fitted) < self.config.pool_min_fits:
-                continue
-            codes, counts = np.unique(bank.model[fitted], return_counts=True)
-            top = fitted[bank.model[fitted] == codes[np.argmax(counts)]]
-            alpha = float(np.median(bank.alpha[top]))
-            p = Innovations(alpha=alpha, beta=min(float(np.median(bank.beta[top])), alpha),
-                            d=float(np.median(bank.d[top])), phi=float(np.median(bank.phi[top])), c=0.0)
-            bank.set_default(p, active[bank.model[active] < 0])
-
-    def _fit_row(self, s: str, row: int, t: float, recent_only: bool = False) -> None:
-        bank = self.banks[s]
-        y = bank.recent(row)
-        if not recent_only:
-            self._fit_n[s][row] = len(y)
-        else:
-            y = y[-self.config.regime_fit_points:]
-        model = select_model(y, self.config.candidates.get(s, ["damped_holt", "ses"]))
-        if model is None:
-            bank.fitted_at[row] = t  # nothing fits: wait for the regular schedule
-            return
-        ok = np.flatnonzero(np.isfinite(y))
-        trailing = y[ok[-1] + 1:] if len(ok) else y[:0]
-        p = model.innovations()
-        level, slope, _ = filter_series(p, trailing, model.level, model.slope)  # carry over a current gap
-        bank.set_model(row, p, level, slope, model.sigma2, self._model_names.index(model.name), t)

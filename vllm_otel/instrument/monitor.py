@@ -4,7 +4,8 @@ One :class:`EngineMonitor` lives in vLLM's API-server process (created by the fi
 shared by every engine's logger and by the endpoint plugin). It owns:
 - per-engine progress state, lifecycle tracker and stall detection;
 - OTel instruments (GenAI server histograms, vLLM saturation) on a private MeterProvider, and
-  per-request spans on a private TracerProvider, both exporting over OTLP when configured;
+  per-request spans on a private TracerProvider, both exporting over OTLP when configured
+  (:class:`~vllm_otel.instrument.instruments.MonitorInstruments`);
 - the ``vllm_otel_`` series vLLM lacks, published on vLLM's own ``/metrics`` by a custom
   collector that reads state at scrape time (nothing is computed on vLLM's step path);
 - the host/process and GPU collectors.
@@ -34,8 +35,8 @@ from vllm_otel.instrument.lifecycle import LifecycleState as S
 from vllm_otel.instrument.lifecycle import LifecycleTracker
 from vllm_otel.instrument.requests import registry as request_registry
 from vllm_otel.instrument.stall import ProgressState, StallDetector
-from vllm_otel.telemetry import (ExportStats, OtelSettings, build_meter_provider, build_resource,
-                                 build_tracer_provider)
+from vllm_otel.instrument.instruments import MonitorInstruments
+from vllm_otel.telemetry import ExportStats
 
 __all__ = ["EngineMonitor", "get_monitor", "ensure_monitor"]
 
@@ -116,7 +117,13 @@ class EngineMonitor:
         self.export_stats = ExportStats()
         self._attr_cache: dict[tuple, tuple] = {}
         self._closed = False
-        self._setup_otel()
+        self.otel = otel = MonitorInstruments(
+            self.engines, self.export_stats, instance=self.instance, model_name=self.model_name,
+            parallel=self.parallel, server_address=host, server_port=port, vllm_tracing=self.vllm_tracing)
+        # Bound here, not read through self.otel: the per-request path takes no extra hop.
+        self.request_spans, self.meter_provider = otel.request_spans, otel.meter_provider
+        self.h_duration, self.h_ttft, self.h_tpot = otel.h_duration, otel.h_ttft, otel.h_tpot
+        self.h_tokens, self.h_queue = otel.h_tokens, otel.h_queue
         self._setup_prometheus()
         self.stall = StallDetector(lambda: {i: e.progress for i, e in self.engines.items()},
                                    cfg.stall_timeout_s,
@@ -132,8 +139,8 @@ class EngineMonitor:
 
         atexit.register(self.shutdown)  # flush spans and metrics when vLLM exits
         logger.info("vllm-otel monitor up in pid %d: model=%s instance=%s otlp traces=%s metrics=%s",
-                    self.pid, self.model_name, self.instance, self.settings.traces_enabled,
-                    self.settings.metrics_enabled)
+                    self.pid, self.model_name, self.instance, otel.settings.traces_enabled,
+                    otel.settings.metrics_enabled)
 
     # ---- set-up ------------------------------------------------------------------------------
     @staticmethod
@@ -147,77 +154,6 @@ class EngineMonitor:
         pc = getattr(vllm_config, "parallel_config", None)
         return {k: int(getattr(pc, k, 1) or 1) for k in
                 ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")}
-
-    def _setup_otel(self) -> None:
-        from vllm_otel import __version__
-
-        self.settings = OtelSettings.from_env()
-        self.resource = None
-        self.meter_provider = None
-        self.tracer_provider = None
-        self._span_processor = None
-        self.request_spans = None
-        self.tracer = None
-        if not (self.settings.metrics_enabled or self.settings.traces_enabled):
-            return
-        import vllm
-
-        self.resource = build_resource({
-            "service.instance.id": self.instance, "vllm.model.name": self.model_name,
-            "vllm.version": getattr(vllm, "__version__", "unknown"), "vllm_otel.version": __version__,
-            "vllm.tensor_parallel_size": self.parallel["tensor_parallel_size"],
-            "vllm.pipeline_parallel_size": self.parallel["pipeline_parallel_size"],
-            "vllm.data_parallel_size": self.parallel["data_parallel_size"],
-        })
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-        from vllm_otel.telemetry import HistogramSet
-
-        # Histograms aggregated here, sent with the SDK's metrics (see telemetry.histograms).
-        self.histograms = HistogramSet()
-        mp = build_meter_provider(self.settings, self.resource, self.export_stats, histograms=self.histograms,
-                                  scope=InstrumentationScope("vllm_otel", __version__))
-        if mp is not None:
-            self.meter_provider = mp
-            h = self.histograms.histogram
-            self.h_duration = h(sc.REQUEST_DURATION, "s", "Generative AI server request duration",
-                                sc.REQUEST_DURATION_BUCKETS)
-            self.h_ttft = h(sc.TIME_TO_FIRST_TOKEN, "s", "Time to generate first token for successful responses",
-                            sc.TIME_TO_FIRST_TOKEN_BUCKETS)
-            self.h_tpot = h(sc.TIME_PER_OUTPUT_TOKEN, "s", "Time per output token generated after the first token",
-                            sc.TIME_PER_OUTPUT_TOKEN_BUCKETS)
-            self.h_tokens = h(sc.TOKEN_USAGE, "{token}", "Number of input and output tokens used",
-                              sc.TOKEN_USAGE_BUCKETS)
-            self.h_queue = h("vllm.request.queue.duration", "s", "Time a request waited in vLLM's scheduler queue",
-                             sc.TIME_TO_FIRST_TOKEN_BUCKETS)
-            m = mp.get_meter("vllm_otel", __version__)
-            # Counters read at collection from the integers the monitor keeps anyway: nothing per step.
-            m.create_observable_counter("vllm.preemptions", [self._obs_preempted], unit="{preemption}",
-                                        description="Requests preempted by the scheduler")
-            m.create_observable_counter("vllm.requests.aborted", [self._obs_aborted], unit="{request}",
-                                        description="Requests aborted (client disconnects included)")
-            m.create_observable_counter("vllm.prefix_cache.queries", [self._obs_prefix_queries], unit="{token}",
-                                        description="Prefix-cache lookups in tokens")
-            m.create_observable_counter("vllm.prefix_cache.hits", [self._obs_prefix_hits], unit="{token}",
-                                        description="Prefix-cache hits in tokens")
-            m.create_observable_gauge("vllm.kv_cache.usage", [self._obs_kv], unit="1",
-                                      description="KV-cache usage, 1 = full")
-            m.create_observable_gauge("vllm.requests.running", [self._obs_running], unit="{request}",
-                                      description="Requests in the running batch")
-            m.create_observable_gauge("vllm.requests.waiting", [self._obs_waiting], unit="{request}",
-                                      description="Requests waiting to be scheduled")
-            m.create_observable_gauge("vllm.engine.stalled", [self._obs_stalled], unit="1",
-                                      description="1 while the engine makes no forward progress")
-        tp = None if self.vllm_tracing else build_tracer_provider(self.settings, self.resource, self.export_stats)
-        if tp is not None:
-            from vllm_otel.instrument.tracing import RequestSpans
-            from vllm_otel.telemetry import send_encoded
-
-            self.tracer_provider, self._span_processor = tp
-            self.tracer = self.tracer_provider.get_tracer("vllm_otel", __version__)
-            self.request_spans = RequestSpans(
-                self.tracer_provider.sampler, send_encoded(self._span_processor.exporter), self.export_stats,
-                self.resource, ("vllm_otel", __version__), self.model_name, self.server_address, self.server_port)
 
     def _setup_prometheus(self) -> None:
         from vllm_otel.instrument.prom import MonitorCollector
@@ -254,10 +190,10 @@ class EngineMonitor:
             # Initializing began when this process did; every later state from vLLM's own records.
             tracker = LifecycleTracker(instance="", engine_index=idx, registry=self.registry,
                                        started_at=phases.process_start_time())
-            if self.tracer is not None:
+            if self.otel.tracer is not None:
                 from vllm_otel.instrument.lifecycle import span_event_listener
 
-                tracker.add_listener(span_event_listener(self.tracer))
+                tracker.add_listener(span_event_listener(self.otel.tracer))
             eng = self.engines[idx] = _Engine(idx, tracker)
             for phase in phases.collect():
                 self._apply_phase(eng, phase)
@@ -432,37 +368,6 @@ class EngineMonitor:
             except Exception:  # noqa: BLE001
                 hook_errors["monitor.lifecycle_loop"] += 1
 
-    # ---- OTel observable callbacks -----------------------------------------------------------------
-    def _observe(self, fn: Any) -> list[Any]:
-        from opentelemetry.metrics import Observation
-
-        return [Observation(fn(e), {sc.ENGINE: i}) for i, e in list(self.engines.items())]
-
-    def _obs_kv(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: e.kv_usage)
-
-    def _obs_running(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: e.progress.running)
-
-    def _obs_waiting(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: e.progress.waiting)
-
-    def _obs_stalled(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: int(e.progress.stalled))
-
-    def _obs_preempted(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: e.preemptions)
-
-    def _obs_aborted(self, _opts: Any) -> list[Any]:
-        # Aborted (finish reason "abort" and client disconnects) plus engine errors, as before.
-        return self._observe(lambda e: e.aborted + e.finished["error"])
-
-    def _obs_prefix_queries(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: e.prefix_queries)
-
-    def _obs_prefix_hits(self, _opts: Any) -> list[Any]:
-        return self._observe(lambda e: e.prefix_hits)
-
     # ---- status ------------------------------------------------------------------------------------
     def get_engine_status(self) -> dict[str, Any]:
         engines = {}
@@ -482,8 +387,8 @@ class EngineMonitor:
             "uptime_s": round(time.time() - self.started, 3), "active_requests": active,
             "engines": engines, "parallel": self.parallel, "recent_stalls": list(self.recent_stalls),
             "recent_predictions": [], "recent_mitigations": [],  # filled by the forecaster / receiver
-            "otlp": {"traces": self.settings.traces_enabled and not self.vllm_tracing,
-                     "metrics": self.settings.metrics_enabled, "vllm_native_tracing": self.vllm_tracing,
+            "otlp": {"traces": self.otel.settings.traces_enabled and not self.vllm_tracing,
+                     "metrics": self.otel.settings.metrics_enabled, "vllm_native_tracing": self.vllm_tracing,
                      "dropped": dict(self.export_stats.dropped), "failed": dict(self.export_stats.failed),
                      "exported": dict(self.export_stats.exported)},
             "hook_errors": dict(hook_errors),
@@ -514,14 +419,7 @@ class EngineMonitor:
             e.tracker.transition(S.STOPPED, reason="process exiting")
         if self.gpu is not None:
             self.gpu.stop()
-        if self.request_spans is not None:
-            self.request_spans.shutdown()  # flushed before the exporter it shares closes
-        for p in (self.meter_provider, self.tracer_provider):
-            if p is not None:
-                try:
-                    p.shutdown()
-                except Exception:  # noqa: BLE001
-                    pass
+        self.otel.shutdown()
 
 
 _SERVING = {S.IDLE, S.SERVING, S.SATURATED, S.PREEMPTING, S.READY}
