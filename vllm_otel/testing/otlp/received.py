@@ -166,7 +166,7 @@ class ReceivedExports:
         return [it for r in self.requests(signal) for it in r.flat() if name is None or it.get("name") == name]
 
     def spans(self, name: str | None = None) -> list[dict[str, Any]]:
-        """Received spans, flattened; see the module docs for keys."""
+        """Received spans, flattened (keys: see :mod:`vllm_otel.testing.otlp.flatten`)."""
         return self._items_of("traces", name)
 
     def metrics(self, name: str | None = None) -> list[dict[str, Any]]:
