@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from vllm_otel.loadgen.replay import run_replay  # noqa: E402
 from vllm_otel.loadgen.traces import load_trace  # noqa: E402
-from vllm_otel.testing.otlp_receiver import OtlpReceiver  # noqa: E402
+from vllm_otel.testing.otlp import OtlpReceiver  # noqa: E402
 from vllm_otel.testing.rules import default_traces_dir  # noqa: E402
 from vllm_otel.testing.services import VllmServer  # noqa: E402
 

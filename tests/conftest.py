@@ -77,7 +77,7 @@ MONITORING_AUTH = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
 @pytest.fixture(scope="session")
 def otlp_receiver() -> Iterator:
     """A real OTLP receiver (gRPC + HTTP) built on the official opentelemetry-proto services."""
-    from vllm_otel.testing.otlp_receiver import OtlpReceiver
+    from vllm_otel.testing.otlp import OtlpReceiver
 
     with OtlpReceiver() as rx:
         yield rx

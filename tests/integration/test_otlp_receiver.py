@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from vllm_otel.testing.otlp_receiver import OtlpReceiver
+from vllm_otel.testing.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.timeout(60)
 

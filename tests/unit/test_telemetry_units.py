@@ -255,9 +255,9 @@ def _flat(sent):  # noqa: ANN001, ANN202
     """What a collector decodes from the requests (wire format) the spans were sent in."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    from vllm_otel.testing.otlp_receiver import _flatten_spans
+    from vllm_otel.testing.otlp.flatten import flatten_spans
 
-    return [s for req in sent for s in _flatten_spans(ExportTraceServiceRequest.FromString(req))]
+    return [s for req in sent for s in flatten_spans(ExportTraceServiceRequest.FromString(req))]
 
 
 def test_request_spans_follow_semconv_and_continue_the_client_trace():

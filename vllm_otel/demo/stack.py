@@ -24,7 +24,7 @@ from typing import Any, Callable
 import httpx
 import yaml
 
-from vllm_otel.testing.otlp_receiver import OtlpReceiver
+from vllm_otel.testing.otlp import OtlpReceiver
 from vllm_otel.testing.processes import ManagedProcess, ProcessFailed, free_port, wait_http
 from vllm_otel.testing.rules import default_alert_rules, rules_with_short_for
 from vllm_otel.testing.services import (AlertmanagerServer, PrometheusServer, SupervisorProcess,
