@@ -567,8 +567,9 @@ def test_background_refresh_thread():
 
 @pytest.mark.skipif(not _real_nvml_works(), reason="needs a real NVIDIA GPU and driver")
 def test_real_gpu_every_call_answers_or_is_unsupported():
-    """On a GPU machine: the real pynvml, every call in gpu.py's docstring. Core fields must read;
-    the others may be unsupported on that model, which must then show as a counted error only."""
+    """On a GPU machine: the real pynvml, every call in the gpu, gpu_nvml and gpu_xid docstrings.
+    Core fields must read; the others may be unsupported on that model, which must then show as a
+    counted error only."""
     reg = CollectorRegistry()
     col = GpuCollector("h:8000", registry=reg, refresh_interval_s=None, xid_wait_ms=100).start()
     try:
