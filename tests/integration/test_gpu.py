@@ -1,4 +1,4 @@
-"""Tests for vllm_otel.instrument.gpu.
+"""Tests for vllm_otel.instrument.gpu and its parts (gpu_nvml, gpu_xid, gpu_metrics).
 
 The no-GPU path uses the REAL pynvml (nvidia-ml-py) on this machine, where ``nvmlInit()`` raises
 ``NVMLError_LibraryNotFound``. Everything else uses a fake placed AT THE pynvml CALL BOUNDARY only:
@@ -23,9 +23,10 @@ import pynvml
 import pytest
 from prometheus_client import CollectorRegistry
 
-from vllm_otel.instrument.gpu import GpuCollector, decode_clocks_event_reasons
+from vllm_otel.instrument.gpu import GpuCollector
+from vllm_otel.instrument.gpu_nvml import decode_clocks_event_reasons
 
-LOGGER = "vllm_otel.instrument.gpu"
+LOGGER = "vllm_otel.instrument.gpu"  # also the prefix of its parts: gpu_nvml, gpu_xid, gpu_metrics
 
 
 def nvml_error(code: int) -> pynvml.NVMLError:
@@ -263,10 +264,10 @@ def test_no_gpu_real_pynvml_exports_only_up_zero_and_logs_once(caplog):
     assert reg.get_sample_value("vllm_otel_gpu_collector_up", {"instance": "h:8000"}) == 0.0
     samples = gpu_series(reg)
     assert [(s.name, s.labels) for s in samples] == [("vllm_otel_gpu_collector_up", {"instance": "h:8000"})]
-    infos = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO]
+    infos = [r for r in caplog.records if r.name.startswith(LOGGER) and r.levelno == logging.INFO]
     assert len(infos) == 1
     assert "no NVIDIA GPU/NVML: GPU metrics disabled" in infos[0].getMessage()
-    assert not [r for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name.startswith(LOGGER) and r.levelno >= logging.WARNING]
     assert col.snapshot() == []
     assert col.up is False
     col.stop()
@@ -279,7 +280,7 @@ def test_pynvml_not_importable_is_the_same_no_gpu_path(monkeypatch, caplog):
     GpuCollector("h:8000", registry=reg).start()
     assert reg.get_sample_value("vllm_otel_gpu_collector_up", {"instance": "h:8000"}) == 0.0
     assert len(gpu_series(reg)) == 1
-    assert len([r for r in caplog.records if r.name == LOGGER]) == 1
+    assert len([r for r in caplog.records if r.name.startswith(LOGGER)]) == 1
 
 
 def test_registering_reads_nothing_and_duplicates_do_not_raise():
@@ -566,8 +567,9 @@ def test_background_refresh_thread():
 
 @pytest.mark.skipif(not _real_nvml_works(), reason="needs a real NVIDIA GPU and driver")
 def test_real_gpu_every_call_answers_or_is_unsupported():
-    """On a GPU machine: the real pynvml, every call in gpu.py's docstring. Core fields must read;
-    the others may be unsupported on that model, which must then show as a counted error only."""
+    """On a GPU machine: the real pynvml, every call in the gpu, gpu_nvml and gpu_xid docstrings.
+    Core fields must read; the others may be unsupported on that model, which must then show as a
+    counted error only."""
     reg = CollectorRegistry()
     col = GpuCollector("h:8000", registry=reg, refresh_interval_s=None, xid_wait_ms=100).start()
     try:
