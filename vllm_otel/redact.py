@@ -125,7 +125,8 @@ _TOKEN_SHAPES = re.compile(
     r"|GR1348941[A-Za-z0-9_\-]{20,}"  # GitLab
     r"|xox[abposr]-[A-Za-z0-9\-]{10,}"  # Slack
     r"|hooks\.slack\.com/services/[A-Za-z0-9_/]+"  # Slack webhook URLs
-    r"|eyJ[A-Za-z0-9_\-=]{8,}\.[A-Za-z0-9_\-=]{2,}(?:\.[A-Za-z0-9_\-+/=]*)?"  # JWT
+    # JWT; padding only at a segment's end, so "=eyJ=eyJ..." cannot make every start rescan the rest
+    r"|eyJ[A-Za-z0-9_\-]{8,}=*\.[A-Za-z0-9_\-]{2,}=*(?:\.[A-Za-z0-9_\-+/]*=*)?"
     r"|AIza[0-9A-Za-z_\-]{35}"  # Google API keys
     r"|[rs]k_(?:live|test)_[0-9a-zA-Z]{16,}"  # Stripe
     r"|SG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}"  # SendGrid
