@@ -48,8 +48,9 @@ class SourceError(RuntimeError):
     """The source delivered nothing this cycle (unreachable, slow, bad answer); one line why."""
 
 
-class _TooLarge(Exception):
-    """A Prometheus answer went past ``max_bytes`` (handled inside :class:`PrometheusSource`)."""
+class _TooLarge(SourceError):
+    """A Prometheus answer went past ``max_bytes``. :meth:`PrometheusSource.fetch` shortens the
+    range and asks again; anywhere else it is the source's error, with the size in its line."""
 
 
 @dataclass
@@ -190,8 +191,8 @@ class PrometheusSource:
         url = f"{self.url}/api/v1/{endpoint}"
         try:
             r = request_capped_sync(self._client, "GET", url, max_bytes=self.max_bytes, params=params)
-        except BodyTooLarge:
-            raise _TooLarge from None
+        except BodyTooLarge as e:
+            raise _TooLarge(f"Prometheus at {self.url}: {e}") from None
         except httpx.TimeoutException:
             raise SourceError(f"Prometheus at {self.url} did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as e:
