@@ -147,7 +147,7 @@ def test_the_report_page_draws_its_plots_in_a_real_browser(demo_run: dict, tmp_p
     assert len(colours) > 50 and non_white > 0.05 * img.width * img.height, "the page is blank"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(720)
 def test_ctrl_c_stops_every_process_the_demo_started(demo_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     proc = _demo(["--model", str(demo_model), "--report-dir", str(out)])
@@ -163,7 +163,8 @@ def test_ctrl_c_stops_every_process_the_demo_started(demo_model: Path, tmp_path:
             pytest.fail("vLLM never came up under the demo")
         assert _procs_naming(out, demo_model), "the demo's services are not running"
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
-        _, err = proc.communicate(timeout=180)
+        # Stopping five services (vLLM's shutdown above all) takes minutes on a loaded 2-core host.
+        _, err = proc.communicate(timeout=300)
         rc = proc.returncode
     finally:
         if proc.poll() is None:

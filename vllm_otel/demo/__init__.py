@@ -101,6 +101,10 @@ def _run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # SIGTERM (a service manager, CI) stops everything as Ctrl-C does
 
     signal.signal(signal.SIGTERM, _terminate)
+    # Our own SIGINT handler too: asyncio.run() in the main thread (the capacity probe) replaces
+    # Python's default one with "cancel the main task", which the probe's replay absorbs, so a
+    # Ctrl-C during the probe was lost and the demo went on.
+    signal.signal(signal.SIGINT, _terminate)
     console.print(f"vllm-otel demo: report in {report_dir}")
     try:
         result = run_demo(settings, plan, duration_s=args.duration, report_dir=report_dir, step=step, live=live)
