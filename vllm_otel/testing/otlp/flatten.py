@@ -138,12 +138,7 @@ def flatten_metrics(req: metrics_service_pb2.ExportMetricsServiceRequest) -> lis
                     temporality = _TEMPORALITIES.get(m.histogram.aggregation_temporality)
                     for dp in m.histogram.data_points:
                         out.append({**base, "type": "histogram", "temporality": temporality,
-                                    "monotonic": None, "attributes": _attrs(dp.attributes),
-                                    "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano,
-                                    "count": dp.count,
-                                    "sum": dp.sum if dp.HasField("sum") else None,
-                                    "min": dp.min if dp.HasField("min") else None,
-                                    "max": dp.max if dp.HasField("max") else None,
+                                    **_histogram_point(dp),
                                     "bucket_counts": list(dp.bucket_counts),
                                     "explicit_bounds": list(dp.explicit_bounds),
                                     "exemplars": _exemplars(dp.exemplars)})
@@ -151,12 +146,7 @@ def flatten_metrics(req: metrics_service_pb2.ExportMetricsServiceRequest) -> lis
                     temporality = _TEMPORALITIES.get(m.exponential_histogram.aggregation_temporality)
                     for dp in m.exponential_histogram.data_points:
                         out.append({**base, "type": "exp_histogram", "temporality": temporality,
-                                    "monotonic": None, "attributes": _attrs(dp.attributes),
-                                    "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano,
-                                    "count": dp.count,
-                                    "sum": dp.sum if dp.HasField("sum") else None,
-                                    "min": dp.min if dp.HasField("min") else None,
-                                    "max": dp.max if dp.HasField("max") else None,
+                                    **_histogram_point(dp),
                                     "scale": dp.scale, "zero_count": dp.zero_count,
                                     "positive": {"offset": dp.positive.offset,
                                                  "bucket_counts": list(dp.positive.bucket_counts)},
@@ -218,3 +208,11 @@ def count_items(signal: str, req: Any) -> int:
                 n += len(getattr(m, kind).data_points) if kind else 1
     return n
 
+
+def _histogram_point(dp: Any) -> dict[str, Any]:
+    """What a histogram and an exponential histogram data point share."""
+    return {"monotonic": None, "attributes": _attrs(dp.attributes),
+            "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano, "count": dp.count,
+            "sum": dp.sum if dp.HasField("sum") else None,
+            "min": dp.min if dp.HasField("min") else None,
+            "max": dp.max if dp.HasField("max") else None}
