@@ -56,6 +56,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's size (512 wide, 6 layers): a decode step takes milliseconds, as on a GPU server.
+
+    With the tiny model a step takes about 1.7 ms here, faster than vLLM's front end reads the
+    engine's outputs: while it generates, the front end serves no new HTTP request (a control call
+    then lands only after the batch). Tests that act on the engine mid-generation need this one."""
+    from vllm_otel.testing.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("small-model"), hidden_size=512, num_hidden_layers=6)
+
+
+@pytest.fixture(scope="session")
 def traces_dir() -> Path:
     d = default_traces_dir()
     if not d.is_dir():

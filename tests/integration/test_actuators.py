@@ -36,7 +36,7 @@ def run(coro: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def control_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, otlp_receiver: Any) -> Iterator[Any]:
+def control_vllm(small_model: Path, tmp_path_factory: pytest.TempPathFactory, otlp_receiver: Any) -> Iterator[Any]:
     pytest.importorskip("vllm")
     from vllm_otel.testing.services import VllmServer
 
@@ -46,7 +46,7 @@ def control_vllm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, otl
     # Spans only (lifecycle transitions reach the trace backend even after the process is gone).
     env = {**otlp_receiver.otel_env("grpc"), "OTEL_METRICS_EXPORTER": "none",
            "OTEL_SERVICE_NAME": "vllm-control", "VLLM_OTEL_CONTROL_TOKEN_FILE": str(tok)}
-    srv = VllmServer(tiny_model, work, num_gpu_blocks=24, max_model_len=2048, name="vllm-control", env=env)
+    srv = VllmServer(small_model, work, num_gpu_blocks=24, max_model_len=2048, name="vllm-control", env=env)
     srv.token_file = tok  # type: ignore[attr-defined]
     srv.start()
     try:
@@ -124,7 +124,8 @@ def wait_until(pred: Any, what: str, timeout_s: float = 30) -> None:
 
 
 def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, float]:
-    src = ScrapeMetricsSource()
+    # While requests generate, the starved front end answers /metrics in seconds: a long timeout.
+    src = ScrapeMetricsSource(MetricsConfig(timeout_s=60))
     deadline = time.monotonic() + timeout_s
     t0 = time.monotonic()
     values = run(src.snapshot(target)).values
@@ -138,14 +139,16 @@ def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, f
 
 
 def hold_with_load(act: HttpActuator, target: Target, url: str, n: int = 8,
-                   max_tokens: int = 1900) -> tuple[list[threading.Thread], dict[str, Any], dict[str, float]]:
-    """``n`` long requests admitted one at a time, the scheduler paused ("keep") once vLLM's gauges
-    show one running and more waiting; returns (client threads, their answers, the gauges).
+                   max_tokens: int = 300) -> tuple[list[threading.Thread], dict[str, Any], dict[str, float]]:
+    """``n`` long requests admitted one at a time, the scheduler paused ("keep") while one runs and
+    more wait; returns (client threads, their answers, vLLM's gauges showing that batch).
 
-    Deterministic, not a race against the tiny model's speed: the requests are queued while the
-    scheduler is paused, then the engine is let through for as long as one resume-pause round
-    trip takes (tens of milliseconds of 8 x 1,900 tokens), and paused again until the gauges,
-    frozen while it is paused, show the batch. Call :func:`release` afterwards."""
+    Not a race against the engine's speed: one at a time, the batch is about 8 x 3 s of generation
+    on these CPUs (``small_model``: the front end keeps up with its steps and answers the pause in
+    tens of milliseconds), and the scheduler is paused well inside that, keeping the running
+    request's KV. The scheduler itself says what it
+    holds; the gauges, frozen while it is paused, are then awaited until they show the same.
+    Call :func:`release` afterwards."""
     answers: dict[str, Any] = {}
 
     def send(i: int) -> None:
@@ -158,33 +161,21 @@ def hold_with_load(act: HttpActuator, target: Target, url: str, n: int = 8,
         time.sleep(0.2)  # distinct arrival times: "oldest" is well defined
     wait_until(lambda: status(act, target)["engine"]["waiting"] == n, f"{n} requests queued", 60)
     run(act.call(target, "control.set_max_running", {"max_num_seqs": 1}))
-    src = ScrapeMetricsSource(MetricsConfig(timeout_s=60))
     seen = []
-    for _ in range(50):
-        _resume_then_pause(act, target)
-        values = run(src.snapshot(target)).values
-        seen.append((values.get("running"), values.get("waiting")))
-        if values.get("running") == 1 and values.get("waiting", 0) >= 1:
+    for _ in range(5):
+        run(act.call(target, "control.resume", {}))
+        time.sleep(0.3)  # a few engine steps
+        # Without clear_cache=False vLLM's pause preempts the running request (running 0).
+        run(act.call(target, "control.pause", {"mode": "keep", "clear_cache": False}))
+        eng = status(act, target)["engine"]
+        seen.append((eng["running"], eng["waiting"]))
+        if eng["running"] >= 1 and eng["waiting"] >= 1:
+            held = (eng["running"], eng["waiting"])
+            values = wait_metric(target, lambda v: (v.get("running"), v.get("waiting")) == held, timeout_s=60)
             return threads, answers, values
-    raise AssertionError(f"the gauges never showed the held batch: {seen}")
-
-
-def _resume_then_pause(act: HttpActuator, target: Target) -> None:
-    """Resume and pause again a few engine steps later.
-
-    The pause is sent 20 ms after the resume, not after its answer: once tokens stream, vLLM's
-    front end answers slowly (seconds), and a pause sent then lands after the batch is done.
-    Should the two overtake each other, the engine is paused again here."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        resumed = pool.submit(run, act.call(target, "control.resume", {}))
-        time.sleep(0.02)
-        paused = pool.submit(run, act.call(target, "control.pause", {"mode": "keep"}))
-        resumed.result(60)
-        paused.result(60)
-    if not status(act, target)["paused"]:
-        run(act.call(target, "control.pause", {"mode": "keep"}))
+        if eng["waiting"] == 0:
+            break  # paused between two requests, or too late: both are unlikely, see ``seen``
+    raise AssertionError(f"the scheduler never held the batch (running, waiting): {seen}")
 
 
 def release(act: HttpActuator, target: Target, threads: list[threading.Thread]) -> None:
@@ -203,13 +194,13 @@ def _alert(target: Target, name: str = "VllmRequestsQueueing") -> AlertRecord:
 
 @pytest.mark.vllm
 def test_abort_requests_ends_the_oldest(actuator: HttpActuator, target: Target, control_vllm: Any) -> None:
-    # The tiny model generates 1,900 tokens in well under a second: to have requests in flight
-    # for as long as the test needs, the scheduler is paused ("keep": requests stay queued).
+    # To have requests in flight for as long as the test needs, the scheduler is paused
+    # ("keep": requests stay queued).
     run(actuator.call(target, "control.pause", {"mode": "keep"}))
     answers: dict[int, httpx.Response] = {}
 
     def send(i: int) -> None:
-        answers[i] = complete(control_vllm.url, max_tokens=1900)
+        answers[i] = complete(control_vllm.url, max_tokens=300)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
     try:
@@ -251,6 +242,9 @@ def test_errors_carry_vllms_status_and_message(actuator: HttpActuator, target: T
         run(actuator.call(target, "control.set_max_running", {}))
     with pytest.raises(ActuatorError, match="HTTP 400: unknown action"):
         run(actuator.call(target, "control.reboot_gpu", {}))
+    with pytest.raises(ActuatorError, match="HTTP 400: clear_cache must be true or false, got 'no'"):
+        run(actuator.call(target, "control.pause", {"mode": "keep", "clear_cache": "no"}))
+    assert status(actuator, target)["paused"] is False  # refused before anything was paused
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-token")
     bad = HttpActuator(ActuatorConfig.model_validate({"control": {"token_file": str(wrong)}}))
@@ -654,10 +648,14 @@ def test_memory_cleanup_gives_back_what_a_load_left_in_the_workers(control_vllm:
     see it without the action)."""
     strat, act, src = _strategy(control_vllm, target, "emergency_gpu_memory_cleanup",
                                 {"host_available_threshold": 0.99})
-    # A load run to completion (8 long requests at once) leaves heap pages in the workers; no hold
-    # is needed here, and a hold raced against the tiny model's speed on a loaded host.
-    threads = [threading.Thread(target=complete, args=(control_vllm.url,), kwargs={"max_tokens": 1900},
-                                daemon=True) for _ in range(8)]
+    # A load run to completion (16 requests with long prompts at once: large prefill activations)
+    # leaves heap pages in the workers; no hold is needed here.
+    def long_prompt(i: int) -> None:
+        httpx.post(f"{control_vllm.url}/v1/completions", timeout=120,
+                   json={"model": "tiny", "prompt": [7 + (i * 31 + k) % 400 for k in range(400 + 40 * i)],
+                         "max_tokens": 32, "ignore_eos": True})
+
+    threads = [threading.Thread(target=long_prompt, args=(i,), daemon=True) for i in range(16)]
     for t in threads:
         t.start()
     release(act, target, threads)  # limits back to vLLM's own, then wait for the requests

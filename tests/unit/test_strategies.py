@@ -148,7 +148,7 @@ CASES: list[tuple[str, dict, dict, dict, list, dict, dict, dict]] = [
      {"running": 4, "waiting": 0, "kv_cache_usage": 0.2}),
     ("pause_and_resume", {}, {"running": 3, "waiting": 1, "kv_cache_usage": 0.9, "stalled": 0},
      {"control.pause": ctl({"paused": True}), "control.resume": ctl({"paused": False})},
-     [("control.pause", {"mode": "wait"}), ("control.resume", {})],
+     [("control.pause", {"mode": "wait", "clear_cache": True}), ("control.resume", {})],
      {"up": 1, "stalled": 0, "paused": 0, "kv_cache_usage": 0.2}, {"up": 1, "paused": 1},
      {"running": 3, "waiting": 0, "stalled": 1}),
     ("sleep_and_wake", {}, {**GPU, "gpu_count": 1.0, "running": 0, "waiting": 0, "gpu_memory_used_fraction": 0.95},

@@ -312,21 +312,25 @@ class ControlPlane:
     async def _do_reset_prefix_cache(self) -> dict:
         return {"reset": bool(await self.client.reset_prefix_cache())}
 
-    async def _do_pause(self, mode: str = "keep") -> dict:
+    async def _do_pause(self, mode: str = "keep", clear_cache: bool = True) -> dict:
         if mode not in ("abort", "wait", "keep"):
             raise ControlError("mode must be abort, wait or keep")
+        if not isinstance(clear_cache, bool):
+            raise ControlError(f"clear_cache must be true or false, got {clear_cache!r}")
         mon = _monitor()
         if mon is not None and mode == "wait":
             mon.intervention(S.DRAINING, "control: pause (wait), in-flight requests finish first")
         try:
-            await self.client.pause_generation(mode=mode)
+            # clear_cache (vLLM's default) also preempts the running requests: their KV is dropped
+            # and recomputed on resume. False freezes them with their KV.
+            await self.client.pause_generation(mode=mode, clear_cache=clear_cache)
         except BaseException:
             if mon is not None:
                 mon.resume("control: pause failed")
             raise
         if mon is not None:
             mon.intervention(S.PAUSED, f"control: pause ({mode})")
-        return {"paused": True, "mode": mode}
+        return {"paused": True, "mode": mode, "clear_cache": clear_cache}
 
     async def _do_resume(self) -> dict:
         await self.client.resume_generation()

@@ -252,6 +252,9 @@ class PauseParams(VerifyParams):
     mode: Literal["wait", "keep", "abort"] = Field(
         "wait", description="wait: in-flight requests finish first; keep: frozen and resumed; "
                             "abort: in-flight requests are aborted")
+    clear_cache: bool = Field(True, description="clear the KV and prefix caches while paused (vLLM's "
+                                                "default; in keep mode the running requests are then "
+                                                "recomputed on resume); false keeps them")
     pause_s: float = Field(0.0, ge=0.0, le=300.0, description="stay paused this long")
     pause_timeout_s: float = Field(120.0, gt=0.0, le=900.0, description="longest the pause call may take")
 
@@ -278,7 +281,8 @@ class PauseAndResume(Strategy):
     async def execute(self, ctx: StrategyContext, actuator: Actuator) -> ActionResult:
         p: PauseParams = self.params  # type: ignore[assignment]
         try:
-            await control(actuator, ctx, "pause", {"mode": p.mode}, timeout_s=p.pause_timeout_s)
+            await control(actuator, ctx, "pause", {"mode": p.mode, "clear_cache": p.clear_cache},
+                          timeout_s=p.pause_timeout_s)
             if p.pause_s:
                 await asyncio.sleep(p.pause_s)
         finally:
