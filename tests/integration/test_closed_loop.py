@@ -31,7 +31,7 @@ import pytest
 
 from vllm_otel.learn import make_learner, replay_store
 from vllm_otel.learn.learner import RuleBasedLearner
-from vllm_otel.loadgen.replay import RequestResult, replay
+from vllm_otel.loadgen.replay import ReplayError, RequestResult, replay
 from vllm_otel.loadgen.traces import load_trace
 from vllm_otel.mitigate.actuators import build_actuator, build_metrics_source
 from vllm_otel.mitigate.policy import Policy
@@ -198,10 +198,19 @@ class Load:
             self._task = asyncio.current_task()
             self._ready.set()
             while True:
-                await replay(self.requests, self.url, speed=self.speed, max_input_tokens=self.max_input_tokens,
-                             max_output_tokens=self.max_output_tokens, progress=False, timeout_s=300,
-                             concurrency=self.concurrency,
-                             on_result=lambda r: self.results.append((time.time(), r)))
+                try:
+                    await replay(self.requests, self.url, speed=self.speed,
+                                 max_input_tokens=self.max_input_tokens,
+                                 max_output_tokens=self.max_output_tokens, progress=False, timeout_s=300,
+                                 concurrency=self.concurrency,
+                                 on_result=lambda r: self.results.append((time.time(), r)))
+                except ReplayError:
+                    # A repeated replay starts while the engine is being restarted (vLLM's port
+                    # is closed): the load waits for it, as a client retrying would.
+                    if not self.repeat:
+                        raise
+                    await asyncio.sleep(1)
+                    continue
                 if not self.repeat:
                     return
 
