@@ -124,7 +124,7 @@ def wait_until(pred: Any, what: str, timeout_s: float = 30) -> None:
 
 
 def wait_metric(target: Target, pred: Any, timeout_s: float = 30) -> dict[str, float]:
-    # While requests generate, the starved front end answers /metrics in seconds: a long timeout.
+    # While requests generate, the front end shares 2 cores with the engine: a generous timeout.
     src = ScrapeMetricsSource(MetricsConfig(timeout_s=60))
     deadline = time.monotonic() + timeout_s
     t0 = time.monotonic()
@@ -146,9 +146,8 @@ def hold_with_load(act: HttpActuator, target: Target, url: str, n: int = 8,
     Not a race against the engine's speed: one at a time, the batch is about 8 x 3 s of generation
     on these CPUs (``small_model``: the front end keeps up with its steps and answers the pause in
     tens of milliseconds), and the scheduler is paused well inside that, keeping the running
-    request's KV. The scheduler itself says what it
-    holds; the gauges, frozen while it is paused, are then awaited until they show the same.
-    Call :func:`release` afterwards."""
+    request's KV. The scheduler itself says what it holds; the gauges, frozen while it is paused,
+    are then awaited until they show the same. Call :func:`release` afterwards."""
     answers: dict[str, Any] = {}
 
     def send(i: int) -> None:
@@ -174,7 +173,7 @@ def hold_with_load(act: HttpActuator, target: Target, url: str, n: int = 8,
             values = wait_metric(target, lambda v: (v.get("running"), v.get("waiting")) == held, timeout_s=60)
             return threads, answers, values
         if eng["waiting"] == 0:
-            break  # paused between two requests, or too late: both are unlikely, see ``seen``
+            break  # the pause landed after the batch: ``seen`` shows it
     raise AssertionError(f"the scheduler never held the batch (running, waiting): {seen}")
 
 
