@@ -708,6 +708,11 @@ def test_engine_death_then_exit_end_the_lifecycle(control_vllm: Any, otlp_receiv
     ends = [(sp["attributes"]["vllm_otel.lifecycle.to"], sp["start_ns"] / 1e9)
             for sp in otlp_receiver.spans() if ours(sp)]
     ends = sorted(ends, key=lambda e: e[1])
-    last = [name for name, _ in ends][-3:]
-    assert last == ["crashed", "shutting_down", "stopped"], ends[-6:]
-    assert all(t0 <= at <= t1 for _, at in ends[-3:]), (t0, ends[-3:], t1)
+    names = [name for name, _ in ends]
+    assert "crashed" in names, ends[-6:]
+    crash = len(names) - 1 - names[::-1].index("crashed")
+    # Our SIGTERM usually comes first: vLLM logs its shutdown (shutting_down). vLLM's watchdog
+    # (every 5 s) may end the server on its own before it: vLLM then logs no shutdown, and
+    # crashed -> stopped is what happened (seen once in 9 runs of this module on a loaded host).
+    assert names[crash:] in (["crashed", "shutting_down", "stopped"], ["crashed", "stopped"]), ends[-6:]
+    assert all(t0 <= at <= t1 for _, at in ends[crash:]), (t0, ends[crash:], t1)
