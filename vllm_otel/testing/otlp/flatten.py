@@ -8,7 +8,7 @@ Ids are lower-case hex strings (``None`` when empty); enums are short names (``"
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
@@ -63,35 +63,44 @@ def _scope(scope: common_pb2.InstrumentationScope) -> dict[str, Any]:
     return {"name": scope.name, "version": scope.version, "attributes": _attrs(scope.attributes)}
 
 
+def _walk(resources: Iterable[Any], scopes: str, items: str) -> Iterator[tuple[dict, dict, Any]]:
+    """(resource attributes, scope, item) for every item of an export request, in order.
+
+    The three signals nest the same way under different field names (``scope_spans`` /
+    ``spans``, ``scope_metrics`` / ``metrics``, ``scope_logs`` / ``log_records``)."""
+    for rx in resources:
+        resource = _attrs(rx.resource.attributes)
+        for sx in getattr(rx, scopes):
+            scope = _scope(sx.scope)
+            for item in getattr(sx, items):
+                yield resource, scope, item
+
+
 def flatten_spans(req: trace_service_pb2.ExportTraceServiceRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for rs in req.resource_spans:
-        resource = _attrs(rs.resource.attributes)
-        for ss in rs.scope_spans:
-            scope = _scope(ss.scope)
-            for sp in ss.spans:
-                out.append({
-                    "name": sp.name,
-                    "trace_id": sp.trace_id.hex(),
-                    "span_id": sp.span_id.hex(),
-                    "parent_span_id": _hex(sp.parent_span_id),
-                    "trace_state": sp.trace_state,
-                    "flags": sp.flags,
-                    "kind": _SPAN_KINDS.get(sp.kind, str(sp.kind)),
-                    "start_ns": sp.start_time_unix_nano,
-                    "end_ns": sp.end_time_unix_nano,
-                    "duration_ns": sp.end_time_unix_nano - sp.start_time_unix_nano,
-                    "attributes": _attrs(sp.attributes),
-                    "dropped_attributes_count": sp.dropped_attributes_count,
-                    "events": [{"name": ev.name, "time_ns": ev.time_unix_nano,
-                                "attributes": _attrs(ev.attributes)} for ev in sp.events],
-                    "links": [{"trace_id": ln.trace_id.hex(), "span_id": ln.span_id.hex(),
-                               "attributes": _attrs(ln.attributes)} for ln in sp.links],
-                    "status": {"code": _STATUS_CODES.get(sp.status.code, str(sp.status.code)),
-                               "message": sp.status.message},
-                    "resource": resource,
-                    "scope": scope,
-                })
+    for resource, scope, sp in _walk(req.resource_spans, "scope_spans", "spans"):
+        out.append({
+            "name": sp.name,
+            "trace_id": sp.trace_id.hex(),
+            "span_id": sp.span_id.hex(),
+            "parent_span_id": _hex(sp.parent_span_id),
+            "trace_state": sp.trace_state,
+            "flags": sp.flags,
+            "kind": _SPAN_KINDS.get(sp.kind, str(sp.kind)),
+            "start_ns": sp.start_time_unix_nano,
+            "end_ns": sp.end_time_unix_nano,
+            "duration_ns": sp.end_time_unix_nano - sp.start_time_unix_nano,
+            "attributes": _attrs(sp.attributes),
+            "dropped_attributes_count": sp.dropped_attributes_count,
+            "events": [{"name": ev.name, "time_ns": ev.time_unix_nano,
+                        "attributes": _attrs(ev.attributes)} for ev in sp.events],
+            "links": [{"trace_id": ln.trace_id.hex(), "span_id": ln.span_id.hex(),
+                       "attributes": _attrs(ln.attributes)} for ln in sp.links],
+            "status": {"code": _STATUS_CODES.get(sp.status.code, str(sp.status.code)),
+                       "message": sp.status.message},
+            "resource": resource,
+            "scope": scope,
+        })
     return out
 
 
@@ -116,77 +125,69 @@ def _number_value(dp: metrics_pb2.NumberDataPoint) -> int | float | None:
 
 def flatten_metrics(req: metrics_service_pb2.ExportMetricsServiceRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for rm in req.resource_metrics:
-        resource = _attrs(rm.resource.attributes)
-        for sm in rm.scope_metrics:
-            scope = _scope(sm.scope)
-            for m in sm.metrics:
-                kind = m.WhichOneof("data")
-                base = {"name": m.name, "unit": m.unit, "description": m.description,
-                        "resource": resource, "scope": scope}
-                if kind in ("sum", "gauge"):
-                    data = getattr(m, kind)
-                    temporality = (_TEMPORALITIES.get(data.aggregation_temporality)
-                                   if kind == "sum" else None)
-                    monotonic = data.is_monotonic if kind == "sum" else None
-                    for dp in data.data_points:
-                        out.append({**base, "type": kind, "temporality": temporality,
-                                    "monotonic": monotonic, "attributes": _attrs(dp.attributes),
-                                    "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano,
-                                    "value": _number_value(dp), "exemplars": _exemplars(dp.exemplars)})
-                elif kind == "histogram":
-                    temporality = _TEMPORALITIES.get(m.histogram.aggregation_temporality)
-                    for dp in m.histogram.data_points:
-                        out.append({**base, "type": "histogram", "temporality": temporality,
-                                    **_histogram_point(dp),
-                                    "bucket_counts": list(dp.bucket_counts),
-                                    "explicit_bounds": list(dp.explicit_bounds),
-                                    "exemplars": _exemplars(dp.exemplars)})
-                elif kind == "exponential_histogram":
-                    temporality = _TEMPORALITIES.get(m.exponential_histogram.aggregation_temporality)
-                    for dp in m.exponential_histogram.data_points:
-                        out.append({**base, "type": "exp_histogram", "temporality": temporality,
-                                    **_histogram_point(dp),
-                                    "scale": dp.scale, "zero_count": dp.zero_count,
-                                    "positive": {"offset": dp.positive.offset,
-                                                 "bucket_counts": list(dp.positive.bucket_counts)},
-                                    "negative": {"offset": dp.negative.offset,
-                                                 "bucket_counts": list(dp.negative.bucket_counts)},
-                                    "exemplars": _exemplars(dp.exemplars)})
-                elif kind == "summary":
-                    for dp in m.summary.data_points:
-                        out.append({**base, "type": "summary", "temporality": None, "monotonic": None,
-                                    "attributes": _attrs(dp.attributes),
-                                    "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano,
-                                    "count": dp.count, "sum": dp.sum,
-                                    "quantiles": [(q.quantile, q.value) for q in dp.quantile_values],
-                                    "exemplars": []})
-                else:  # a metric without data: keep its name visible
-                    out.append({**base, "type": None, "temporality": None, "monotonic": None,
-                                "attributes": {}, "exemplars": []})
+    for resource, scope, m in _walk(req.resource_metrics, "scope_metrics", "metrics"):
+        kind = m.WhichOneof("data")
+        base = {"name": m.name, "unit": m.unit, "description": m.description,
+                "resource": resource, "scope": scope}
+        if kind in ("sum", "gauge"):
+            data = getattr(m, kind)
+            temporality = (_TEMPORALITIES.get(data.aggregation_temporality)
+                           if kind == "sum" else None)
+            monotonic = data.is_monotonic if kind == "sum" else None
+            for dp in data.data_points:
+                out.append({**base, "type": kind, "temporality": temporality,
+                            "monotonic": monotonic, "attributes": _attrs(dp.attributes),
+                            "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano,
+                            "value": _number_value(dp), "exemplars": _exemplars(dp.exemplars)})
+        elif kind == "histogram":
+            temporality = _TEMPORALITIES.get(m.histogram.aggregation_temporality)
+            for dp in m.histogram.data_points:
+                out.append({**base, "type": "histogram", "temporality": temporality,
+                            **_histogram_point(dp),
+                            "bucket_counts": list(dp.bucket_counts),
+                            "explicit_bounds": list(dp.explicit_bounds),
+                            "exemplars": _exemplars(dp.exemplars)})
+        elif kind == "exponential_histogram":
+            temporality = _TEMPORALITIES.get(m.exponential_histogram.aggregation_temporality)
+            for dp in m.exponential_histogram.data_points:
+                out.append({**base, "type": "exp_histogram", "temporality": temporality,
+                            **_histogram_point(dp),
+                            "scale": dp.scale, "zero_count": dp.zero_count,
+                            "positive": {"offset": dp.positive.offset,
+                                         "bucket_counts": list(dp.positive.bucket_counts)},
+                            "negative": {"offset": dp.negative.offset,
+                                         "bucket_counts": list(dp.negative.bucket_counts)},
+                            "exemplars": _exemplars(dp.exemplars)})
+        elif kind == "summary":
+            for dp in m.summary.data_points:
+                out.append({**base, "type": "summary", "temporality": None, "monotonic": None,
+                            "attributes": _attrs(dp.attributes),
+                            "start_ns": dp.start_time_unix_nano, "time_ns": dp.time_unix_nano,
+                            "count": dp.count, "sum": dp.sum,
+                            "quantiles": [(q.quantile, q.value) for q in dp.quantile_values],
+                            "exemplars": []})
+        else:  # a metric without data: keep its name visible
+            out.append({**base, "type": None, "temporality": None, "monotonic": None,
+                        "attributes": {}, "exemplars": []})
     return out
 
 
 def flatten_logs(req: logs_service_pb2.ExportLogsServiceRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for rl in req.resource_logs:
-        resource = _attrs(rl.resource.attributes)
-        for sl in rl.scope_logs:
-            scope = _scope(sl.scope)
-            for lr in sl.log_records:
-                out.append({
-                    "body": any_value_to_python(lr.body) if lr.HasField("body") else None,
-                    "severity_number": int(lr.severity_number),
-                    "severity_text": lr.severity_text,
-                    "event_name": lr.event_name,
-                    "attributes": _attrs(lr.attributes),
-                    "trace_id": _hex(lr.trace_id),
-                    "span_id": _hex(lr.span_id),
-                    "time_ns": lr.time_unix_nano,
-                    "observed_time_ns": lr.observed_time_unix_nano,
-                    "resource": resource,
-                    "scope": scope,
-                })
+    for resource, scope, lr in _walk(req.resource_logs, "scope_logs", "log_records"):
+        out.append({
+            "body": any_value_to_python(lr.body) if lr.HasField("body") else None,
+            "severity_number": int(lr.severity_number),
+            "severity_text": lr.severity_text,
+            "event_name": lr.event_name,
+            "attributes": _attrs(lr.attributes),
+            "trace_id": _hex(lr.trace_id),
+            "span_id": _hex(lr.span_id),
+            "time_ns": lr.time_unix_nano,
+            "observed_time_ns": lr.observed_time_unix_nano,
+            "resource": resource,
+            "scope": scope,
+        })
     return out
 
 
